@@ -1,0 +1,96 @@
+"""`python -m pipeline <stage>`: run one pipeline stage from params.yaml."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import params as params_mod
+
+# name -> (module under pipeline.stages, one-line help, needs --arm/--seed)
+STAGES = {
+    "data": ("data", "corpus, document-level splits, tokenizer, packed token ids", False),
+    "pretrain": ("pretrain", "the pretrained arm: tiny GPT-NeoX trained here, or the pinned local checkpoint", False),
+    "monotonic_init": ("monotonic_init", "apply the softplus constraint to the pretrained model (no training)", False),
+    "train": ("train", "recovery-train one arm (baseline or monotonic) for one seed", True),
+    "evaluate": ("evaluate", "held-out perplexity (sliding window) and per-document NLL of one arm", True),
+    "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", True),
+    "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", True),
+    "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", True),
+    "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", False),
+    "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for name, (_, help_text, per_run) in STAGES.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        if per_run:
+            sp.add_argument("--arm", required=True, choices=params_mod.ARMS)
+            sp.add_argument("--seed", required=True, type=int)
+        elif name == "transfer":
+            sp.add_argument("--seed", required=True, type=int)
+    sp = sub.add_parser("check-params", help="validate a params file and print its hash")
+    sp.add_argument("--params", default="params.yaml")
+    sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
+    sp.add_argument("name")
+    sp.add_argument("--params", default="params.yaml")
+    sp = sub.add_parser("verify", help="check non-negativity of a saved model's constrained weights")
+    sp.add_argument("model_dir")
+    sp.add_argument("--variant", required=True, choices=params_mod.VARIANTS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "profile":
+            return switch_profile(args.name, args.params)
+        if args.command == "verify":
+            return verify_dir(args.model_dir, args.variant)
+        params = params_mod.load(args.params)
+        if args.command == "check-params":
+            print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
+            return 0
+        if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
+            raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
+    except params_mod.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
+    return module.run(params, args) or 0
+
+
+def switch_profile(name: str, target: str) -> int:
+    source = params_mod.profile_path(name)
+    if not source.exists():
+        available = sorted(p.stem for p in source.parent.glob("*.yaml"))
+        raise params_mod.ParamsError("profile", name, f"one of {', '.join(available)}")
+    params_mod.load(source)   # validate before touching params.yaml
+    from pathlib import Path
+    Path(target).write_text(source.read_text())
+    print(f"{target} now holds profile '{name}' ({source}); `dvc repro` will rerun what it changes")
+    return 0
+
+
+def verify_dir(model_dir: str, variant: str) -> int:
+    import json
+
+    from .models import load_causal_lm
+    from .monotonic import MonotonicityError, verify
+
+    try:
+        report = verify(load_causal_lm(model_dir), variant)
+    except MonotonicityError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in report.items() if k != "modules"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Corpus, document-level splits, tokenizer and packed token storage.
+
+Layout under a data directory:
+  docs/{split}.jsonl            one document per line: {"id", "source", "text"}
+  tokenizer/                    a transformers tokenizer (embedded BPE, or the model's own)
+  tokens/{split}.bin            flat token ids (uint16 or uint32), each document followed by EOS
+  tokens/{split}.offsets.npy    int64 document boundaries into the flat stream (n_docs + 1)
+  manifest.json                 split sizes, per-split hashes, dtype, vocabulary, provenance
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import os
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .params import SPLITS, DataParams
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|padding|>"
+EXCLUDED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                        "turtledemo"}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    source: str
+    text: str
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+def _clean(text: str) -> str:
+    text = inspect.cleandoc(text).replace("\r\n", "\n")
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def embedded_documents(min_chars: int) -> list[Document]:
+    """English text that ships with every CPython: pydoc topics (one document each) and the
+    standard library's docstrings (one document per module file, tests excluded).
+    Docstrings repeated across the library are kept once."""
+    from pydoc_data import topics
+
+    docs = [Document(f"topic:{name}", "pydoc_topics", _clean(text))
+            for name, text in sorted(topics.topics.items())]
+    seen = {hashlib.sha1(d.text.encode()).digest() for d in docs}
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if EXCLUDED_STDLIB_DIRS.intersection(rel.parts[:-1]) or rel.name.startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue   # a few stdlib files are deliberately invalid (lib2to3 fixtures, encodings)
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if not doc:
+                    continue
+                doc = _clean(doc)
+                key = hashlib.sha1(doc.encode()).digest()
+                if len(doc) >= 40 and key not in seen:
+                    seen.add(key)
+                    parts.append(doc)
+        if parts:
+            docs.append(Document(f"stdlib:{rel.as_posix()}", "stdlib_docstrings", "\n\n".join(parts)))
+    return [d for d in docs if len(d.text) >= min_chars]
+
+
+def hf_documents(p: DataParams) -> list[Document]:
+    """A `datasets` corpus at a pinned revision, read offline from a local or scratch cache."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    kwargs = {"split": p.hf_split, "cache_dir": p.hf_cache_dir}
+    if p.hf_data_files:
+        kwargs["data_files"] = p.hf_data_files
+    else:
+        kwargs["revision"] = p.hf_revision
+    ds = datasets.load_dataset(p.hf_dataset, **kwargs)
+    if p.hf_text_field not in ds.column_names:
+        raise ValueError(f"data.hf_text_field '{p.hf_text_field}' not among the dataset's columns {ds.column_names}")
+    docs, seen = [], set()
+    for i, row in enumerate(ds):
+        if p.max_documents and len(docs) >= p.max_documents:
+            break
+        text = _clean(row[p.hf_text_field] or "")
+        key = hashlib.sha1(text.encode()).digest()
+        if len(text) >= p.min_chars and key not in seen:
+            seen.add(key)
+            docs.append(Document(f"{p.hf_dataset}:{i}", p.hf_dataset, text))
+    return docs
+
+
+def load_documents(p: DataParams) -> list[Document]:
+    docs = embedded_documents(p.min_chars) if p.source == "embedded" else hf_documents(p)
+    if p.source == "embedded" and p.max_documents:
+        docs = docs[: p.max_documents]
+    return docs
+
+
+# --- splitting ----------------------------------------------------------------------------------
+
+def split_documents(docs: list[Document], fractions: dict, seed: int) -> dict[str, list[Document]]:
+    """Disjoint by document, seeded: a permutation of documents cut by the fractions.
+    Every held-out split gets at least one document; train takes the remainder."""
+    if len(docs) < len(SPLITS):
+        raise ValueError(f"only {len(docs)} documents: too few to make {len(SPLITS)} disjoint splits")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    counts = {s: max(1, int(len(docs) * fractions[s])) for s in SPLITS if s != "train"}
+    counts["train"] = len(docs) - sum(counts.values())
+    if counts["train"] < 1:
+        raise ValueError(f"{len(docs)} documents leave none for train with fractions {fractions}")
+    out, start = {}, 0
+    for split in SPLITS:
+        out[split] = [docs[i] for i in order[start: start + counts[split]]]
+        start += counts[split]
+    return out
+
+
+def split_hash(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def write_docs(path: Path, docs: list[Document]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"id": d.id, "source": d.source, "text": d.text}) + "\n")
+
+
+def read_docs(path: Path) -> list[Document]:
+    with open(path) as fh:
+        return [Document(**json.loads(line)) for line in fh]
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on the given (train-split) texts, wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --- token storage ------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def tokenize_split(tokenizer, docs: list[Document], dtype) -> tuple[np.ndarray, np.ndarray]:
+    ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.empty(int(offsets[-1]), dtype=dtype)
+    for i, x in enumerate(ids):
+        flat[offsets[i]: offsets[i + 1] - 1] = x
+        flat[offsets[i + 1] - 1] = eos
+    return flat, offsets
+
+
+def write_tokens(data_dir: Path, split: str, flat: np.ndarray, offsets: np.ndarray) -> None:
+    tokens_dir = data_dir / "tokens"
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    flat.tofile(tokens_dir / f"{split}.bin")
+    np.save(tokens_dir / f"{split}.offsets.npy", offsets)
+
+
+class TokenSplit:
+    """A read-only memory map of one split's tokens and its document boundaries."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        data_dir = Path(data_dir)
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        self.dtype = np.dtype(manifest["token_dtype"])
+        self.eos_id = manifest["eos_token_id"]
+        self.tokens = np.memmap(data_dir / "tokens" / f"{split}.bin", dtype=self.dtype, mode="r")
+        self.offsets = np.load(data_dir / "tokens" / f"{split}.offsets.npy")
+        if int(self.offsets[-1]) != len(self.tokens):
+            raise ValueError(f"{data_dir}/tokens/{split}: offsets end at {self.offsets[-1]} "
+                             f"but the stream holds {len(self.tokens)} tokens")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document i, without its trailing EOS."""
+        return np.asarray(self.tokens[self.offsets[i]: self.offsets[i + 1] - 1], dtype=np.int64)
+
+
+class PackedSequences:
+    """The flat training stream cut into non-overlapping windows of seq_len + 1 tokens (inputs and
+    shifted targets). The order of windows is a function of (seed, epoch) only, so the batch of any
+    global step can be recomputed exactly on resume without replaying earlier steps."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+        self.split = TokenSplit(data_dir, split)
+        self.seq_len = seq_len
+        self.num_sequences = (len(self.split.tokens) - 1) // seq_len
+        if self.num_sequences < 1:
+            raise ValueError(f"split '{split}' holds {len(self.split.tokens)} tokens: fewer than one "
+                             f"sequence of {seq_len + 1}")
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(self.num_sequences)
+
+    def sequence_ids(self, seed: int, start: int, count: int) -> np.ndarray:
+        """Window ids for positions start .. start+count-1 of the seeded stream of epochs."""
+        ids = np.empty(count, dtype=np.int64)
+        for j, pos in enumerate(range(start, start + count)):
+            epoch, idx = divmod(pos, self.num_sequences)
+            if j == 0 or idx == 0:
+                order = self.order(seed, epoch)
+            ids[j] = order[idx]
+        return ids
+
+    def batch(self, window_ids: np.ndarray) -> np.ndarray:
+        """int64 array [len(window_ids), seq_len + 1]."""
+        n = self.seq_len
+        return np.stack([np.asarray(self.split.tokens[i * n: i * n + n + 1], dtype=np.int64) for i in window_ids])

@@ -1,0 +1,375 @@
+"""The one typed, validated loader for params.yaml.
+
+Every key is declared here with its type and the values it allows. Loading fails on the first
+unknown key, missing key, wrong type, out-of-range value or inconsistent combination, with a
+message naming the key, the value and what is allowed, before any stage computes or writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ARMS = ("pretrained", "baseline", "monotonic_init", "monotonic")
+TRAINED_ARMS = ("baseline", "monotonic")
+VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
+INIT_MODES = ("abs", "clamp")
+SPLITS = ("train", "validation", "test", "attack_opt", "attack_eval")
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"params: invalid value for '{key}': {value!r}; allowed: {allowed}")
+
+
+# --- field declarations -----------------------------------------------------------------------
+
+def _spec(allowed: str, check, default=dataclasses.MISSING):
+    return field(default=default, metadata={"allowed": allowed, "check": check})
+
+
+def choice(*options, default=dataclasses.MISSING):
+    return _spec("one of " + ", ".join(map(repr, options)), lambda v: v in options, default)
+
+
+def positive(default=dataclasses.MISSING):
+    return _spec("a number > 0", lambda v: v > 0, default)
+
+
+def nonneg(default=dataclasses.MISSING):
+    return _spec("a number >= 0", lambda v: v >= 0, default)
+
+
+def at_least(lo, default=dataclasses.MISSING):
+    return _spec(f"a number >= {lo}", lambda v: v >= lo, default)
+
+
+def unit_interval(closed_high=False, default=dataclasses.MISSING):
+    high = "]" if closed_high else ")"
+    return _spec(f"a number in [0, 1{high}",
+                 lambda v: 0 <= v <= 1 if closed_high else 0 <= v < 1, default)
+
+
+def anything(default=dataclasses.MISSING):
+    return _spec("any value of the declared type", lambda v: True, default)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = choice("embedded", "hf")
+    # hf source: a `datasets` corpus read offline from a local or scratch cache, pinned by revision
+    hf_dataset: str = anything()
+    hf_revision: str = anything()
+    hf_split: str = anything()
+    hf_text_field: str = anything()
+    hf_data_files: typing.Optional[str] = anything()
+    hf_cache_dir: typing.Optional[str] = anything()
+    max_documents: int = nonneg()          # 0 = every document
+    min_chars: int = at_least(1)
+    split_seed: int = nonneg()
+    fractions: dict = anything()
+    seq_len: int = at_least(8)
+
+
+@dataclass(frozen=True)
+class TokenizerParams:
+    source: str = choice("train_bpe", "model")
+    vocab_size: int = at_least(260)        # byte alphabet + specials + merges
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str = choice("scratch", "hf")
+    hf_name: str = anything()
+    hf_revision: str = anything()
+    hf_local_path: typing.Optional[str] = anything()
+    hidden_size: int = at_least(8)
+    num_layers: int = at_least(1)
+    num_heads: int = at_least(1)
+    intermediate_size: int = at_least(8)
+    max_position_embeddings: int = at_least(8)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    steps: int = at_least(1)
+    batch_size: int = at_least(1)
+    lr: float = positive()
+    warmup_ratio: float = unit_interval()
+    weight_decay: float = nonneg()
+    seed: int = nonneg()
+
+
+@dataclass(frozen=True)
+class MonotonicParams:
+    variant: str = choice(*VARIANTS)
+    init: str = choice(*INIT_MODES)
+    eps: float = positive()               # abs: V = softplus^-1(|W| + eps); clamp: W -> max(W, eps)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    max_steps: int = at_least(1)
+    batch_size: int = at_least(1)         # per process, per micro-step
+    grad_accum: int = at_least(1)
+    lr: float = positive()
+    constrained_lr_multiplier: float = positive()
+    min_lr_ratio: float = unit_interval(closed_high=True)
+    warmup_ratio: float = unit_interval()
+    weight_decay: float = nonneg()
+    constrained_weight_decay: float = nonneg()   # decay on V pulls W toward softplus(0)=0.69
+    adam_beta1: float = unit_interval()
+    adam_beta2: float = unit_interval()
+    grad_clip: float = nonneg()           # 0 = no clipping
+    precision: str = choice("auto", "fp32", "bf16")
+    gradient_checkpointing: bool = anything()
+    eval_interval: int = at_least(1)
+    eval_batches: int = at_least(1)
+    log_interval: int = at_least(1)
+    checkpoint_interval: int = at_least(1)
+    keep_checkpoints: int = at_least(1)
+    max_steps_per_run: int = nonneg()     # 0 = no limit
+    wall_clock_limit_s: float = nonneg()  # 0 = no limit
+    min_update_norm: float = nonneg()     # a trained group whose total update stays below fails the run
+    arm_overrides: dict = anything()      # {arm: {train key: value}}; recorded and flagged loudly
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    context_length: int = at_least(8)
+    stride: int = at_least(1)
+    batch_size: int = at_least(1)
+    max_documents: int = nonneg()         # 0 = every test document
+
+
+@dataclass(frozen=True)
+class UATParams:
+    trigger_length: int = at_least(1)
+    iterations: int = at_least(1)
+    restarts: int = at_least(1)
+    topk: int = at_least(1)
+    candidates_per_step: int = at_least(1)
+    batch_size: int = at_least(1)
+
+
+@dataclass(frozen=True)
+class HotFlipParams:
+    flips: int = at_least(1)
+    topk: int = at_least(1)
+    candidates_per_flip: int = at_least(1)
+
+
+@dataclass(frozen=True)
+class AttackParams:
+    prompt_tokens: int = at_least(1)      # editable prefix of each example
+    continuation_tokens: int = at_least(1)  # loss is measured on these tokens only
+    opt_examples: int = at_least(1)
+    eval_examples: int = at_least(1)
+    success_threshold_nats: float = positive()
+    success_threshold_relative: float = positive()
+    batch_size: int = at_least(1)
+    uat: UATParams = anything()
+    hotflip: HotFlipParams = anything()
+
+
+@dataclass(frozen=True)
+class AggregateParams:
+    bootstrap_samples: int = at_least(100)
+    confidence: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
+    seed: int = nonneg()
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = choice("embedded", "cluster", "smoke")
+    seeds: list = anything()
+    data: DataParams = anything()
+    tokenizer: TokenizerParams = anything()
+    model: ModelParams = anything()
+    pretrain: PretrainParams = anything()
+    monotonic: MonotonicParams = anything()
+    train: TrainParams = anything()
+    eval: EvalParams = anything()
+    attack: AttackParams = anything()
+    aggregate: AggregateParams = anything()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return params_hash(self.to_dict())
+
+    def train_for_arm(self, arm: str) -> TrainParams:
+        """The train section for one arm, with its explicit override (if any) applied."""
+        return dataclasses.replace(self.train, **self.train.arm_overrides.get(arm, {}))
+
+
+def params_hash(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- generic validation -------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Check a YAML value against a declared type; ints are accepted where floats are declared."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):   # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(key, value, "a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParamsError(key, value, "a finite number")
+        return float(value)
+    if tp in (str, list, dict):
+        if not isinstance(value, tp):
+            raise ParamsError(key, value, f"a {_type_name(tp)}")
+        return value
+    raise TypeError(f"undeclared type {tp} for {key}")
+
+
+def _build(cls, raw, prefix: str = ""):
+    where = prefix or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(where, raw, f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ParamsError(f"{prefix + '.' if prefix else ''}{key}", raw[key],
+                              f"no such key under {where}; known keys: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise ParamsError(key, "<missing>", f"a required key ({f.metadata['allowed']})")
+            values[name] = f.default
+            continue
+        value = _coerce(key, raw[name], hints[name])
+        if value is not None and not dataclasses.is_dataclass(hints[name]) and not f.metadata["check"](value):
+            raise ParamsError(key, raw[name], f.metadata["allowed"])
+        values[name] = value
+    return cls(**values)
+
+
+# --- cross-field rules --------------------------------------------------------------------------
+
+def _check_consistency(p: Params) -> None:
+    if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in p.seeds):
+        raise ParamsError("seeds", p.seeds, "a non-empty list of integers >= 0")
+    if len(set(p.seeds)) != len(p.seeds):
+        raise ParamsError("seeds", p.seeds, "distinct seeds")
+
+    fr = p.data.fractions
+    if set(fr) != set(SPLITS):
+        raise ParamsError("data.fractions", fr, f"exactly the keys {', '.join(SPLITS)}")
+    for name, value in fr.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ParamsError(f"data.fractions.{name}", value, "a number in (0, 1)")
+    if abs(sum(fr.values()) - 1.0) > 1e-6:
+        raise ParamsError("data.fractions", fr, f"fractions summing to 1 (they sum to {sum(fr.values()):.6g})")
+
+    if p.data.source == "hf" and p.tokenizer.source != "model":
+        raise ParamsError("tokenizer.source", p.tokenizer.source, "'model' when data.source is 'hf'")
+    if p.model.source == "hf":
+        if p.tokenizer.source != "model":
+            raise ParamsError("tokenizer.source", p.tokenizer.source, "'model' when model.source is 'hf'")
+        if not p.model.hf_local_path:
+            raise ParamsError("model.hf_local_path", p.model.hf_local_path,
+                              "a local directory holding the pinned checkpoint (nothing downloads)")
+    elif p.tokenizer.source != "train_bpe":
+        raise ParamsError("tokenizer.source", p.tokenizer.source, "'train_bpe' when model.source is 'scratch'")
+    if p.model.source == "scratch":
+        if p.model.hidden_size % p.model.num_heads:
+            raise ParamsError("model.num_heads", p.model.num_heads,
+                              f"a divisor of model.hidden_size ({p.model.hidden_size})")
+        if p.data.seq_len > p.model.max_position_embeddings:
+            raise ParamsError("data.seq_len", p.data.seq_len,
+                              f"at most model.max_position_embeddings ({p.model.max_position_embeddings})")
+        if p.eval.context_length > p.model.max_position_embeddings:
+            raise ParamsError("eval.context_length", p.eval.context_length,
+                              f"at most model.max_position_embeddings ({p.model.max_position_embeddings})")
+    if p.monotonic.variant.startswith("gated") and p.model.source == "scratch":
+        raise ParamsError("monotonic.variant", p.monotonic.variant,
+                          "mlp_in, mlp_both or mlp_in_attn_out for the GPT-NeoX model built from scratch")
+    if p.eval.stride > p.eval.context_length:
+        raise ParamsError("eval.stride", p.eval.stride, f"at most eval.context_length ({p.eval.context_length})")
+    a = p.attack
+    if a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens > p.eval.context_length:
+        raise ParamsError("attack.prompt_tokens", a.prompt_tokens,
+                          "prompt + continuation + trigger length within eval.context_length "
+                          f"({p.eval.context_length})")
+    if a.hotflip.flips > a.prompt_tokens:
+        raise ParamsError("attack.hotflip.flips", a.hotflip.flips,
+                          f"at most attack.prompt_tokens ({a.prompt_tokens})")
+    if p.train.adam_beta2 <= 0 or p.train.adam_beta1 < 0:
+        raise ParamsError("train.adam_beta2", p.train.adam_beta2, "a number in (0, 1)")
+
+    train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
+    for arm, override in p.train.arm_overrides.items():
+        if arm not in TRAINED_ARMS:
+            raise ParamsError(f"train.arm_overrides.{arm}", override, f"an arm among {', '.join(TRAINED_ARMS)}")
+        if not isinstance(override, dict):
+            raise ParamsError(f"train.arm_overrides.{arm}", override, "a mapping of train keys to values")
+        merged = {**{k: v for k, v in dataclasses.asdict(p.train).items() if k != "arm_overrides"}, **override}
+        for key in override:
+            if key not in train_keys:
+                raise ParamsError(f"train.arm_overrides.{arm}.{key}", override[key],
+                                  f"a train key ({', '.join(sorted(train_keys))})")
+        _build(TrainParams, {**merged, "arm_overrides": {}}, f"train.arm_overrides.{arm}")
+
+
+def validate(raw: dict) -> Params:
+    params = _build(Params, raw)
+    _check_consistency(params)
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(str(path), "<missing file>", "a params.yaml in the working directory (see README)")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ParamsError(str(path), "<unparseable YAML>", f"valid YAML ({exc})") from None
+    return validate(raw)
+
+
+def profile_path(name: str) -> Path:
+    return PROFILES_DIR / f"{name}.yaml"

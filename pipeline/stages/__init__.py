@@ -1,0 +1,1 @@
+"""One module per stage; each exposes `run(params, args)` and writes only its declared outputs."""

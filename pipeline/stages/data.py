@@ -1,0 +1,52 @@
+"""Stage `data`: documents -> disjoint splits -> tokenizer -> packed token ids, in outputs/data."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import data as D
+from ..params import SPLITS
+from ..paths import DATA_DIR
+from ..provenance import provenance, staged_dir, write_json
+
+
+def build(params, out_dir) -> dict:
+    p = params.data
+    t0 = time.time()
+    docs = D.load_documents(p)
+    splits = D.split_documents(docs, p.fractions, p.split_seed)
+    for split, split_docs in splits.items():
+        D.write_docs(out_dir / "docs" / f"{split}.jsonl", split_docs)
+
+    if params.tokenizer.source == "train_bpe":
+        tokenizer = D.train_bpe_tokenizer([d.text for d in splits["train"]], params.tokenizer.vocab_size)
+    else:
+        tokenizer = D.load_tokenizer(params.model.hf_local_path)
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+
+    dtype = D.token_dtype(len(tokenizer))
+    summary = {}
+    for split in SPLITS:
+        flat, offsets = D.tokenize_split(tokenizer, splits[split], dtype)
+        D.write_tokens(out_dir, split, flat, offsets)
+        summary[split] = {"documents": len(splits[split]), "characters": sum(len(d.text) for d in splits[split]),
+                          "tokens": int(len(flat)), "sha256": D.split_hash(splits[split])}
+    manifest = {
+        "source": p.source if p.source == "embedded" else f"{p.hf_dataset}@{p.hf_revision}",
+        "documents": len(docs), "splits": summary, "split_seed": p.split_seed,
+        "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "special_token_ids": sorted(set(tokenizer.all_special_ids)),
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_json(out_dir / "manifest.json", manifest, provenance(params, "data"))
+    return manifest
+
+
+def run(params, args) -> int:
+    with staged_dir(DATA_DIR) as out_dir:
+        manifest = build(params, out_dir)
+    rows = ", ".join(f"{s} {v['documents']} docs / {v['tokens']} tok" for s, v in manifest["splits"].items())
+    print(f"data: {manifest['documents']} documents -> {rows}; vocab {manifest['vocab_size']}")
+    return 0

@@ -1,0 +1,54 @@
+"""Stage `pretrain`: the `pretrained` arm. Embedded: a tiny GPT-NeoX trained from scratch on the train
+split (standing in for Pythia's pretraining). Cluster: the pinned local checkpoint, loaded offline."""
+from __future__ import annotations
+
+import csv
+import time
+
+from .. import data as D
+from ..evaluation import document_nll, perplexity, unigram_perplexity
+from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
+from ..paths import DATA_DIR, METRICS_DIR, PRETRAINED_DIR
+from ..provenance import provenance, staged_dir, write_json
+from ..training import pretrain_loop, seed_everything
+
+
+def run(params, args) -> int:
+    t0 = time.time()
+    tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
+    log = []
+    if params.model.source == "scratch":
+        seed_everything(params.pretrain.seed)
+        model = tiny_gpt_neox(params.model, tokenizer)
+        packed = D.PackedSequences(DATA_DIR, "train", params.data.seq_len)
+        p = params.pretrain
+        log = pretrain_loop(model, packed, p.steps, p.batch_size, p.lr, p.warmup_ratio, p.weight_decay, p.seed)
+        origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
+    else:
+        model = load_causal_lm(params.model.hf_local_path)
+        origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
+                  "local_path": params.model.hf_local_path}
+
+    validation = D.TokenSplit(DATA_DIR, "validation")
+    docs = [validation.document(i) for i in range(len(validation))]
+    nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
+                              params.eval.batch_size, desc="validation")
+    metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
+               "parameters": count_parameters(model), "seconds": round(time.time() - t0, 1), **origin}
+    if params.tokenizer.source == "train_bpe":
+        train = D.TokenSplit(DATA_DIR, "train")
+        metrics["unigram_validation_perplexity"] = unigram_perplexity(train.tokens, docs, validation.eos_id,
+                                                                      len(tokenizer))
+    prov = provenance(params, "pretrain", seed=params.pretrain.seed)
+    with staged_dir(PRETRAINED_DIR) as out:
+        save_causal_lm(model, tokenizer, out, {"arm": "pretrained", "variant": None, **origin, "provenance": prov})
+    METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(METRICS_DIR / "pretrain.json", metrics, prov)
+    with open(METRICS_DIR / "pretrain_log.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        writer.writeheader()
+        writer.writerows(log)
+    print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"
+          + (f" (unigram {metrics['unigram_validation_perplexity']:.1f})" if "unigram_validation_perplexity" in metrics else "")
+          + f", {metrics['seconds']} s")
+    return 0
