@@ -50,14 +50,16 @@ def embedded_documents(min_chars: int) -> list[Document]:
     Docstrings repeated across the library are kept once."""
     from pydoc_data import topics
 
-    docs = [Document(f"topic:{name}", "pydoc_topics", _clean(text))
-            for name, text in sorted(topics.topics.items())]
-    seen = {hashlib.sha1(d.text.encode()).digest() for d in docs}
+    docs, seen = [], set()
+    for name, text in sorted(topics.topics.items()):
+        text = _clean(text)
+        key = hashlib.sha1(text.encode()).digest()
+        if key not in seen:   # some topics share one text (e.g. 'if' and 'else')
+            seen.add(key)
+            docs.append(Document(f"topic:{name}", "pydoc_topics", text))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
+    for path in _stdlib_modules(stdlib):
         rel = path.relative_to(stdlib)
-        if EXCLUDED_STDLIB_DIRS.intersection(rel.parts[:-1]) or rel.name.startswith("test_"):
-            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -76,6 +78,16 @@ def embedded_documents(min_chars: int) -> list[Document]:
         if parts:
             docs.append(Document(f"stdlib:{rel.as_posix()}", "stdlib_docstrings", "\n\n".join(parts)))
     return [d for d in docs if len(d.text) >= min_chars]
+
+
+def _stdlib_modules(stdlib: Path) -> list[Path]:
+    """The standard library's .py files, sorted, skipping tests and installed packages (pruned
+    while walking: site-packages alone can hold tens of thousands of files)."""
+    found = []
+    for root, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_STDLIB_DIRS]
+        found += [Path(root, f) for f in filenames if f.endswith(".py") and not f.startswith("test_")]
+    return sorted(found)
 
 
 def hf_documents(p: DataParams) -> list[Document]:
