@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
 
 from . import params as params_mod
 
@@ -22,9 +24,20 @@ STAGES = {
 }
 
 
+class _OneLineHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each stage with its help on one line, whatever the terminal width: wide, and the help column
+    starts past the longest stage name (argparse measures subcommand names two columns short)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=160, max_help_position=40)
+        self._action_max_length = max(map(len, STAGES)) + 6
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_OneLineHelpFormatter,
+                                     epilog="Switch every setting at once: python -m pipeline profile cluster "
+                                            "(profiles/: embedded = params.yaml default, smoke, cluster).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name, (_, help_text, per_run) in STAGES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -66,29 +79,35 @@ def main(argv=None) -> int:
 
 
 def switch_profile(name: str, target: str) -> int:
+    from .provenance import atomic_write_text
+
     source = params_mod.profile_path(name)
-    if not source.exists():
-        available = sorted(p.stem for p in source.parent.glob("*.yaml"))
+    available = sorted(p.stem for p in source.parent.glob("*.yaml"))
+    if name not in available:
         raise params_mod.ParamsError("profile", name, f"one of {', '.join(available)}")
-    params_mod.load(source)   # validate before touching params.yaml
-    from pathlib import Path
-    Path(target).write_text(source.read_text())
+    profile = params_mod.load(source).profile   # validate before touching params.yaml
+    if profile != name:
+        raise params_mod.ParamsError(f"{source}: profile", profile, f"'{name}', the file's own name")
+    atomic_write_text(target, source.read_text())
     print(f"{target} now holds profile '{name}' ({source}); `dvc repro` will rerun what it changes")
     return 0
 
 
 def verify_dir(model_dir: str, variant: str) -> int:
-    import json
-
+    """Verify the materialized weights (model.safetensors) of any saved model and, for a parametrized
+    checkpoint, also its V (load_parametrized checks the recorded variant and that W = softplus(V))."""
     from .models import load_causal_lm
-    from .monotonic import MonotonicityError, verify
+    from .monotonic import STATE_FILE, MonotonicityError, load_parametrized, verify
 
     try:
         report = verify(load_causal_lm(model_dir), variant)
-    except MonotonicityError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+        if (Path(model_dir) / STATE_FILE).exists():
+            load_parametrized(model_dir, expected_variant=variant)
+            report["parametrized_state_checked"] = True
+    except (MonotonicityError, ValueError, OSError) as exc:
+        print(f"FAILED: {model_dir}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in report.items() if k != "modules"}, indent=2))
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -32,8 +32,7 @@ def tiny_gpt_neox(p: ModelParams, tokenizer):
 def _refuse_parametrized(path: Path) -> None:
     from safetensors import safe_open
 
-    weights = path / "model.safetensors"
-    if weights.exists():
+    for weights in sorted(path.glob("model*.safetensors")):   # model.safetensors or its shards
         with safe_open(weights, "pt") as fh:
             bad = [k for k in fh.keys() if ".parametrizations." in k]
         if bad:

@@ -82,6 +82,8 @@ def constrained_modules(model, variant: str) -> list[tuple[str, nn.Linear]]:
 
 def apply_monotonic(model, variant: str, init: str, eps: float) -> dict:
     """Constrain a model in place; returns the verification report."""
+    if is_parametrized(model):
+        raise MonotonicityError("model is already parametrized: a second softplus would stack on the first")
     for _, module in constrained_modules(model, variant):
         with torch.no_grad():
             module.weight.copy_(initial_weight(module.weight.detach(), init, eps))
@@ -169,7 +171,9 @@ def load_parametrized(path: str | Path, expected_variant: str | None = None, dty
         raise MonotonicityError(f"{path} was constrained with variant {variant!r}, params ask for "
                                 f"{expected_variant!r}: rerun monotonic_init")
     model = load_causal_lm(path, dtype=dtype)
-    for _, module in constrained_modules(model, variant):
+    saved_w = {}
+    for name, module in constrained_modules(model, variant):
+        saved_w[name] = module.weight.detach().clone()
         with torch.no_grad():
             module.weight.fill_(1.0)   # any positive W: right_inverse runs on registration
         parametrize.register_parametrization(module, "weight", Softplus())
@@ -182,5 +186,11 @@ def load_parametrized(path: str | Path, expected_variant: str | None = None, dty
     with torch.no_grad():
         for key, value in v_state.items():
             model.get_parameter(key).copy_(value.to(dtype))
+        # both copies must agree, or the plain and parametrized loads would be different models
+        stale = [name for name, w in saved_w.items()
+                 if not torch.allclose(model.get_submodule(name).weight, w, rtol=1e-5, atol=1e-7)]
+    if stale:
+        raise MonotonicityError(f"{path}: model.safetensors W differs from softplus(V) of {STATE_FILE} in "
+                                f"{len(stale)} modules ({stale[:3]}): the two files come from different models")
     verify(model, variant)
     return model, variant

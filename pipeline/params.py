@@ -132,7 +132,7 @@ class TrainParams:
     weight_decay: float = nonneg()
     constrained_weight_decay: float = nonneg()   # decay on V pulls W toward softplus(0)=0.69
     adam_beta1: float = unit_interval()
-    adam_beta2: float = unit_interval()
+    adam_beta2: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
     grad_clip: float = nonneg()           # 0 = no clipping
     precision: str = choice("auto", "fp32", "bf16")
     gradient_checkpointing: bool = anything()
@@ -213,8 +213,16 @@ class Params:
         return params_hash(self.to_dict())
 
     def train_for_arm(self, arm: str) -> TrainParams:
-        """The train section for one arm, with its explicit override (if any) applied."""
-        return dataclasses.replace(self.train, **self.train.arm_overrides.get(arm, {}))
+        """The train section for one arm, with its explicit override (if any) applied and typed
+        exactly as the section itself (YAML's `1e-3` is a string until validated)."""
+        override = self.train.arm_overrides.get(arm, {})
+        merged = _build(TrainParams, {**_train_values(self.train), **override, "arm_overrides": {}},
+                        f"train.arm_overrides.{arm}")
+        return dataclasses.replace(merged, arm_overrides=self.train.arm_overrides)
+
+
+def _train_values(train: TrainParams) -> dict:
+    return {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainParams) if f.name != "arm_overrides"}
 
 
 def params_hash(raw: dict) -> str:
@@ -276,7 +284,9 @@ def _build(cls, raw, prefix: str = ""):
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             if f.default is dataclasses.MISSING:
-                raise ParamsError(key, "<missing>", f"a required key ({f.metadata['allowed']})")
+                what = (f"a mapping with keys {', '.join(g.name for g in dataclasses.fields(hints[name]))}"
+                        if dataclasses.is_dataclass(hints[name]) else f.metadata["allowed"])
+                raise ParamsError(key, "<missing>", f"a required key ({what})")
             values[name] = f.default
             continue
         value = _coerce(key, raw[name], hints[name])
@@ -336,8 +346,6 @@ def _check_consistency(p: Params) -> None:
     if a.hotflip.flips > a.prompt_tokens:
         raise ParamsError("attack.hotflip.flips", a.hotflip.flips,
                           f"at most attack.prompt_tokens ({a.prompt_tokens})")
-    if p.train.adam_beta2 <= 0 or p.train.adam_beta1 < 0:
-        raise ParamsError("train.adam_beta2", p.train.adam_beta2, "a number in (0, 1)")
 
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():
@@ -345,12 +353,11 @@ def _check_consistency(p: Params) -> None:
             raise ParamsError(f"train.arm_overrides.{arm}", override, f"an arm among {', '.join(TRAINED_ARMS)}")
         if not isinstance(override, dict):
             raise ParamsError(f"train.arm_overrides.{arm}", override, "a mapping of train keys to values")
-        merged = {**{k: v for k, v in dataclasses.asdict(p.train).items() if k != "arm_overrides"}, **override}
         for key in override:
             if key not in train_keys:
                 raise ParamsError(f"train.arm_overrides.{arm}.{key}", override[key],
                                   f"a train key ({', '.join(sorted(train_keys))})")
-        _build(TrainParams, {**merged, "arm_overrides": {}}, f"train.arm_overrides.{arm}")
+        p.train_for_arm(arm)   # every overridden value passes the same checks as the section's own
 
 
 def validate(raw: dict) -> Params:
@@ -359,15 +366,34 @@ def validate(raw: dict) -> Params:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue   # SafeLoader's own construct_mapping reports unhashable keys
+            if key in seen:
+                raise ParamsError(str(key), "<repeated key>",
+                                  f"each key once per mapping (repeated at line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(str(path), "<missing file>", "a params.yaml in the working directory (see README)")
-    with open(path) as fh:
-        try:
-            raw = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ParamsError(str(path), "<unparseable YAML>", f"valid YAML ({exc})") from None
+    if not path.is_file():
+        raise ParamsError(str(path), "<missing file>", "a params.yaml file in the working directory (see README)")
+    try:
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ParamsError(str(path), "<not UTF-8 text>", f"a UTF-8 YAML file ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(str(path), "<unparseable YAML>", f"valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(str(path), raw, f"a YAML mapping with keys {', '.join(f.name for f in dataclasses.fields(Params))}")
     return validate(raw)
 
 

@@ -10,19 +10,33 @@ from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
 from ..paths import DATA_DIR, METRICS_DIR, PRETRAINED_DIR
 from ..provenance import provenance, staged_dir, write_json
-from ..training import pretrain_loop, seed_everything
+from ..params import TrainParams
+from ..training import seed_everything, train
+
+
+def pretrain_params(params) -> TrainParams:
+    """The pretraining run in the trainer's terms: AdamW (0.9, 0.95), clip 1.0, cosine to 10%, fp32 master
+    weights, evaluated once at the end, no checkpoints (embedded scale, minutes)."""
+    p = params.pretrain
+    return TrainParams(max_steps=p.steps, batch_size=p.batch_size, grad_accum=1, lr=p.lr, constrained_lr_multiplier=1.0,
+                       min_lr_ratio=0.1, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+                       constrained_weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, grad_clip=1.0, precision="auto",
+                       gradient_checkpointing=False, eval_interval=p.steps, eval_batches=1, log_interval=1,
+                       checkpoint_interval=p.steps, keep_checkpoints=1, max_steps_per_run=0, wall_clock_limit_s=0,
+                       min_update_norm=params.train.min_update_norm, arm_overrides={})
 
 
 def run(params, args) -> int:
     t0 = time.time()
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
-    log = []
+    log, log_columns = [], ["step", "loss", "lr", "elapsed_s"]
     if params.model.source == "scratch":
         seed_everything(params.pretrain.seed)
         model = tiny_gpt_neox(params.model, tokenizer)
-        packed = D.PackedSequences(DATA_DIR, "train", params.data.seq_len)
         p = params.pretrain
-        log = pretrain_loop(model, packed, p.steps, p.batch_size, p.lr, p.warmup_ratio, p.weight_decay, p.seed)
+        result = train(model, pretrain_params(params), D.PackedSequences(DATA_DIR, "train", params.data.seq_len),
+                       D.PackedSequences(DATA_DIR, "validation", params.data.seq_len), seed=p.seed, desc="pretrain")
+        model, log, log_columns = result.model, result.state.log, result.log_columns
         origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
     else:
         model = load_causal_lm(params.model.hf_local_path)
@@ -45,7 +59,7 @@ def run(params, args) -> int:
     METRICS_DIR.mkdir(parents=True, exist_ok=True)
     write_json(METRICS_DIR / "pretrain.json", metrics, prov)
     with open(METRICS_DIR / "pretrain_log.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        writer = csv.DictWriter(fh, fieldnames=log_columns)
         writer.writeheader()
         writer.writerows(log)
     print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"

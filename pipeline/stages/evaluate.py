@@ -1,0 +1,38 @@
+"""Stage `evaluate`: held-out test perplexity of one arm (sliding window, nothing truncated) and the
+per-document NLL that paired statistics across arms use."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import data as D
+from ..evaluation import document_nll, load_arm_model, perplexity
+from ..paths import DATA_DIR, eval_dir
+from ..provenance import provenance, staged_dir, write_json
+
+
+def run(params, args) -> int:
+    t0 = time.time()
+    e = params.eval
+    model, meta = load_arm_model(params, args.arm, args.seed)
+    test = D.TokenSplit(DATA_DIR, "test")
+    doc_ids = [d.id for d in D.read_docs(DATA_DIR / "docs" / "test.jsonl")]
+    if len(doc_ids) != len(test):
+        raise ValueError(f"{DATA_DIR}: docs/test.jsonl lists {len(doc_ids)} documents, tokens hold {len(test)}")
+    count = len(test) if e.max_documents == 0 else min(e.max_documents, len(test))
+    docs = [test.document(i) for i in range(count)]
+    nll, tokens = document_nll(model, docs, test.eos_id, e.context_length, e.stride, e.batch_size,
+                               desc=f"evaluate {args.arm}")
+    prov = provenance(params, "evaluate", seed=args.seed, arm=args.arm)
+    metrics = {"arm": args.arm, "seed": args.seed, "perplexity": perplexity(nll, tokens),
+               "nll_per_token": float(nll.sum() / tokens.sum()), "tokens": int(tokens.sum()),
+               "documents": count, "context_length": e.context_length, "stride": e.stride,
+               "model_meta": meta, "seconds": round(time.time() - t0, 1)}
+    per_doc = {"doc_ids": doc_ids[:count], "nll": nll.tolist(), "tokens": tokens.astype(np.int64).tolist()}
+    with staged_dir(eval_dir(args.arm, args.seed)) as out:
+        write_json(out / "metrics.json", metrics, prov)
+        write_json(out / "per_doc.json", per_doc, prov)
+    print(f"evaluate {args.arm} s{args.seed}: test perplexity {metrics['perplexity']:.2f} "
+          f"({metrics['tokens']} tokens, {count} documents), {metrics['seconds']} s")
+    return 0

@@ -1,0 +1,114 @@
+"""The DVC pipeline: structure checks, the committed lock's freshness, and the whole dvc.yaml run
+end to end on the smoke profile in a temporary clone (real DVC, real stages)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import params as params_mod
+
+REPO = Path(__file__).resolve().parent.parent
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def dvc_env() -> dict:
+    # DVC runs `python -m pipeline ...` through the shell: the test's interpreter must come first on PATH.
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*DVC, *args], cwd=cwd, env=dvc_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files of this checkout, as a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith("outputs/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def _keys(tree: dict, prefix="") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def test_every_declared_param_exists_and_every_stage_is_a_pipeline_stage():
+    from pipeline.__main__ import STAGES
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    known = _keys(params_mod.load(REPO / "params.yaml").to_dict())
+    for name, stage in spec["stages"].items():
+        for key in stage.get("params", []):
+            assert key in known, f"dvc.yaml stage {name} declares unknown param {key}"
+        command = stage["cmd"].split()
+        assert command[:3] == ["python", "-m", "pipeline"] and command[3] in STAGES, name
+        deps = stage.get("deps", [])
+        assert f"pipeline/stages/{command[3]}.py" in deps, f"{name} must depend on its own stage module"
+
+
+def test_committed_lock_is_current_for_code_and_params():
+    """A cheap staleness check that needs no outputs: DVC compares the lock's hashes of every code and
+    params dependency with the working tree. Outputs are absent in a fresh clone and ignored here."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    names = dvc(REPO, "stage", "list", "--name-only").stdout.split()
+    assert sorted(names) == sorted(lock), "dvc.lock lacks stages of dvc.yaml (or has stale ones): run dvc repro"
+    status = json.loads(dvc(REPO, "status", "--json").stdout or "{}")
+    stale = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            for dep, what in change.get("changed deps", {}).items():
+                if not dep.startswith("outputs/") and what != "deleted":
+                    stale.setdefault(stage, []).append(f"{dep}: {what}")
+    assert not stale, f"dvc.lock is stale against code or params (rerun `dvc repro` and commit dvc.lock): {stale}"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end_in_a_fresh_clone(tmp_path):
+    ws = copy_repo(tmp_path / "clone")
+    shutil.copy(REPO / "profiles" / "smoke.yaml", ws / "params.yaml")
+    dvc(ws, "repro")
+    report = (ws / "outputs/report/report.md").read_text()
+    assert "## Main table" in report and "monotonic" in report
+    results = json.loads((ws / "outputs/report/results.json").read_text())
+    smoke = params_mod.load(ws / "params.yaml")
+    for arm in params_mod.ARMS:
+        assert set(map(str, results["runs"][arm])) == {str(s) for s in smoke.seeds}
+    for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png"):
+        assert (ws / "outputs/report/plots" / plot).stat().st_size > 1000
+
+    again = dvc(ws, "repro")
+    assert "Data and pipelines are up to date" in again.stdout, again.stdout
+    assert dvc(ws, "status").stdout.strip().endswith("Data and pipelines are up to date.")
+
+    shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
+    assert "outputs/report/metrics.json" in json.dumps(shown)
+
+    dvc(ws, "exp", "run", "-S", "aggregate.confidence=0.9")
+    exp_show = dvc(ws, "exp", "show", "--json").stdout
+    assert "aggregate.confidence" in exp_show and "perplexity" in exp_show
