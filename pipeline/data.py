@@ -10,6 +10,7 @@ Layout under a data directory:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import json
@@ -48,6 +49,12 @@ def embedded_documents(min_chars: int) -> list[Document]:
     """English text that ships with every CPython: pydoc topics (one document each) and the
     standard library's docstrings (one document per module file, tests excluded).
     Docstrings repeated across the library are kept once."""
+    return [d for d in _all_embedded_documents() if len(d.text) >= min_chars]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_embedded_documents() -> tuple[Document, ...]:
+    """Parsed once per process (seconds of ast work); the standard library does not change."""
     from pydoc_data import topics
 
     docs, seen = [], set()
@@ -77,7 +84,7 @@ def embedded_documents(min_chars: int) -> list[Document]:
                     parts.append(doc)
         if parts:
             docs.append(Document(f"stdlib:{rel.as_posix()}", "stdlib_docstrings", "\n\n".join(parts)))
-    return [d for d in docs if len(d.text) >= min_chars]
+    return tuple(docs)
 
 
 def _stdlib_modules(stdlib: Path) -> list[Path]:

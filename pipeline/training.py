@@ -292,7 +292,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
     wall_at_start = state.wall_seconds
     steps_at_start = state.step
     stop_reason = None
-    bar = tqdm(total=tp.max_steps, initial=state.step, desc=desc, disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=tp.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, **({} if main else {"disable": True}))
     with StopRequests(enabled=root is not None) as stops:
         while state.step < tp.max_steps:
             step = state.step

@@ -50,8 +50,8 @@ def run(params, args) -> int:
     metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
                "parameters": count_parameters(model), "seconds": round(time.time() - t0, 1), **origin}
     if params.tokenizer.source == "train_bpe":
-        train = D.TokenSplit(DATA_DIR, "train")
-        metrics["unigram_validation_perplexity"] = unigram_perplexity(train.tokens, docs, validation.eos_id,
+        train_split = D.TokenSplit(DATA_DIR, "train")
+        metrics["unigram_validation_perplexity"] = unigram_perplexity(train_split.tokens, docs, validation.eos_id,
                                                                       len(tokenizer))
     prov = provenance(params, "pretrain", seed=params.pretrain.seed)
     with staged_dir(PRETRAINED_DIR) as out:

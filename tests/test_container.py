@@ -1,0 +1,121 @@
+"""The Apptainer definition (Apptainer itself cannot run here): it parses into the expected sections
+(spython), its %post passes `bash -n`, its pins agree with requirements.lock and the params profiles, and
+the %test smoke check runs for real against this checkout."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFINITION = REPO / "container" / "pipeline.def"
+LOCK = REPO / "requirements.lock"
+
+
+def sections(text: str) -> dict[str, str]:
+    """%name -> body, for the definition's sections (the header is under '')."""
+    out, name = {"": []}, ""
+    for line in text.splitlines():
+        match = re.match(r"^%(\w+)\s*$", line)
+        if match:
+            name = match.group(1)
+            out[name] = []
+        else:
+            out[name].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def build_arguments(text: str) -> dict[str, str]:
+    return dict(line.strip().split("=", 1) for line in sections(text)["arguments"].splitlines()
+                if "=" in line and not line.strip().startswith("#"))
+
+
+def render(text: str, arguments: dict[str, str]) -> str:
+    """Apptainer's {{ VAR }} build-argument substitution."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: arguments[m.group(1)], text)
+
+
+def lock_pins() -> dict[str, str]:
+    return dict(line.split("==", 1) for line in LOCK.read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+
+
+def labels(text: str) -> dict[str, str]:
+    return dict(line.strip().split(None, 1) for line in sections(text)["labels"].splitlines() if line.strip())
+
+
+@pytest.fixture(scope="module")
+def definition() -> str:
+    return DEFINITION.read_text()
+
+
+def test_definition_parses_into_every_section(definition):
+    spython = pytest.importorskip("spython.main.parse.parsers", reason="spython (test dependency) not installed")
+    recipe = next(iter(spython.SingularityParser(str(DEFINITION)).recipe.values()))
+    assert re.fullmatch(r"pytorch/pytorch:[\w.-]+@sha256:[0-9a-f]{64}", recipe.fromHeader), recipe.fromHeader
+    assert recipe.files == ["src /opt/src"]
+    environ = dict(line.split("=", 1) for line in recipe.environ if "=" in line)
+    assert environ["HF_HUB_OFFLINE"] == "1" and environ["HF_DATASETS_OFFLINE"] == "1"
+    assert environ["HF_HUB_CACHE"] == "/opt/hf/hub"
+    for writable in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME"):
+        assert "/scratch/" in environ[writable], writable
+    assert recipe.cmd == 'exec python -m pipeline "$@"'
+    assert recipe.install and recipe.labels and recipe.test
+    header = sections(definition)[""]
+    assert re.search(r"^Bootstrap: docker$", header, re.M)
+
+
+def test_post_script_is_valid_bash_for_both_build_variants(definition):
+    arguments = build_arguments(definition)
+    assert arguments["WITH_MODEL"] == "1"
+    for with_model in ("1", "0"):
+        post = render(sections(definition)["post"], {**arguments, "WITH_MODEL": with_model})
+        result = subprocess.run(["bash", "-n"], input=post, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    assert "pip install -r /opt/requirements.container.txt -c /opt/constraints.container.txt" in definition
+
+
+def test_pins_agree_with_the_lock_file_and_params(definition):
+    pins, arguments, label = lock_pins(), build_arguments(definition), labels(definition)
+    base = sections(definition)[""]
+    base_torch = re.search(r"From: pytorch/pytorch:([\d.]+)-", base).group(1)
+    assert base_torch == pins["torch"], "base image torch differs from requirements.lock"
+    assert label["torch.version"] == pins["torch"]
+    assert label["transformers.version"] == pins["transformers"]
+    assert label["dvc.version"] == pins["dvc"]
+    assert label["base.image"] == re.search(r"^From: (\S+)$", base, re.M).group(1)
+    assert label["model.revision"] == "{{ MODEL_REVISION }}"
+
+    for profile in ("params.yaml", "profiles/cluster.yaml", "profiles/embedded.yaml", "profiles/smoke.yaml"):
+        model = yaml.safe_load((REPO / profile).read_text())["model"]
+        assert model["hf_revision"] == arguments["MODEL_REVISION"], profile
+        assert model["hf_name"] == arguments["MODEL_NAME"], profile
+    cluster = yaml.safe_load((REPO / "profiles" / "cluster.yaml").read_text())["model"]
+    assert cluster["hf_local_path"] == arguments["MODEL_LOCAL_PATH"]
+
+
+def test_drift_is_detected(definition, monkeypatch, tmp_path):
+    """The pin checks above read the real files: a lock with another torch makes them fail."""
+    drifted = tmp_path / "requirements.lock"
+    drifted.write_text(re.sub(r"^torch==.*$", "torch==9.9.9", LOCK.read_text(), flags=re.M))
+    monkeypatch.setattr(sys.modules[__name__], "LOCK", drifted)
+    with pytest.raises(AssertionError, match="torch differs"):
+        test_pins_agree_with_the_lock_file_and_params(definition)
+
+
+def test_build_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(REPO / "container" / "build.sh")]).returncode == 0
+
+
+def test_image_smoke_check_runs_against_this_checkout():
+    """The %test script itself: a tiny forward pass and the monotonic verify, with the project's code."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MODEL_BAKED": "0"}
+    result = subprocess.run([sys.executable, str(REPO / "container" / "smoke_check.py")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok: tiny GPT-NeoX forward" in result.stdout and "constrained modules" in result.stdout

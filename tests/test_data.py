@@ -1,0 +1,274 @@
+"""Corpus, document-level splits, tokenizer and packed token storage, on real text and real files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import SMOKE_PARAMS, run_stage
+from pipeline import data as D
+from pipeline.params import SPLITS
+
+FRACTIONS = {"train": 0.8, "validation": 0.05, "test": 0.05, "attack_opt": 0.05, "attack_eval": 0.05}
+TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+@pytest.fixture(scope="module")
+def embedded_docs():
+    return D.embedded_documents(min_chars=200)
+
+
+def data_dir(ws: Path) -> Path:
+    return ws / "outputs" / "data"
+
+
+def split_docs_on_disk(ws: Path) -> dict[str, list[D.Document]]:
+    return {s: D.read_docs(data_dir(ws) / "docs" / f"{s}.jsonl") for s in SPLITS}
+
+
+# --- embedded corpus ------------------------------------------------------------------------------
+
+def test_embedded_corpus_is_substantial_clean_and_deduplicated(embedded_docs):
+    assert len(embedded_docs) >= 300
+    assert sum(len(d.text) for d in embedded_docs) > 1_000_000
+    assert {d.source for d in embedded_docs} == {"pydoc_topics", "stdlib_docstrings"}
+    assert all(len(d.text) >= 200 for d in embedded_docs)
+    assert len({d.id for d in embedded_docs}) == len(embedded_docs)
+    assert len({d.text for d in embedded_docs}) == len(embedded_docs)   # pydoc's 'if'/'else' share a text
+    for d in embedded_docs:
+        assert d.text == d.text.strip() and "\r" not in d.text and "\n\n\n" not in d.text, d.id
+        assert not any(line != line.rstrip() for line in d.text.splitlines()), d.id
+    assert D.embedded_documents(min_chars=2000) == [d for d in embedded_docs if len(d.text) >= 2000]
+
+
+def test_embedded_corpus_excludes_tests_and_installed_packages(embedded_docs):
+    stdlib_paths = [Path(d.id.removeprefix("stdlib:")) for d in embedded_docs if d.source == "stdlib_docstrings"]
+    assert len(stdlib_paths) > 100
+    for path in stdlib_paths:
+        assert not TEST_DIRS.intersection(path.parts[:-1]) and not path.name.startswith("test_"), path
+        assert "site-packages" not in path.parts and "dist-packages" not in path.parts, path
+    assert Path("json/decoder.py") in stdlib_paths          # an ordinary module is in
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+def test_splits_disjoint_complete_seeded(embedded_docs):
+    splits = D.split_documents(embedded_docs, FRACTIONS, seed=1234)
+    assert list(splits) == list(SPLITS)
+    ids = [d.id for s in SPLITS for d in splits[s]]
+    texts = [d.text for s in SPLITS for d in splits[s]]
+    assert len(set(ids)) == len(ids) == len(embedded_docs)        # disjoint by document and complete
+    assert len(set(texts)) == len(texts)                           # disjoint by text
+    held_out = [s for s in SPLITS if s != "train"]
+    for split in held_out:
+        assert abs(len(splits[split]) - FRACTIONS[split] * len(embedded_docs)) <= 1, split
+    assert len(splits["train"]) == len(embedded_docs) - sum(len(splits[s]) for s in held_out)
+
+    again = D.split_documents(embedded_docs, FRACTIONS, seed=1234)
+    assert {s: [d.id for d in again[s]] for s in SPLITS} == {s: [d.id for d in splits[s]] for s in SPLITS}
+    other = D.split_documents(embedded_docs, FRACTIONS, seed=1235)
+    assert {d.id for d in other["test"]} != {d.id for d in splits["test"]}
+    assert {D.split_hash(other[s]) for s in SPLITS}.isdisjoint({D.split_hash(splits[s]) for s in SPLITS})
+
+
+def test_small_corpus_keeps_every_split_non_empty(embedded_docs):
+    splits = D.split_documents(embedded_docs[:7], FRACTIONS, seed=0)
+    assert all(len(splits[s]) >= 1 for s in SPLITS)
+    assert sum(map(len, splits.values())) == 7
+    with pytest.raises(ValueError, match="too few"):
+        D.split_documents(embedded_docs[:4], FRACTIONS, seed=0)
+
+
+def test_stage_outputs_match_manifest(smoke_workspace, smoke_params):
+    manifest = json.loads((data_dir(smoke_workspace) / "manifest.json").read_text())
+    assert manifest["provenance"]["params_hash"] == smoke_params.hash()
+    on_disk = split_docs_on_disk(smoke_workspace)
+    ids = [d.id for docs in on_disk.values() for d in docs]
+    assert len(set(ids)) == len(ids) == manifest["documents"]
+    texts = [d.text for docs in on_disk.values() for d in docs]
+    assert len(set(texts)) == len(texts)
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        assert entry["documents"] == len(on_disk[split]) >= 1, split
+        assert entry["sha256"] == D.split_hash(on_disk[split]), split
+        assert entry["tokens"] == len(D.TokenSplit(data_dir(smoke_workspace), split).tokens), split
+    # the stage's split is exactly the library's split of the same documents
+    expected = D.split_documents(D.load_documents(smoke_params.data), smoke_params.data.fractions,
+                                 smoke_params.data.split_seed)
+    assert {s: D.split_hash(expected[s]) for s in SPLITS} == {s: manifest["splits"][s]["sha256"] for s in SPLITS}
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def test_stage_tokenizer_is_trained_on_the_train_split_only(smoke_workspace, smoke_params):
+    """BPE training is deterministic: the saved tokenizer equals one trained on docs/train.jsonl
+    and differs from one that also saw a held-out split."""
+    on_disk = split_docs_on_disk(smoke_workspace)
+    saved = D.load_tokenizer(data_dir(smoke_workspace) / "tokenizer")
+    vocab_size = smoke_params.tokenizer.vocab_size
+    train_texts = [d.text for d in on_disk["train"]]
+    assert saved.get_vocab() == D.train_bpe_tokenizer(train_texts, vocab_size).get_vocab()
+    for held_out in ("validation", "test", "attack_eval"):
+        leaked = D.train_bpe_tokenizer(train_texts + [d.text for d in on_disk[held_out]], vocab_size)
+        assert saved.get_vocab() != leaked.get_vocab(), held_out
+
+
+def test_bpe_learns_only_what_it_was_given():
+    word = "zyxwvutsrqponmlk"
+    train = ["the quick brown fox jumps over the lazy dog. " * 20] * 5
+    tok = D.train_bpe_tokenizer(train, vocab_size=400)
+    leaked = D.train_bpe_tokenizer(train + [f"{word} " * 50], vocab_size=400)
+    assert len(tok(word, add_special_tokens=False)["input_ids"]) >= 8
+    assert len(leaked(word, add_special_tokens=False)["input_ids"]) <= 2
+
+
+def test_tokenizer_saves_loads_offline_and_round_trips(smoke_workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved_dir = data_dir(smoke_workspace) / "tokenizer"
+    manifest = json.loads((data_dir(smoke_workspace) / "manifest.json").read_text())
+    tok = D.load_tokenizer(saved_dir)
+    assert len(tok) == manifest["vocab_size"]
+    assert (tok.eos_token_id, tok.pad_token_id) == (manifest["eos_token_id"], manifest["pad_token_id"])
+    assert tok.eos_token == D.EOS_TOKEN and tok.pad_token == D.PAD_TOKEN and tok.eos_token_id != tok.pad_token_id
+
+    tok.save_pretrained(str(tmp_path / "copy"))
+    copy = D.load_tokenizer(tmp_path / "copy")
+    samples = [d.text for d in split_docs_on_disk(smoke_workspace)["test"]]
+    samples.append("Tabs\tand  double  spaces , before . punctuation ; ünïcödé 日本語 🙂\n\n  indented\n")
+    for text in samples:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert copy(text, add_special_tokens=False)["input_ids"] == ids
+        assert tok.decode(ids) == text
+
+
+# --- token storage -------------------------------------------------------------------------------
+
+def test_token_split_offsets_and_documents(smoke_workspace):
+    tok = D.load_tokenizer(data_dir(smoke_workspace) / "tokenizer")
+    on_disk = split_docs_on_disk(smoke_workspace)
+    for split in SPLITS:
+        ts = D.TokenSplit(data_dir(smoke_workspace), split)
+        assert ts.tokens.dtype == np.uint16 and ts.dtype == np.uint16
+        assert len(ts) == len(on_disk[split])
+        assert ts.offsets[0] == 0 and ts.offsets[-1] == len(ts.tokens)
+        assert np.all(np.diff(ts.offsets) >= 2)                     # at least one token + EOS each
+        assert np.all(ts.tokens[ts.offsets[1:] - 1] == ts.eos_id)   # every document ends with EOS
+        assert int((ts.tokens == ts.eos_id).sum()) == len(ts)       # and EOS appears nowhere else
+        for i in (0, len(ts) - 1):
+            doc = ts.document(i)
+            assert doc.dtype == np.int64
+            assert tok.decode(doc.tolist()) == on_disk[split][i].text
+
+
+def test_token_dtype_by_vocabulary():
+    assert D.token_dtype(512) == np.uint16 and D.token_dtype(65536) == np.uint16
+    assert D.token_dtype(65537) == np.uint32 and D.token_dtype(151_936) == np.uint32
+
+
+def test_token_split_detects_truncated_stream(workspace_copy):
+    bin_path = data_dir(workspace_copy) / "tokens" / "validation.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="offsets end at"):
+        D.TokenSplit(data_dir(workspace_copy), "validation")
+
+
+def test_packed_sequences_order_and_batches(smoke_workspace, smoke_params):
+    seq_len = smoke_params.data.seq_len
+    packed = D.PackedSequences(data_dir(smoke_workspace), "train", seq_len)
+    n = packed.num_sequences
+    assert n == (len(packed.split.tokens) - 1) // seq_len >= 4
+
+    first = packed.sequence_ids(seed=0, start=0, count=2 * n)
+    assert np.array_equal(first, packed.sequence_ids(seed=0, start=0, count=2 * n))       # deterministic
+    assert sorted(first[:n]) == list(range(n)) == sorted(first[n:])                         # epochs are permutations
+    assert not np.array_equal(first[:n], first[n:])                                         # epoch reshuffles
+    assert not np.array_equal(first[:n], packed.sequence_ids(seed=1, start=0, count=n))     # seed matters
+    assert np.array_equal(packed.sequence_ids(seed=0, start=n - 3, count=7), first[n - 3: n + 4])  # resumable
+
+    ids = first[:4]
+    batch = packed.batch(ids)
+    assert batch.shape == (4, seq_len + 1) and batch.dtype == np.int64
+    for row, i in zip(batch, ids):
+        assert np.array_equal(row, packed.split.tokens[i * seq_len: (i + 1) * seq_len + 1])
+    consecutive = packed.batch(np.array([0, 1]))
+    assert consecutive[0, -1] == consecutive[1, 0]   # targets of one window are the next window's inputs
+
+
+# --- hf source, offline, on local files written here ---------------------------------------------
+
+def long_text(i: int) -> str:
+    return f"Document number {i} talks about topic {i % 7}." + " Some words that make it long enough." * 8
+
+
+def hf_params(smoke_params, tmp_path, builder: str, data_file: Path, **changes):
+    local = {"source": "hf", "hf_dataset": builder, "hf_data_files": str(data_file),
+             "hf_cache_dir": str(tmp_path / "hf_cache"), "hf_text_field": "text", "max_documents": 0}
+    return dataclasses.replace(smoke_params.data, **{**local, **changes})
+
+
+def write_local_dataset(tmp_path: Path, builder: str, texts: list[str]) -> Path:
+    if builder == "json":
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": t, "meta": i}) + "\n" for i, t in enumerate(texts)))
+    elif builder == "parquet":
+        import datasets
+
+        path = tmp_path / "corpus.parquet"
+        datasets.Dataset.from_dict({"text": texts, "meta": list(range(len(texts)))}).to_parquet(str(path))
+    else:
+        path = tmp_path / "corpus.txt"   # the text builder: one document per line
+        path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
+    return path
+
+
+@pytest.mark.parametrize("builder", ["json", "parquet", "text"])
+def test_hf_source_reads_local_files_offline(smoke_params, tmp_path, builder):
+    texts = [long_text(i) for i in range(30)]
+    texts[5] = texts[3]            # duplicate: kept once
+    texts[8] = "too short"         # under min_chars: dropped
+    path = write_local_dataset(tmp_path, builder, texts)
+    docs = D.hf_documents(hf_params(smoke_params, tmp_path, builder, path))
+    assert [d.text for d in docs] == [t for i, t in enumerate(texts) if i not in (5, 8)]
+    assert docs[0].id == f"{builder}:0" and docs[-1].id == f"{builder}:29" and docs[0].source == builder
+    assert len({d.id for d in docs}) == len(docs)
+
+    capped = D.hf_documents(hf_params(smoke_params, tmp_path, builder, path, max_documents=10))
+    assert capped == docs[:10]
+    splits = D.split_documents(docs, smoke_params.data.fractions, smoke_params.data.split_seed)
+    assert sum(map(len, splits.values())) == len(docs) and all(splits[s] for s in SPLITS)
+
+
+def test_hf_source_missing_text_field_is_an_error(smoke_params, tmp_path):
+    path = write_local_dataset(tmp_path, "json", [long_text(i) for i in range(10)])
+    with pytest.raises(ValueError, match="'body'.*columns.*text"):
+        D.hf_documents(hf_params(smoke_params, tmp_path, "json", path, hf_text_field="body"))
+
+
+def test_data_stage_on_hf_source(tmp_path):
+    """The whole data stage on a local json corpus, with the model's own tokenizer (as on the cluster)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    texts = [long_text(i) for i in range(60)]
+    tokenizer_dir = tmp_path / "model_tokenizer"
+    D.train_bpe_tokenizer(texts, vocab_size=300).save_pretrained(str(tokenizer_dir))
+    corpus = write_local_dataset(tmp_path, "json", texts)
+    raw = yaml.safe_load(SMOKE_PARAMS.read_text())
+    raw["data"].update(source="hf", hf_dataset="json", hf_data_files=str(corpus),
+                       hf_cache_dir=str(tmp_path / "hf_cache"), max_documents=40)
+    raw["tokenizer"]["source"] = "model"
+    raw["model"].update(source="hf", hf_local_path=str(tokenizer_dir))
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert run_stage(ws, "data") == 0
+
+    manifest = json.loads((data_dir(ws) / "manifest.json").read_text())
+    assert manifest["documents"] == 40
+    on_disk = split_docs_on_disk(ws)
+    assert sorted(int(d.id.split(":")[1]) for docs in on_disk.values() for d in docs) == list(range(40))
+    for split in SPLITS:
+        assert manifest["splits"][split]["sha256"] == D.split_hash(on_disk[split])
+        assert len(D.TokenSplit(data_dir(ws), split)) == len(on_disk[split]) >= 1
+    assert D.load_tokenizer(data_dir(ws) / "tokenizer").get_vocab() == D.load_tokenizer(tokenizer_dir).get_vocab()

@@ -1,0 +1,221 @@
+"""The recovery trainer on the smoke profile: outputs and equal budgets of both arms, exact resume after
+early stops (with a corrupted checkpoint), SIGTERM/SIGKILL, frozen-weight detection, distributed parity."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, run_stage
+from pipeline.training import REQUEUE_EXIT_CODE, lr_at
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def edit_params(ws: Path, **train) -> None:
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["train"].update(train)
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def copy_workspace(src: Path, dst: Path, **train) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train", "checkpoints"))
+    edit_params(dst, **train)
+    return dst
+
+
+def weights(ws: Path, arm: str) -> dict[str, torch.Tensor]:
+    return load_file(str(ws / "outputs/train" / f"{arm}-s0" / "model" / "model.safetensors"))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def train_subprocess(ws: Path, arm: str = "baseline") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--arm", arm, "--seed", "0"], cwd=ws,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited ({proc.returncode}) before {path.name}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.005)
+
+
+# Both arms trained once, uninterrupted, with a V learning-rate multiplier and decay that differ from W's.
+TRAIN = {"constrained_lr_multiplier": 10.0, "constrained_weight_decay": 0.01}
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_workspace, tmp_path_factory) -> Path:
+    ws = copy_workspace(smoke_workspace, tmp_path_factory.mktemp("trained") / "ws", **TRAIN)
+    for arm in ("baseline", "monotonic"):
+        assert run_stage(ws, "train", "--arm", arm, "--seed", "0") == 0
+    return ws
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    lrs = [lr_at(s, 100, 1.0, 0.1, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
+    tp = smoke_params.train
+    metrics = {arm: json.loads((trained / f"outputs/train/{arm}-s0/metrics.json").read_text())
+               for arm in ("baseline", "monotonic")}
+    b, m = metrics["baseline"], metrics["monotonic"]
+    for key in ("steps", "tokens_seen", "data_order_sha256", "train", "validation_windows"):
+        assert b[key] == m[key], key
+    assert b["steps"] == tp.max_steps and b["tokens_seen"] == tp.max_steps * tp.batch_size * smoke_params.data.seq_len
+    assert b["overrides"] == {} and b["budgets_equal"] and "provenance" in b
+    assert set(m["update_norm_total"]) == {"decay", "no_decay", "constrained"}
+    assert m["update_norm_total"]["constrained"] > 1e-3 and b["update_norm_total"]["decay"] > 1e-3
+    assert m["monotonic_verify"]["ok"] and m["monotonic_verify"]["min_weight"] >= 0
+
+    log = read_csv(trained / "outputs/train/monotonic-s0/log.csv")
+    assert list(log[0]) == ["step", "loss", "lr", "grad_norm", "update_norm_decay", "update_norm_no_decay",
+                            "update_norm_constrained", "tokens_per_s", "elapsed_s"]
+    assert [int(r["step"]) for r in log] == list(range(1, tp.max_steps + 1))
+    assert all(float(r["update_norm_constrained"]) > 0 for r in log)
+    val = read_csv(trained / "outputs/train/monotonic-s0/val_log.csv")
+    assert [int(r["step"]) for r in val] == [tp.eval_interval, tp.max_steps]
+    assert m["validation_loss"] == pytest.approx(float(val[-1]["val_loss"]))
+
+    from pipeline.models import load_causal_lm
+    from pipeline.monotonic import load_parametrized, verify
+    verify(load_causal_lm(trained / "outputs/train/monotonic-s0/model"), "mlp_both")   # plain HF, W >= 0
+    load_parametrized(trained / "outputs/train/monotonic-s0/model", expected_variant="mlp_both")
+    load_causal_lm(trained / "outputs/train/baseline-s0/model")
+
+    root = trained / "outputs/checkpoints/monotonic-s0" / m["fingerprint"]
+    steps = sorted(p.name for p in root.glob("step-*"))
+    assert steps == ["step-0000008", "step-0000012"]        # every 4 steps, last 2 kept
+    assert json.loads((root / "best/best.json").read_text())["step"] == m["best_step"]
+    groups = {g["name"]: g for g in json.loads((root / "step-0000012/optimizer.json").read_text())["param_groups"]}
+    assert groups["constrained"]["weight_decay"] == 0.01 and groups["decay"]["weight_decay"] == tp.weight_decay
+    assert groups["constrained"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
+
+
+def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smoke_workspace, tmp_path, capfd):
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", max_steps_per_run=5, **TRAIN)
+    assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == REQUEUE_EXIT_CODE
+    assert "exiting with status 75" in capfd.readouterr().out
+    assert not (ws / "outputs/train/monotonic-s0").exists()
+    root = next((ws / "outputs/checkpoints/monotonic-s0").iterdir())
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004", "step-0000005"]
+    latest = root / "step-0000005/optimizer.safetensors"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])     # truncated latest checkpoint
+
+    assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == REQUEUE_EXIT_CODE
+    assert "step-0000005 is unusable" in capfd.readouterr().err
+    assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == 0    # steps 9..12
+
+    resumed, reference = weights(ws, "monotonic"), weights(trained, "monotonic")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    v_resumed = load_file(str(ws / "outputs/train/monotonic-s0/model/monotonic_state.safetensors"))
+    v_ref = load_file(str(trained / "outputs/train/monotonic-s0/model/monotonic_state.safetensors"))
+    assert all(torch.equal(v_resumed[k], v_ref[k]) for k in v_ref)
+    log = read_csv(ws / "outputs/train/monotonic-s0/log.csv")
+    ref_log = read_csv(trained / "outputs/train/monotonic-s0/log.csv")
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    assert json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text())["runs"] == 3
+
+
+def test_updates_rounding_to_zero_fail_the_run(smoke_workspace, tmp_path):
+    # lr far below fp32 resolution of the weights: every update rounds away, as bf16 did at lr 1e-5
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", lr=1e-30, weight_decay=0.0)
+    from pipeline.training import FrozenParametersError
+    with pytest.raises(FrozenParametersError, match="not training"):
+        run_stage(ws, "train", "--arm", "baseline", "--seed", "0")
+    assert not (ws / "outputs/train/baseline-s0").exists()
+
+
+def test_arm_override_is_recorded_and_flagged(smoke_workspace, tmp_path, capfd):
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", arm_overrides={"monotonic": {"max_steps": 3}})
+    assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == 0
+    assert "WARNING: train.arm_overrides is set" in capfd.readouterr().err
+    metrics = json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text())
+    assert metrics["overrides"] == {"max_steps": 3} and not metrics["budgets_equal"] and metrics["steps"] == 3
+
+
+def test_variant_mismatch_fails_loudly(smoke_workspace, tmp_path):
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws")
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["monotonic"]["variant"] = "mlp_in"
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+    from pipeline.monotonic import MonotonicityError
+    with pytest.raises(MonotonicityError, match="rerun monotonic_init"):
+        run_stage(ws, "train", "--arm", "monotonic", "--seed", "0")
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_resume_matches_uninterrupted(trained, smoke_workspace, tmp_path):
+    """The CLI as a subprocess: SIGTERM at a random step exits 75 after a checkpoint; SIGKILL at a later
+    random step (possibly mid-checkpoint); the restarted run's final weights equal the uninterrupted ones."""
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", checkpoint_interval=1, **TRAIN)
+    rng = random.Random()
+    root = ws / "outputs/checkpoints/baseline-s0"
+    term_at, kill_at = rng.randint(1, 4), rng.randint(6, 8)
+
+    proc = train_subprocess(ws)
+    wait_for(root, proc)
+    root = next(root.iterdir())
+    wait_for(root / f"step-{term_at:07d}", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out
+    assert "received SIGTERM" in out and "STOPPED EARLY" in out
+    assert not (ws / "outputs/train/baseline-s0").exists()
+
+    proc = train_subprocess(ws)
+    wait_for(root / f"step-{kill_at:07d}", proc)
+    time.sleep(rng.uniform(0, 0.2))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ws / "outputs/train/baseline-s0").exists()
+
+    proc = train_subprocess(ws)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out
+    resumed, reference = weights(ws, "baseline"), weights(trained, "baseline")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_same_global_batch(smoke_workspace, tmp_path):
+    steps = {"max_steps": 4, "eval_interval": 4, "checkpoint_interval": 2}
+    single = copy_workspace(smoke_workspace, tmp_path / "one", batch_size=8, **steps)
+    double = copy_workspace(smoke_workspace, tmp_path / "two", batch_size=4, **steps)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(random.randint(20000, 40000)), "-m", "pipeline", "train", "--arm", "monotonic", "--seed", "0"]
+    proc = subprocess.run(launch, cwd=double, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_stage(single, "train", "--arm", "monotonic", "--seed", "0") == 0
+    m2 = json.loads((double / "outputs/train/monotonic-s0/metrics.json").read_text())
+    m1 = json.loads((single / "outputs/train/monotonic-s0/metrics.json").read_text())
+    assert m2["processes"] == 2 and m2["global_batch_sequences"] == m1["global_batch_sequences"] == 8
+    assert m2["data_order_sha256"] == m1["data_order_sha256"]
+    assert m2["validation_loss"] == pytest.approx(m1["validation_loss"], abs=1e-4)
+    w2, w1 = weights(double, "monotonic"), weights(single, "monotonic")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
