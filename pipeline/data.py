@@ -114,7 +114,12 @@ def hf_documents(p: DataParams) -> list[Document]:
     for i, row in enumerate(ds):
         if p.max_documents and len(docs) >= p.max_documents:
             break
-        text = _clean(row[p.hf_text_field] or "")
+        text = row[p.hf_text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"data.hf_text_field '{p.hf_text_field}' of row {i} is a {type(text).__name__}, not text")
+        text = _clean(text)
         key = hashlib.sha1(text.encode()).digest()
         if len(text) >= p.min_chars and key not in seen:
             seen.add(key)

@@ -107,7 +107,8 @@ def verify(model, variant: str) -> dict:
                          "parametrized": parametrize.is_parametrized(module, "weight"),
                          "finite": bool(torch.isfinite(w).all())})
     bad = [r["module"] for r in rows if r["min_weight"] < 0 or not r["finite"]]
-    report = {"variant": variant, "modules_constrained": len(rows), "modules_expected": len(rows),
+    expected = _layer_count(model) * len(VARIANT_MODULES[variant])   # constrained_modules enforced it
+    report = {"variant": variant, "modules_constrained": len(rows), "modules_expected": expected,
               "min_weight": min(r["min_weight"] for r in rows), "scope": MONOTONICITY_SCOPE,
               "ok": not bad, "modules": rows}
     if bad:

@@ -213,6 +213,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
     optimizer = torch.optim.AdamW(
         [{"params": [p for _, p in members], "name": g, **settings[g]} for g, members in groups.items()],
         lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2))
+    base_lrs = [settings[g]["lr"] for g in groups]   # the schedule scales these; never read back from a checkpoint
     columns = ["step", "loss", "lr", "grad_norm", *[f"update_norm_{g}" for g in groups], "tokens_per_s", "elapsed_s"]
 
     state = TrainState(update_norm_sum={g: 0.0 for g in groups})
@@ -244,7 +245,6 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
               "RNG streams restart from the seed", file=sys.stderr, flush=True)
     val_ids = validation_windows(val_data, tp.eval_batches * global_batch)
     group_params = {g: [p for _, p in members] for g, members in groups.items()}
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def evaluate() -> float:
         raw_model.eval()

@@ -42,6 +42,7 @@ UNCHECKED = re.compile(r"(^|/)(dvc\.lock|\.gitignore)$")   # DVC rewrites these;
 SEED_IN_CMD = re.compile(r"--seed[= ](\d+)\b")
 REQUEUE_CODE = re.compile(r"^REQUEUE_EXIT_CODE\s*=\s*(\d+)", re.M)
 JOB_PREFIX = "pl:"
+SIGNAL_LEAD_S = 600                       # slurm/stage.sbatch: #SBATCH --signal=B:USR1@600
 
 
 def fail(message: str) -> None:
@@ -68,6 +69,8 @@ def restore_blocker(stage) -> str | None:
             return f"output {out.def_path} is persist: true"
         if out.protocol != "local" or not out.is_in_repo:
             return f"output {out.def_path} is outside the repository"
+        if not out.use_cache and not (out.is_metric or out.is_plot):   # dvc.stage.Stage.run: no_cache_outs
+            return f"output {out.def_path} has cache: false (allowed for metrics and plots only)"
     return None
 
 
@@ -212,11 +215,26 @@ def check_snapshot(run_dir: Path) -> int:
 
 # --- submission ---------------------------------------------------------------------------------------
 
+def seconds(slurm_time: str) -> int:
+    """SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, clock = slurm_time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return {1: lambda m: m * 60, 2: lambda m, s: m * 60 + s, 3: lambda h, m, s: h * 3600 + m * 60 + s}[len(parts)](*parts)
+
+
 def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> list[str]:
     """The options of the longest section whose kind covers the stage (see in_kind), else [DEFAULT]'s."""
     kinds = sorted((k for k in resources.sections() if in_kind(stage_name, k)), key=len)
     section = resources[kinds[-1]] if kinds else resources[resources.default_section]
-    return [f"--{key}={value}" for key, value in section.items() if value != ""]
+    options = {key: value for key, value in section.items() if value != ""}
+    lead = int(options.get("signal", f"B:USR1@{SIGNAL_LEAD_S}").rpartition("@")[2])
+    if "time" in options and seconds(options["time"]) <= lead:
+        fail(f"{stage_name}: time {options['time']} is not longer than the USR1 lead of {lead} s "
+             "(the job would be told to checkpoint as it starts); raise time or set signal = B:USR1@<less>")
+    return [f"--{key}={value}" for key, value in options.items()]
 
 
 def state_dir_for(workspace: Path) -> Path:
@@ -256,6 +274,7 @@ def submit(args) -> int:
     training = workspace / "pipeline" / "training.py"
     code = REQUEUE_CODE.search(training.read_text()) if training.exists() else None
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
+           "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
            "PIPELINE_REQUEUE_EXIT_CODE": code.group(1) if code else 75}
     if any("," in str(v) for v in env.values()):

@@ -1,14 +1,17 @@
 """A real single-node SLURM cluster for tests: munged, slurmctld and slurmd started from the Debian
 slurm-wlm and munge packages with every file in one temp dir, torn down at the end of the session.
-Tests import the `slurm_cluster` fixture (it yields the cluster's environment: SLURM_CONF and PATH);
+Tests import the `slurm_cluster` fixture (it yields the cluster's environment: SLURM_CONF, PATH, and a
+SCRATCH for the jobs);
 it skips with the reason when the daemons are not installed (CI installs them: .ci/install-slurm.sh)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,7 +100,8 @@ def slurm_cluster(tmp_path_factory):
     subprocess.run([find_binary("mungekey"), "-c", "-k", str(key)], check=True)
     conf = root / "slurm.conf"
     conf.write_text(slurm_conf(root, sock))
-    env = {**os.environ, "SLURM_CONF": str(conf),
+    (root / "scratch").mkdir()
+    env = {**os.environ, "SLURM_CONF": str(conf), "SCRATCH": str(root / "scratch"),
            "PATH": os.pathsep.join([os.environ.get("PATH", ""), *SBIN])}
     for var in [v for v in env if v.startswith("SLURM_") and v != "SLURM_CONF"]:
         del env[var]   # a harness started inside a job must not leak that job's variables
@@ -142,3 +146,73 @@ def stop_daemon(pid_file: Path) -> None:
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
+
+
+# --- driving the submitter and waiting for jobs --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SUBMIT = REPO / "slurm" / "submit.py"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
+
+
+def job_env(cluster_env: dict, **extra) -> dict:
+    """The environment of a submission: the cluster, this interpreter's bin first on PATH (host mode runs
+    `dvc` and `python -m pipeline` from the job's PATH), quiet progress bars, offline HF."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**cluster_env, "PATH": os.pathsep.join([bin_dir, cluster_env["PATH"]]), "TQDM_DISABLE": "1",
+            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def submit(env: dict, workspace: Path, state_dir: Path, resources: Path, *args: str,
+           mode: str = "host") -> tuple[str, Path]:
+    """`slurm/submit.py submit --mode MODE ...` in the workspace; returns its stdout and the run directory."""
+    result = subprocess.run([sys.executable, str(SUBMIT), "submit", "--mode", mode, "--state-dir", str(state_dir),
+                             "--resources", str(resources), *args], cwd=workspace, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = Path(next(line for line in result.stdout.splitlines() if "run directory" in line).rsplit(" ", 1)[1])
+    return result.stdout, run_dir
+
+
+def jobs_of(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "jobs.json").read_text())["jobs"]
+
+
+def show_job(env: dict, job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_for_jobs(env: dict, run_dir: Path, timeout: float, on_poll=None) -> dict[str, dict]:
+    """Poll until every job of the run has left the queue; stage -> scontrol fields. A self-requeued job
+    waits out SLURM's requeue delay (BeginTime, ~2 min): released at once here to keep tests short."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {job["stage"]: show_job(env, job["job_id"]) for job in jobs_of(run_dir)}
+        for info in states.values():
+            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"], env=env, check=True)
+        if on_poll is not None:
+            on_poll(states)
+        if not any(info["JobState"] in ACTIVE for info in states.values()):
+            return states
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((run_dir / "logs").glob("*.log")))
+            raise AssertionError(f"jobs still active after {timeout} s: "
+                                 f"{ {s: i['JobState'] for s, i in states.items()} }\n{logs}")
+        time.sleep(0.5)
+
+
+def pids_catching(pattern: str, signum: int) -> list[int]:
+    """Processes whose command line contains `pattern` and that have a handler installed for `signum`."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            caught = next(l for l in status.read_text().splitlines() if l.startswith("SigCgt:")).split()[1]
+        except (OSError, StopIteration):
+            continue
+        if pattern in cmdline and (int(caught, 16) >> (signum - 1)) & 1:
+            found.append(int(status.parent.name))
+    return found

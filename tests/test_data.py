@@ -169,6 +169,20 @@ def test_token_dtype_by_vocabulary():
     assert D.token_dtype(65537) == np.uint32 and D.token_dtype(151_936) == np.uint32
 
 
+def test_wide_vocabulary_round_trips_through_uint32_storage(tmp_path):
+    """A 150k vocabulary (Qwen-style) needs uint32; ids above 65535 must come back intact."""
+    docs = [np.array([70_000, 5, 151_000], dtype=np.uint32), np.array([65_536, 1, 2, 3, 100_000], dtype=np.uint32)]
+    eos = 151_643
+    flat = np.concatenate([np.append(d, eos) for d in docs]).astype(D.token_dtype(151_936))
+    offsets = np.array([0, 4, 10], dtype=np.int64)
+    D.write_tokens(tmp_path, "train", flat, offsets)
+    (tmp_path / "manifest.json").write_text(json.dumps({"token_dtype": "uint32", "eos_token_id": eos}))
+    ts = D.TokenSplit(tmp_path, "train")
+    assert ts.tokens.dtype == np.uint32 and (tmp_path / "tokens" / "train.bin").stat().st_size == 4 * 10
+    assert [ts.document(i).tolist() for i in range(len(ts))] == [d.tolist() for d in docs]
+    assert D.PackedSequences(tmp_path, "train", seq_len=4).batch(np.array([1]))[0].tolist() == [65_536, 1, 2, 3, 100_000]
+
+
 def test_token_split_detects_truncated_stream(workspace_copy):
     bin_path = data_dir(workspace_copy) / "tokens" / "validation.bin"
     bin_path.write_bytes(bin_path.read_bytes()[:-2])
@@ -242,10 +256,12 @@ def test_hf_source_reads_local_files_offline(smoke_params, tmp_path, builder):
     assert sum(map(len, splits.values())) == len(docs) and all(splits[s] for s in SPLITS)
 
 
-def test_hf_source_missing_text_field_is_an_error(smoke_params, tmp_path):
+def test_hf_source_missing_or_non_text_field_is_an_error(smoke_params, tmp_path):
     path = write_local_dataset(tmp_path, "json", [long_text(i) for i in range(10)])
     with pytest.raises(ValueError, match="'body'.*columns.*text"):
         D.hf_documents(hf_params(smoke_params, tmp_path, "json", path, hf_text_field="body"))
+    with pytest.raises(ValueError, match="'meta' of row 0 is a int"):
+        D.hf_documents(hf_params(smoke_params, tmp_path, "json", path, hf_text_field="meta"))
 
 
 def test_data_stage_on_hf_source(tmp_path):

@@ -33,7 +33,8 @@ def build(params, out_dir) -> dict:
         summary[split] = {"documents": len(splits[split]), "characters": sum(len(d.text) for d in splits[split]),
                           "tokens": int(len(flat)), "sha256": D.split_hash(splits[split])}
     manifest = {
-        "source": p.source if p.source == "embedded" else f"{p.hf_dataset}@{p.hf_revision}",
+        "source": ("embedded" if p.source == "embedded"
+                   else f"{p.hf_dataset}:{p.hf_data_files}" if p.hf_data_files else f"{p.hf_dataset}@{p.hf_revision}"),
         "documents": len(docs), "splits": summary, "split_seed": p.split_seed,
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
