@@ -5,9 +5,11 @@ monotonic_init stages; embedded workspace by default):
      (goal: >= 0.9x the loop's tokens/s);
   2. the monotonic arm (softplus-parametrized V) against the baseline arm, both through the trainer
      (goal: step time <= 1.10x).
-Rounds alternate the three runs so machine load hits all of them alike; per-step times are medians.
+Rounds alternate the three runs so machine load hits all of them alike. A step's cost is the fastest
+step seen over all rounds (the first step of each run excluded): on a machine shared with other jobs, load
+only ever adds time, so the minimum is the steadiest estimate; per-round medians are printed beside it.
 
-    python bench/bench_training.py [--params params.yaml] [--steps 12] [--rounds 3]
+    python bench/bench_training.py [--params params.yaml] [--steps 12] [--rounds 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -71,24 +73,31 @@ def main() -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads (1 is steadier on a machine shared with other jobs)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     params = params_mod.load(args.params)
     tp = dataclasses.replace(params.train, max_steps=args.steps, grad_accum=1, eval_interval=args.steps,
                              eval_batches=1, log_interval=1, warmup_ratio=0.0, precision="fp32")
     packed = D.PackedSequences(DATA_DIR, "train", params.data.seq_len)
     val = D.PackedSequences(DATA_DIR, "validation", params.data.seq_len)
-    medians = {"loop": [], "baseline": [], "monotonic": []}
+    times = {"loop": [], "baseline": [], "monotonic": []}
     for r in range(args.rounds):
-        medians["loop"].append(statistics.median(hand_loop_step_seconds(tp, packed, args.steps, seed=r)[1:]))
+        rounds = {"loop": hand_loop_step_seconds(tp, packed, args.steps, seed=r)[1:]}
         for arm in ("baseline", "monotonic"):
-            medians[arm].append(statistics.median(trainer_step_seconds(tp, packed, val, arm, seed=r)[1:]))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1000:.0f} ms/step" for k, v in medians.items()), flush=True)
-    step = {k: statistics.median(v) for k, v in medians.items()}
+            rounds[arm] = trainer_step_seconds(tp, packed, val, arm, seed=r)[1:]
+        for k, v in rounds.items():
+            times[k] += v
+        print(f"round {r} (median ms/step): " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f}"
+                                                          for k, v in rounds.items()), flush=True)
+    step = {k: min(v) for k, v in times.items()}
     tokens = tp.batch_size * params.data.seq_len
     print(f"\nmachine: {device_description()}; model {params.model.num_layers}x{params.model.hidden_size} "
           f"({params.profile}), batch {tp.batch_size}x{params.data.seq_len}, {args.steps} steps x {args.rounds} rounds")
     for k, s in step.items():
-        print(f"  {k:10s} {s * 1000:8.1f} ms/step  {tokens / s:9.0f} tokens/s")
+        print(f"  {k:10s} {s * 1000:8.1f} ms/step (fastest)  {tokens / s:9.0f} tokens/s  "
+              f"(median {statistics.median(times[k]) * 1000:.1f} ms/step)")
     throughput_ratio = step["loop"] / step["baseline"]
     mono_ratio = step["monotonic"] / step["baseline"]
     print(f"trainer/hand-loop throughput: {throughput_ratio:.3f}x (goal >= 0.9) "

@@ -15,14 +15,12 @@ from tqdm import tqdm
 def sliding_windows(length: int, context_length: int, stride: int):
     """(begin, end, first_scored) windows over a sequence of `length` tokens; position 0 is never a
     target. Targets first_scored..end-1 of each window are scored in it, and each target exactly once."""
-    windows, prev_end = [], 1
-    for begin in range(0, length, stride):
+    windows, prev_end, begin = [], 1, 0
+    while prev_end < length:
         end = min(begin + context_length, length)
-        if end > prev_end:
-            windows.append((begin, end, prev_end))
-            prev_end = end
-        if end == length:
-            break
+        windows.append((begin, end, prev_end))
+        prev_end = end
+        begin = min(begin + stride, end - 1)   # the next window's first target keeps one token of context
     return windows
 
 

@@ -109,12 +109,14 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     for attack, name in ATTACK_NAMES.items():
         lines += [f"## Transfer: {name} NLL increase (nats/token, mean over seeds)", "",
                   transfer_table(summary["transfer_abs_increase"][attack]), ""]
-    lines += ["## Training", ""]
+    lines += ["## Training", "",
+              "Update norms: distance of each parameter group from its starting point after training "
+              "(the constrained V is its own group, so a frozen arm shows as ~0).", ""]
     for arm in TRAINED_ARMS:
         for seed, t in summary["arms"][arm]["train"].items():
-            norms = t.get("update_norms") or {k: v for k, v in t.items() if k.startswith("update_norm")}
-            lines.append(f"- {arm} seed {seed}: validation perplexity {t.get('val_ppl', float('nan')):.2f}, "
-                         f"{t.get('steps')} steps, {t.get('tokens')} tokens, update norms {norms}")
+            norms = ", ".join(f"{group} {value:.3g}" for group, value in t["update_norm_total"].items())
+            lines.append(f"- {arm} seed {seed}: validation perplexity {t['validation_perplexity']:.2f} after "
+                         f"{t['steps']} steps ({t['tokens_seen']} tokens); update norms: {norms}")
     lines += ["", "## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plot_files], ""]
     return "\n".join(lines)
 

@@ -110,11 +110,22 @@ def group_settings(tp: TrainParams) -> dict[str, dict]:
             "constrained": {"lr": tp.lr * tp.constrained_lr_multiplier, "weight_decay": tp.constrained_weight_decay}}
 
 
+TRAJECTORY_CODE = ("training.py", "checkpoints.py", "monotonic.py", "models.py", "data.py")
+
+
+def code_hash() -> str:
+    """Hash of the modules that shape a training trajectory: a code change never resumes old state."""
+    h = hashlib.sha256()
+    for name in TRAJECTORY_CODE:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_fingerprint(identity: dict, tp: TrainParams, global_batch: int) -> str:
     """Everything that determines the weights a run produces; checkpoints live under it, so changed
-    params can never resume another configuration's state."""
+    params or code can never resume another configuration's state."""
     trajectory = {k: v for k, v in dataclasses.asdict(tp).items() if k not in OPERATIONAL_KEYS}
-    payload = {"identity": identity, "train": trajectory, "global_batch": global_batch}
+    payload = {"identity": identity, "train": trajectory, "global_batch": global_batch, "code": code_hash()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -186,7 +197,7 @@ class StopRequests:
 def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constrained: Sequence[nn.Parameter] = (),
           checkpoint_base: Path | None = None, identity: dict | None = None, desc: str = "train",
           export_best: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
-    """Train `model` (fp32, on CPU) in place for tp.max_steps optimizer steps, resuming from the newest
+    """Train `model` (fp32 parameters) in place for tp.max_steps optimizer steps, resuming from the newest
     valid checkpoint under checkpoint_base/<fingerprint> if there is one. Without checkpoint_base the run
     neither checkpoints nor stops early."""
     from accelerate import Accelerator
@@ -242,7 +253,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
     raw_model = accelerator.unwrap_model(model)
     if resume_from is not None and not ckpt.read_rng(resume_from, rank):
         print(f"WARNING: {resume_from} has no RNG state for process {rank} (process count changed); "
-              "RNG streams restart from the seed", file=sys.stderr, flush=True)
+              "its RNG streams continue from the seeding of this run", file=sys.stderr, flush=True)
     val_ids = validation_windows(val_data, tp.eval_batches * global_batch)
     group_params = {g: [p for _, p in members] for g, members in groups.items()}
 
@@ -312,14 +323,15 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
                 loss_sum += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
             logged = (step + 1) % tp.log_interval == 0 or step + 1 == tp.max_steps
-            before = {g: [p.detach().clone() for p in ps] for g, ps in group_params.items()} if logged else None
+            before = {g: [p.detach().clone() for p in ps] for g, ps in group_params.items()} if logged else {}
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             if logged:
-                norms = {g: float(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(p.detach() - b) for p, b in zip(group_params[g], before[g])])))
-                    for g in group_params}
+                norms = {}
+                for g, snapshot in before.items():   # snapshot := snapshot - weights, then one norm per group
+                    torch._foreach_sub_(snapshot, [p.detach() for p in group_params[g]])
+                    norms[g] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(snapshot))))
                 loss_mean = float(accelerator.reduce(loss_sum / tp.grad_accum, reduction="mean"))
             seconds = time.perf_counter() - t0
             state.step_seconds += seconds

@@ -255,6 +255,9 @@ def submit(args) -> int:
         fail(f"cannot read the resources file {args.resources}")
 
     dag = load_dag(workspace, args.mode, image)
+    if os.environ.get("SCRATCH") and Path(dag["cache_dir"]).is_relative_to(workspace):
+        print(f"note: the DVC cache {dag['cache_dir']} is inside the workspace; to put it on scratch:\n"
+              f"  dvc cache dir --local \"$SCRATCH/dvc-cache\"")
     chosen = select(dag["stages"], args.stage, args.seed, args.force)
     if not chosen:
         print(f"every selected stage is up to date in {workspace} (use --force to run them again)")

@@ -204,15 +204,17 @@ def wait_for_jobs(env: dict, run_dir: Path, timeout: float, on_poll=None) -> dic
         time.sleep(0.5)
 
 
-def pids_catching(pattern: str, signum: int) -> list[int]:
-    """Processes whose command line contains `pattern` and that have a handler installed for `signum`."""
+def pids_catching(pattern: str, signum: int, under: Path) -> list[int]:
+    """Processes working below `under` whose command line contains `pattern` and that have a handler
+    installed for `signum`."""
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             caught = next(l for l in status.read_text().splitlines() if l.startswith("SigCgt:")).split()[1]
+            cwd = Path(os.readlink(status.parent / "cwd"))
         except (OSError, StopIteration):
             continue
-        if pattern in cmdline and (int(caught, 16) >> (signum - 1)) & 1:
+        if pattern in cmdline and (int(caught, 16) >> (signum - 1)) & 1 and cwd.is_relative_to(under):
             found.append(int(status.parent.name))
     return found

@@ -45,13 +45,18 @@ def trained_workspace(smoke_workspace, tmp_path_factory):
     model = tiny_gpt_neox(dataclasses.replace(params.model, hidden_size=64, intermediate_size=256), tokenizer)
     packed = D.PackedSequences(data_dir, "train", params.data.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(150):
-        batch = torch.from_numpy(packed.batch(packed.sequence_ids(0, step * 16, 16)))
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 4.2   # well below the unigram entropy (~5.3 nats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a model this small trains faster on one thread, and a busy machine cannot stall it
+    try:
+        for step in range(300):
+            batch = torch.from_numpy(packed.batch(packed.sequence_ids(0, step * 16, 16)))
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 3.9   # well below the unigram entropy (~5.3 nats)
     save_causal_lm(model, tokenizer, ws / "outputs" / "models" / "pretrained", {"arm": "pretrained", "variant": None})
     return ws
 

@@ -169,7 +169,7 @@ def test_variant_mismatch_fails_loudly(smoke_workspace, tmp_path):
 def test_sigterm_then_sigkill_resume_matches_uninterrupted(trained, smoke_workspace, tmp_path):
     """The CLI as a subprocess: SIGTERM at a random step exits 75 after a checkpoint; SIGKILL at a later
     random step (possibly mid-checkpoint); the restarted run's final weights equal the uninterrupted ones."""
-    ws = copy_workspace(smoke_workspace, tmp_path / "ws", checkpoint_interval=1, **TRAIN)
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", checkpoint_interval=1, keep_checkpoints=50, **TRAIN)
     rng = random.Random()
     root = ws / "outputs/checkpoints/baseline-s0"
     term_at, kill_at = rng.randint(1, 4), rng.randint(6, 8)

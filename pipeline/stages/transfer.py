@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..attacks import apply_flips, load_setup, summarize, with_trigger, Scorer
+from ..attacks import Scorer, apply_flips, load_setup, summarize, with_trigger
 from ..params import ARMS
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, read_json, write_json
