@@ -69,9 +69,14 @@ def restore_blocker(stage) -> str | None:
             return f"output {out.def_path} is persist: true"
         if out.protocol != "local" or not out.is_in_repo:
             return f"output {out.def_path} is outside the repository"
-        if not out.use_cache and not (out.is_metric or out.is_plot):   # dvc.stage.Stage.run: no_cache_outs
-            return f"output {out.def_path} has cache: false (allowed for metrics and plots only)"
     return None
+
+
+def uncached_out(stage) -> str | None:
+    """An output with cache: false other than a metric or plot: DVC then saves no run-cache entry for the
+    stage (dvc.stage.Stage.run: no_cache_outs), so the gather job has to run it again."""
+    return next((out.def_path for out in stage.outs if not out.use_cache and not (out.is_metric or out.is_plot)),
+                None)
 
 
 def read_dag(workspace: Path) -> dict:
@@ -90,7 +95,7 @@ def read_dag(workspace: Path) -> dict:
             stages.append({"name": stage.addressing, "cmd": cmd, "seed": int(seed.group(1)) if seed else None,
                            "upstream": sorted(d.addressing for d in graph.successors(stage) if d.cmd),
                            "up_to_date": stage.addressing not in changed,
-                           "restore_blocker": restore_blocker(stage)})
+                           "restore_blocker": restore_blocker(stage), "uncached_out": uncached_out(stage)})
         outs = sorted({os.path.relpath(out.fs_path, repo.root_dir) for stage in order for out in stage.outs})
         return {"stages": stages, "outs": outs, "cache_dir": repo.cache.local_cache_dir}
 
@@ -267,6 +272,10 @@ def submit(args) -> int:
         fail("these stages cannot be restored from DVC's run-cache, so their results could not reach dvc.lock:\n  "
              + "\n  ".join(blocked))
 
+    for stage in chosen:
+        if stage["uncached_out"]:
+            print(f"warning: {stage['name']}: output {stage['uncached_out']} has cache: false, so DVC's run-cache "
+                  "skips this stage and the gather job runs it again (make the output cached to avoid that)")
     state = Path(args.state_dir).resolve() if args.state_dir else state_dir_for(workspace)
     runs = state / "runs"
     if args.dry_run:

@@ -152,6 +152,7 @@ def stop_daemon(pid_file: Path) -> None:
 
 REPO = Path(__file__).resolve().parent.parent
 SUBMIT = REPO / "slurm" / "submit.py"
+REQUEUE_GRACE_S = 3
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 
 
@@ -186,13 +187,19 @@ def show_job(env: dict, job_id: str) -> dict:
 
 def wait_for_jobs(env: dict, run_dir: Path, timeout: float, on_poll=None) -> dict[str, dict]:
     """Poll until every job of the run has left the queue; stage -> scontrol fields. A self-requeued job
-    waits out SLURM's requeue delay (BeginTime, ~2 min): released at once here to keep tests short."""
+    waits out SLURM's requeue delay (BeginTime, ~2 min); to keep tests short it is released after
+    REQUEUE_GRACE_S instead (released in the second it was requeued, slurmd refuses it: "Job credential
+    revoked", as credential times have one-second resolution)."""
     deadline = time.monotonic() + timeout
+    held_since: dict[str, float] = {}
     while True:
         states = {job["stage"]: show_job(env, job["job_id"]) for job in jobs_of(run_dir)}
         for info in states.values():
             if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"], env=env, check=True)
+                since = held_since.setdefault(info["JobId"] + info.get("Restarts", ""), time.monotonic())
+                if time.monotonic() - since >= REQUEUE_GRACE_S:
+                    subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"], env=env,
+                                   check=True)
         if on_poll is not None:
             on_poll(states)
         if not any(info["JobState"] in ACTIVE for info in states.values()):

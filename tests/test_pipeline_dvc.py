@@ -110,5 +110,7 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(tmp_path):
     assert "outputs/report/metrics.json" in json.dumps(shown)
 
     dvc(ws, "exp", "run", "-S", "aggregate.confidence=0.9")
-    exp_show = dvc(ws, "exp", "show", "--json").stdout
-    assert "aggregate.confidence" in exp_show and "perplexity" in exp_show
+    experiments = json.loads(dvc(ws, "exp", "show", "--json").stdout)
+    runs = [exp["revs"][0]["data"] for base in experiments for exp in (base.get("experiments") or [])]
+    assert any(run["params"]["params.yaml"]["data"]["aggregate"]["confidence"] == 0.9
+               and "perplexity" in json.dumps(run["metrics"]) for run in runs), experiments
