@@ -64,7 +64,6 @@ def main() -> int:
     params = params_mod.load(args.params)
     a = params.attack
     setup = A.load_setup(params, args.arm, 0)
-    hotflip_len = a.prompt_tokens + a.continuation_tokens
     uat_tokens = A.with_trigger(setup.candidates[: a.uat.trigger_length], setup.opt.tokens)
     rates = {k: [] for k in ("raw hotflip-length", "scorer", "hotflip", "raw uat-length", "uat")}
     for _ in range(args.rounds):

@@ -102,6 +102,7 @@ def slurm_cluster(tmp_path_factory):
     conf.write_text(slurm_conf(root, sock))
     (root / "scratch").mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf), "SCRATCH": str(root / "scratch"),
+           "DVC_SITE_CACHE_DIR": str(root / "dvc-site"),
            "PATH": os.pathsep.join([os.environ.get("PATH", ""), *SBIN])}
     for var in [v for v in env if v.startswith("SLURM_") and v != "SLURM_CONF"]:
         del env[var]   # a harness started inside a job must not leak that job's variables

@@ -188,7 +188,7 @@ def test_gradient_attacks_beat_random_controls_at_equal_budget(acceptance_runs):
 
 def test_budgets_are_equal_and_follow_params(acceptance_runs):
     setup, params, runs = acceptance_runs
-    a, u, h = params.attack, params.attack.uat, params.attack.hotflip
+    u, h = params.attack.uat, params.attack.hotflip
     n_opt, n_eval = len(setup.opt.ids), len(setup.eval.ids)
     uat_forward = u.restarts * n_opt * (1 + u.iterations * u.candidates_per_step)
     hotflip_forward = n_eval * h.flips * h.candidates_per_flip

@@ -3,7 +3,6 @@ end to end on the smoke profile in a temporary clone (real DVC, real stages)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,39 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import pipeline_env
 from pipeline import params as params_mod
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def dvc_env() -> dict:
-    # DVC runs `python -m pipeline ...` through the shell: the test's interpreter must come first on PATH.
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-
-
 def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*DVC, *args], cwd=cwd, env=dvc_env(), capture_output=True, text=True)
+    proc = subprocess.run([*DVC, *args], cwd=cwd, env=pipeline_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def copy_repo(dest: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files of this checkout, as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith("outputs/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
 
 
 def _keys(tree: dict, prefix="") -> set[str]:
@@ -89,10 +67,8 @@ def test_committed_lock_is_current_for_code_and_params():
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end_in_a_fresh_clone(tmp_path):
-    ws = copy_repo(tmp_path / "clone")
-    shutil.copy(REPO / "profiles" / "smoke.yaml", ws / "params.yaml")
-    dvc(ws, "repro")
+def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
+    ws = smoke_dvc_repro
     report = (ws / "outputs/report/report.md").read_text()
     assert "## Main table" in report and "monotonic" in report
     results = json.loads((ws / "outputs/report/results.json").read_text())
@@ -105,12 +81,13 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(tmp_path):
     again = dvc(ws, "repro")
     assert "Data and pipelines are up to date" in again.stdout, again.stdout
     assert dvc(ws, "status").stdout.strip().endswith("Data and pipelines are up to date.")
-
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     assert "outputs/report/metrics.json" in json.dumps(shown)
 
-    dvc(ws, "exp", "run", "-S", "aggregate.confidence=0.9")
-    experiments = json.loads(dvc(ws, "exp", "show", "--json").stdout)
+    exp_ws = tmp_path / "exp"      # experiments change the workspace: run them in a copy
+    shutil.copytree(ws, exp_ws, symlinks=True)
+    dvc(exp_ws, "exp", "run", "-S", "aggregate.confidence=0.9")
+    experiments = json.loads(dvc(exp_ws, "exp", "show", "--json").stdout)
     runs = [exp["revs"][0]["data"] for base in experiments for exp in (base.get("experiments") or [])]
     assert any(run["params"]["params.yaml"]["data"]["aggregate"]["confidence"] == 0.9
                and "perplexity" in json.dumps(run["metrics"]) for run in runs), experiments

@@ -13,14 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from slurm_harness import (REPO, jobs_of, job_env, pids_catching, show_job, submit, wait_for_jobs,  # noqa: F401
-                           slurm_cluster)
+from conftest import git_commit_all, smoke_checkout
+from slurm_harness import (REPO, jobs_of, job_env, pids_catching, slurm_cluster, submit,  # noqa: F401
+                           wait_for_jobs)
 
 pytestmark = pytest.mark.slurm
 DVC = [sys.executable, "-m", "dvc"]
@@ -120,13 +120,6 @@ time = 01:00:00
 cpus-per-task = 1
 mem = 300M
 """
-
-
-def git_commit_all(ws: Path) -> None:
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
-    subprocess.run([*git, "commit", "-qm", "workspace"], cwd=ws, check=True)
 
 
 def dvc(ws: Path, env: dict, *args: str) -> str:
@@ -259,22 +252,6 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(synthetic, tmp
 VOLATILE_KEYS = {"provenance", "created_utc", "host", "seconds", "step_seconds", "elapsed_s", "tokens_per_s"}
 
 
-def smoke_dvc_workspace(dest: Path) -> Path:
-    """This checkout's code (tracked and untracked-but-not-ignored files; no outputs, no dvc.lock) as a
-    fresh git repo running the smoke profile on its first seed only."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
-    for rel in listed:
-        if (REPO / rel).is_file() and not rel.startswith("outputs/") and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    smoke = (REPO / "profiles" / "smoke.yaml").read_text()
-    first_seed = yaml.safe_load(smoke)["seeds"][0]
-    (dest / "params.yaml").write_text(re.sub(r"^seeds: .*$", f"seeds: [{first_seed}]", smoke, count=1, flags=re.M))
-    git_commit_all(dest)
-    return dest
-
-
 def set_param(ws: Path, section: str, key: str, value) -> None:
     """Change one params.yaml value in place (keeps the file's comments and layout)."""
     text = (ws / "params.yaml").read_text()
@@ -302,26 +279,18 @@ def comparable(path: Path):
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(slurm_cluster, tmp_path_factory):
-    """The smoke pipeline (one seed) twice: a direct `dvc repro`, and submitted to SLURM in host mode
-    (both at once: the SLURM jobs spend much of their time waiting). One torch thread in both, as the jobs
-    get one CPU each: CPU float reductions, hence the last bits of every weight, depend on the thread count."""
+def smoke_runs(slurm_cluster, smoke_dvc_repro, tmp_path_factory):
+    """The smoke pipeline submitted to SLURM in host mode, beside the session's direct `dvc repro` of the
+    same checkout. One torch thread in both, as the jobs get one CPU each: CPU float reductions, hence the
+    last bits of every weight, depend on the thread count."""
     base = tmp_path_factory.mktemp("smoke-slurm")
-    direct = smoke_dvc_workspace(base / "direct")
-    cluster = base / "cluster"
-    shutil.copytree(direct, cluster)
+    cluster = smoke_checkout(base / "cluster")
     resources = base / "resources.ini"
     resources.write_text(TEST_RESOURCES.replace("300M", "900M"))
     env = job_env(slurm_cluster, OMP_NUM_THREADS="1")
-    with open(base / "direct.log", "w") as log:
-        direct_run = subprocess.Popen([*DVC, "repro"], cwd=direct, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            out, run_dir = submit(env, cluster, base / "state", resources)
-            states = wait_for_jobs(env, run_dir, timeout=1500)
-        finally:
-            direct_status = direct_run.wait(timeout=1500)
-    assert direct_status == 0, (base / "direct.log").read_text()[-3000:]
-    return {"direct": direct, "cluster": cluster, "run_dir": run_dir, "states": states, "env": env,
+    out, run_dir = submit(env, cluster, base / "state", resources)
+    states = wait_for_jobs(env, run_dir, timeout=1500)
+    return {"direct": smoke_dvc_repro, "cluster": cluster, "run_dir": run_dir, "states": states, "env": env,
             "state": base / "state", "resources": resources, "submitted": out}
 
 
@@ -385,7 +354,7 @@ def test_trainer_interrupted_by_usr1_is_requeued_and_bit_identical(smoke_runs, t
 # --- without a cluster: the submitter's plan and the wrapper's constants ------------------------------
 
 def test_dry_run_maps_the_dag_to_afterok_jobs_with_per_kind_resources(tmp_path):
-    ws = smoke_dvc_workspace(tmp_path / "ws")
+    ws = smoke_checkout(tmp_path / "ws")
     result = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", "host",
                              "--dry-run", "--seed", "0", "--state-dir", str(tmp_path / "state")],
                             cwd=ws, capture_output=True, text=True, env=job_env({"PATH": "/usr/bin:/bin"}))
