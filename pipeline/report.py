@@ -93,7 +93,8 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
              f"Profile `{params.profile}`, seeds {summary['seeds']}, params hash `{prov['params_hash']}`, "
              f"commit `{prov['git_commit']}`, device {prov['device']}.",
              f"Estimates are means with {conf}% bootstrap CIs ({summary['bootstrap_samples']} resamples over seeds, "
-             "then examples within seeds); tests are paired per example (sign-flip permutation).",
+             "then examples within seeds); p-values are paired sign-flip permutation tests over all example x seed "
+             "pairs, which ignore seed clustering, so a CI that resamples seeds can include 0 while p is small.",
              f"Success: NLL increase on the continuation >= {th['abs_nats']} nats/token (absolute) or "
              f">= {100 * th['relative']:.0f}% (relative).",
              f"Scope of monotonicity: {MONOTONICITY_SCOPE}.", ""]

@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,9 @@ def test_missing_file_and_directory_are_refused(tmp_path):
 
 
 def test_repeated_key_is_refused_not_silently_overwritten(tmp_path):
-    text = PARAMS_YAML.read_text().replace("  max_steps: 150\n", "  max_steps: 150\n  lr: 5.0e-1\n")
+    text, inserted = re.subn(r"^(  max_steps: .*\n)", r"\g<1>  lr: 5.0e-1\n", PARAMS_YAML.read_text(), count=1,
+                             flags=re.M)
+    assert inserted == 1
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(P.ParamsError) as info:

@@ -284,7 +284,8 @@ def smoke_runs(slurm_cluster, smoke_dvc_repro, tmp_path_factory):
     same checkout. One torch thread in both, as the jobs get one CPU each: CPU float reductions, hence the
     last bits of every weight, depend on the thread count."""
     base = tmp_path_factory.mktemp("smoke-slurm")
-    cluster = smoke_checkout(base / "cluster")
+    cluster = base / "cluster"     # the direct run's commit (its outputs and dvc.lock are not committed)
+    subprocess.run(["git", "clone", "-q", str(smoke_dvc_repro), str(cluster)], check=True)
     resources = base / "resources.ini"
     resources.write_text(TEST_RESOURCES.replace("300M", "900M"))
     env = job_env(slurm_cluster, OMP_NUM_THREADS="1")
