@@ -19,6 +19,7 @@ STAGES = {
     "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", True),
     "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", True),
     "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", True),
+    "assess": ("assess", "evaluate, uat, hotflip and controls of one arm and seed, model loaded once (dvc.yaml)", True),
     "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", False),
     "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", False),
 }

@@ -22,6 +22,7 @@ and reported separately as "evaluation_forward_passes". All counts follow from p
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -429,4 +430,15 @@ def run_hotflip(setup: AttackSetup, a, seed: int, method: str) -> dict:
                        {"forward_passes": scorer.forward_passes, "backward_passes": scorer.backward_passes},
                        [{"flips": f} for f in found["flips"]])
     result["evaluation_forward_passes"] = 2 * len(setup.eval.ids)
+    return result
+
+
+def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, result: dict, started: float) -> dict:
+    """Stamp a result with its arm, seed, model meta and compute seconds since `started`, and write it to
+    attacks/<arm>-s<seed>/<name>.json with provenance."""
+    from .paths import attack_dir
+    from .provenance import provenance, write_json
+
+    result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "seconds": round(time.time() - started, 1)})
+    write_json(attack_dir(arm, seed) / f"{name}.json", result, provenance(params, name, seed=seed, arm=arm))
     return result

@@ -10,7 +10,7 @@ Layout under a data directory:
 from __future__ import annotations
 
 import ast
-import functools
+import collections
 import hashlib
 import inspect
 import json
@@ -45,25 +45,30 @@ def _clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def embedded_documents(min_chars: int) -> list[Document]:
+def embedded_documents(min_chars: int, limit: int = 0) -> list[Document]:
     """English text that ships with every CPython: pydoc topics (one document each) and the
     standard library's docstrings (one document per module file, tests excluded).
-    Docstrings repeated across the library are kept once."""
-    return [d for d in _all_embedded_documents() if len(d.text) >= min_chars]
+    Docstrings repeated across the library are kept once. The first `limit` documents of at least
+    `min_chars` (0: all); the standard library is parsed only as far as that needs."""
+    docs = []
+    for doc in _embedded_document_stream():
+        if len(doc.text) >= min_chars:
+            docs.append(doc)
+            if len(docs) == limit:
+                break
+    return docs
 
 
-@functools.lru_cache(maxsize=1)
-def _all_embedded_documents() -> tuple[Document, ...]:
-    """Parsed once per process (seconds of ast work); the standard library does not change."""
+def _embedded_document_stream():
     from pydoc_data import topics
 
-    docs, seen = [], set()
+    seen = set()
     for name, text in sorted(topics.topics.items()):
         text = _clean(text)
         key = hashlib.sha1(text.encode()).digest()
         if key not in seen:   # some topics share one text (e.g. 'if' and 'else')
             seen.add(key)
-            docs.append(Document(f"topic:{name}", "pydoc_topics", text))
+            yield Document(f"topic:{name}", "pydoc_topics", text)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in _stdlib_modules(stdlib):
         rel = path.relative_to(stdlib)
@@ -72,19 +77,34 @@ def _all_embedded_documents() -> tuple[Document, ...]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue   # a few stdlib files are deliberately invalid (lib2to3 fixtures, encodings)
         parts = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node, clean=False)
-                if not doc:
-                    continue
-                doc = _clean(doc)
-                key = hashlib.sha1(doc.encode()).digest()
-                if len(doc) >= 40 and key not in seen:
-                    seen.add(key)
-                    parts.append(doc)
+        for node in _docstring_holders(tree):
+            doc = ast.get_docstring(node, clean=False)
+            if not doc:
+                continue
+            doc = _clean(doc)
+            key = hashlib.sha1(doc.encode()).digest()
+            if len(doc) >= 40 and key not in seen:
+                seen.add(key)
+                parts.append(doc)
         if parts:
-            docs.append(Document(f"stdlib:{rel.as_posix()}", "stdlib_docstrings", "\n\n".join(parts)))
-    return tuple(docs)
+            yield Document(f"stdlib:{rel.as_posix()}", "stdlib_docstrings", "\n\n".join(parts))
+
+
+_DOCSTRING_HOLDERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_STATEMENT_FIELDS = {"body", "orelse", "finalbody", "handlers", "cases"}
+
+
+def _docstring_holders(tree: ast.AST):
+    """Modules, classes and functions in ast.walk's breadth-first order, descending only into statement
+    lists (no definition lives inside an expression), which skips ~90% of the nodes ast.walk visits."""
+    queue = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        if isinstance(node, _DOCSTRING_HOLDERS):
+            yield node
+        for field in node._fields:
+            if field in _STATEMENT_FIELDS:
+                queue.extend(getattr(node, field))
 
 
 def _stdlib_modules(stdlib: Path) -> list[Path]:
@@ -128,10 +148,7 @@ def hf_documents(p: DataParams) -> list[Document]:
 
 
 def load_documents(p: DataParams) -> list[Document]:
-    docs = embedded_documents(p.min_chars) if p.source == "embedded" else hf_documents(p)
-    if p.source == "embedded" and p.max_documents:
-        docs = docs[: p.max_documents]
-    return docs
+    return embedded_documents(p.min_chars, p.max_documents) if p.source == "embedded" else hf_documents(p)
 
 
 # --- splitting ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import MONOTONIC_SPEC_FILE, load_causal_lm, save_causal_lm
+from .params import MONOTONICITY_SCOPE
 
 VARIANT_MODULES = {
     "mlp_in": ("mlp.dense_h_to_4h",),
@@ -31,8 +32,6 @@ VARIANT_MODULES = {
     "gated_updown": ("mlp.up_proj", "mlp.down_proj"),
     "gated_all": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 }
-MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only; the activations (GELU/SiLU) "
-                      "are not monotone, so the network is not globally monotone in its input")
 STATE_FILE = "monotonic_state.safetensors"
 PARAM_SUFFIX = ".parametrizations.weight.original"
 

@@ -20,6 +20,8 @@ import yaml
 ARMS = ("pretrained", "baseline", "monotonic_init", "monotonic")
 TRAINED_ARMS = ("baseline", "monotonic")
 VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
+MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only; the activations (GELU/SiLU) "
+                      "are not monotone, so the network is not globally monotone in its input")
 INIT_MODES = ("abs", "clamp")
 SPLITS = ("train", "validation", "test", "attack_opt", "attack_eval")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"

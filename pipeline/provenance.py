@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy", "dvc")
@@ -37,7 +38,11 @@ def package_versions() -> dict:
 
 
 def device_description() -> str:
-    import torch
+    """The compute device; a stage that never imported torch (data, aggregate) ran on the CPU alone and
+    is not made to pay torch's import time just to say so."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores; no torch)"
     if torch.cuda.is_available():
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
         return f"cuda x{torch.cuda.device_count()} ({', '.join(names)})"

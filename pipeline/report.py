@@ -5,8 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .monotonic import MONOTONICITY_SCOPE
-from .params import ARMS, TRAINED_ARMS
+from .params import ARMS, MONOTONICITY_SCOPE, TRAINED_ARMS
 
 ATTACK_NAMES = {"uat": "UAT", "hotflip": "HotFlip"}
 

@@ -248,10 +248,24 @@ def test_same_seed_same_trigger(acceptance_runs):
 def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_params, monkeypatch):
     ws = workspace_copy
     for arm in ARMS_HERE:
-        for stage in ("uat", "hotflip", "controls"):
-            assert run_stage(ws, stage, "--arm", arm, "--seed", "0") == 0, (stage, arm)
-    results = {arm: {name: json.loads((ws / "outputs" / "attacks" / f"{arm}-s0" / f"{name}.json").read_text())
-                     for name in ("uat", "hotflip", "controls")} for arm in ARMS_HERE}
+        assert run_stage(ws, "assess", "--arm", arm, "--seed", "0") == 0, arm
+    outputs = {"evaluate": "eval/{run}/metrics.json", **{name: f"attacks/{{run}}/{name}.json"
+                                                         for name in ("uat", "hotflip", "controls")}}
+
+    def read(arm):
+        return {name: json.loads((ws / "outputs" / path.format(run=f"{arm}-s0")).read_text())
+                for name, path in outputs.items()}
+
+    def without_run_stamps(result):   # provenance (time, git state) and compute seconds differ between runs
+        return {k: v for k, v in result.items() if k not in ("provenance", "seconds")}
+
+    results = {arm: read(arm) for arm in ARMS_HERE}
+    # `assess` (the dvc.yaml stage) writes exactly what its steps write when each runs as its own subcommand
+    for step in outputs:
+        assert run_stage(ws, step, "--arm", ARMS_HERE[-1], "--seed", "0") == 0, step
+    one_by_one = read(ARMS_HERE[-1])
+    for step in outputs:
+        assert without_run_stamps(one_by_one[step]) == without_run_stamps(results[ARMS_HERE[-1]][step]), step
     shape = {"clean_nll", "attacked_nll", "abs_increase", "rel_increase", "success_rate_abs",
              "success_rate_rel", "examples", "budget"}
     ids = [r["id"] for r in results["pretrained"]["uat"]["examples"]]

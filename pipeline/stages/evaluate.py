@@ -12,10 +12,10 @@ from ..paths import DATA_DIR, eval_dir
 from ..provenance import provenance, staged_dir, write_json
 
 
-def run(params, args) -> int:
+def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
+    """Perplexity of an already loaded arm model; writes eval/<arm>-s<seed>/ and returns its metrics."""
     t0 = time.time()
     e = params.eval
-    model, meta = load_arm_model(params, args.arm, args.seed)
     test = D.TokenSplit(DATA_DIR, "test")
     doc_ids = [d.id for d in D.read_docs(DATA_DIR / "docs" / "test.jsonl")]
     if len(doc_ids) != len(test):
@@ -23,16 +23,21 @@ def run(params, args) -> int:
     count = len(test) if e.max_documents == 0 else min(e.max_documents, len(test))
     docs = [test.document(i) for i in range(count)]
     nll, tokens = document_nll(model, docs, test.eos_id, e.context_length, e.stride, e.batch_size,
-                               desc=f"evaluate {args.arm}")
-    prov = provenance(params, "evaluate", seed=args.seed, arm=args.arm)
-    metrics = {"arm": args.arm, "seed": args.seed, "perplexity": perplexity(nll, tokens),
+                               desc=f"evaluate {arm}")
+    prov = provenance(params, "evaluate", seed=seed, arm=arm)
+    metrics = {"arm": arm, "seed": seed, "perplexity": perplexity(nll, tokens),
                "nll_per_token": float(nll.sum() / tokens.sum()), "tokens": int(tokens.sum()),
                "documents": count, "context_length": e.context_length, "stride": e.stride,
                "model_meta": meta, "seconds": round(time.time() - t0, 1)}
     per_doc = {"doc_ids": doc_ids[:count], "nll": nll.tolist(), "tokens": tokens.astype(np.int64).tolist()}
-    with staged_dir(eval_dir(args.arm, args.seed)) as out:
+    with staged_dir(eval_dir(arm, seed)) as out:
         write_json(out / "metrics.json", metrics, prov)
         write_json(out / "per_doc.json", per_doc, prov)
-    print(f"evaluate {args.arm} s{args.seed}: test perplexity {metrics['perplexity']:.2f} "
+    print(f"evaluate {arm} s{seed}: test perplexity {metrics['perplexity']:.2f} "
           f"({metrics['tokens']} tokens, {count} documents), {metrics['seconds']} s")
+    return metrics
+
+
+def run(params, args) -> int:
+    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed))
     return 0
