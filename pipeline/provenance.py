@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy", "dvc")
 
 
+@functools.lru_cache(maxsize=1)    # fixed for the life of a process; `assess` stamps five files
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -27,6 +29,7 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict:
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -55,7 +58,7 @@ def provenance(params, stage: str, seed: int | None = None, **extra) -> dict:
         "params_hash": params.hash(),
         "profile": params.profile,
         "git_commit": git_commit(),
-        "packages": package_versions(),
+        "packages": dict(package_versions()),
         "device": device_description(),
         "seed": seed,
         "host": platform.node(),

@@ -46,16 +46,19 @@ def hierarchical_bootstrap(per_seed: list[np.ndarray], n_boot: int, confidence: 
     per_seed = [np.asarray(v, dtype=np.float64) for v in per_seed]
     weights = None if weights is None else [np.asarray(w, dtype=np.float64) for w in weights]
     point = _ratio_of_sums(per_seed, weights)
-    stats = np.empty(n_boot)
-    for b in range(n_boot):
-        seeds = rng.integers(0, len(per_seed), len(per_seed))
-        vals, wts = [], []
-        for s in seeds:
-            idx = rng.integers(0, len(per_seed[s]), len(per_seed[s]))
-            vals.append(per_seed[s][idx])
-            if weights is not None:
-                wts.append(weights[s][idx])
-        stats[b] = _ratio_of_sums(vals, wts if weights is not None else None)
+    n = len(per_seed)
+    chosen = rng.integers(0, n, (n_boot, n))          # the seeds of every bootstrap sample
+    value_sums, weight_sums = np.zeros(n_boot), np.zeros(n_boot)
+    for draw in range(n):                             # vectorized over bootstrap samples, per (draw, seed)
+        for s, values in enumerate(per_seed):
+            rows = np.flatnonzero(chosen[:, draw] == s)
+            idx = rng.integers(0, len(values), (len(rows), len(values)))
+            if weights is None:
+                value_sums[rows] += values[idx].mean(axis=1)
+            else:
+                value_sums[rows] += values[idx].sum(axis=1)
+                weight_sums[rows] += weights[s][idx].sum(axis=1)
+    stats = value_sums / n if weights is None else value_sums / weight_sums
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return Estimate(point, float(low), float(high), len(per_seed), int(sum(len(v) for v in per_seed)))
