@@ -18,12 +18,15 @@ PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "sa
 
 @functools.lru_cache(maxsize=1)    # fixed for the life of a process; `assess` stamps five files
 def git_commit() -> str:
+    """HEAD, with "-dirty" when the pipeline's code differs from it. Only pipeline/ counts: a running
+    `dvc repro` rewrites the tracked dvc.lock and metrics, which says nothing about the code that ran
+    (params are stamped separately, by hash)."""
+    code = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=code)
         commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10, cwd=code).stdout.strip()
         return commit + ("-dirty" if dirty and commit != "unknown" else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
