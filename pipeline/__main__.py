@@ -19,7 +19,7 @@ STAGES = {
     "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", True),
     "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", True),
     "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", True),
-    "assess": ("assess", "evaluate, uat, hotflip and controls of one arm and seed, model loaded once (dvc.yaml)", True),
+    "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)", True),
     "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", False),
     "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", False),
 }
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if per_run:
-            sp.add_argument("--arm", required=True, choices=params_mod.ARMS)
+            sp.add_argument("--arm", required=True, choices=params_mod.ARMS, nargs="+" if name == "assess" else None)
             sp.add_argument("--seed", required=True, type=int)
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)

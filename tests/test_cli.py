@@ -40,6 +40,8 @@ def test_stage_order_and_arguments():
     args = parser.parse_args(["train", "--arm", "monotonic", "--seed", "3"])
     assert (args.command, args.arm, args.seed, args.params) == ("train", "monotonic", 3, "params.yaml")
     assert parser.parse_args(["transfer", "--seed", "1"]).seed == 1
+    assert parser.parse_args(["assess", "--arm", "pretrained", "monotonic_init", "--seed", "0"]).arm == [
+        "pretrained", "monotonic_init"]
     assert parser.parse_args(["verify", "d", "--variant", "gated_all"]).variant == "gated_all"
 
 
