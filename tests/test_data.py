@@ -1,6 +1,7 @@
 """Corpus, document-level splits, tokenizer and packed token storage, on real text and real files."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -43,6 +44,41 @@ def test_embedded_corpus_is_substantial_clean_and_deduplicated(embedded_docs):
         assert d.text == d.text.strip() and "\r" not in d.text and "\n\n\n" not in d.text, d.id
         assert not any(line != line.rstrip() for line in d.text.splitlines()), d.id
     assert D.embedded_documents(min_chars=2000, limit=5) == [d for d in embedded_docs if len(d.text) >= 2000][:5]
+
+
+def test_docstring_scan_finds_what_ast_walk_finds_in_the_same_order():
+    source = '''"""module"""
+import x
+class A:
+    """a"""
+    def f(self):
+        """f"""
+        g = lambda: 1
+        def inner():
+            """inner"""
+try:
+    def t(): """t"""
+except ValueError:
+    def e(): """e"""
+else:
+    class E: """else"""
+finally:
+    async def z(): """z"""
+if x:
+    with x:
+        for i in x:
+            def loop(): """loop"""
+        else:
+            def loop_else(): """loop_else"""
+match x:
+    case 1:
+        def m(): """m"""
+'''
+    trees = [ast.parse(source)] + [ast.parse(Path(m.__file__).read_text()) for m in (ast, dataclasses, json)]
+    for tree in trees:
+        expected = [n for n in ast.walk(tree) if isinstance(n, D._DOCSTRING_HOLDERS)]
+        assert list(D._docstring_holders(tree)) == expected
+    assert len(list(D._docstring_holders(trees[0]))) == 11     # module, 2 classes, 8 functions
 
 
 def test_embedded_corpus_excludes_tests_and_installed_packages(embedded_docs):
