@@ -8,20 +8,22 @@ import sys
 from pathlib import Path
 
 from . import params as params_mod
+from .arms import ARM_NAMES, TRAINED_ARMS
 
-# name -> (module under pipeline.stages, one-line help, needs --arm/--seed)
+# name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
-    "data": ("data", "corpus, document-level splits, tokenizer, packed token ids", False),
-    "pretrain": ("pretrain", "the pretrained arm: tiny GPT-NeoX trained here, or the pinned local checkpoint", False),
-    "monotonic_init": ("monotonic_init", "apply the softplus constraint to the pretrained model (no training)", False),
-    "train": ("train", "recovery-train one arm (baseline or monotonic) for one seed", True),
-    "evaluate": ("evaluate", "held-out perplexity (sliding window) and per-document NLL of one arm", True),
-    "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", True),
-    "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", True),
-    "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", True),
-    "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)", True),
-    "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", False),
-    "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", False),
+    "data": ("data", "corpus, document-level splits, tokenizer, packed token ids", None),
+    "pretrain": ("pretrain", "the pretrained arm: tiny GPT-NeoX trained here, or the pinned local checkpoint", None),
+    "monotonic_init": ("monotonic_init", "apply the softplus constraint to the pretrained model (no training)", None),
+    "train": ("train", "recovery-train one arm (baseline or monotonic) for one seed", TRAINED_ARMS),
+    "evaluate": ("evaluate", "held-out perplexity (sliding window) and per-document NLL of one arm", ARM_NAMES),
+    "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", ARM_NAMES),
+    "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", ARM_NAMES),
+    "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", ARM_NAMES),
+    "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)",
+               ARM_NAMES),
+    "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", None),
+    "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", None),
 }
 
 
@@ -40,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Switch every setting at once: python -m pipeline profile cluster "
                                             "(profiles/: embedded = params.yaml default, smoke, cluster).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name, (_, help_text, per_run) in STAGES.items():
+    for name, (_, help_text, arm_choices) in STAGES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        if per_run:
-            sp.add_argument("--arm", required=True, choices=params_mod.ARMS, nargs="+" if name == "assess" else None)
+        if arm_choices:
+            sp.add_argument("--arm", required=True, choices=arm_choices, nargs="+" if name == "assess" else None)
             sp.add_argument("--seed", required=True, type=int)
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
 
 
 def switch_profile(name: str, target: str) -> int:
-    from .provenance import atomic_write_text
+    from .io import atomic_write_text
 
     source = params_mod.profile_path(name)
     available = sorted(p.stem for p in source.parent.glob("*.yaml"))

@@ -344,28 +344,13 @@ class AttackSetup:
     clean_nll: torch.Tensor
 
 
-def check_attack_params(a) -> None:
-    """Candidate batches must be drawable without repeats from the gradient pools (fails before compute)."""
-    from .params import ParamsError
-
-    if a.uat.candidates_per_step > a.uat.trigger_length * a.uat.topk:
-        raise ParamsError("attack.uat.candidates_per_step", a.uat.candidates_per_step,
-                          f"at most trigger_length x topk ({a.uat.trigger_length * a.uat.topk})")
-    pool = (a.prompt_tokens - a.hotflip.flips + 1) * a.hotflip.topk
-    if a.hotflip.candidates_per_flip > pool:
-        raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
-                          f"at most (prompt_tokens - flips + 1) x topk ({pool})")
-
-
 def load_setup(params, arm: str, seed: int, data_dir: str | Path | None = None) -> AttackSetup:
-    from . import paths
+    from . import arms, paths
     from .data import load_tokenizer
-    from .evaluation import load_arm_model
 
-    check_attack_params(params.attack)
     data_dir = Path(data_dir or paths.DATA_DIR)
     a = params.attack
-    model, meta = load_arm_model(params, arm, seed)
+    model, meta = arms.load_model(params, arm, seed)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     candidates = candidate_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
     opt = attack_examples(data_dir, "attack_opt", a.opt_examples, a.prompt_tokens, a.continuation_tokens)
@@ -433,12 +418,17 @@ def run_hotflip(setup: AttackSetup, a, seed: int, method: str) -> dict:
     return result
 
 
-def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, result: dict, started: float) -> dict:
-    """Stamp a result with its arm, seed, model meta and compute seconds since `started`, and write it to
-    attacks/<arm>-s<seed>/<name>.json with provenance."""
-    from .paths import attack_dir
-    from .provenance import provenance, write_json
+def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, result: dict, started: float) -> float:
+    """Stamp a result with its arm, seed, model meta and provenance and write it to
+    attacks/<arm>-s<seed>/<name>.json; the compute seconds since `started` go to the run record.
+    Returns those seconds."""
+    from .io import write_json
+    from .paths import attack_dir, run_name
+    from .provenance import provenance, record_run
 
-    result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "seconds": round(time.time() - started, 1)})
-    write_json(attack_dir(arm, seed) / f"{name}.json", result, provenance(params, name, seed=seed, arm=arm))
-    return result
+    prov = provenance(params, name, seed=seed, arm=arm)
+    result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "provenance": prov})
+    write_json(attack_dir(arm, seed) / f"{name}.json", result)
+    seconds = round(time.time() - started, 1)
+    record_run(f"{name}-{run_name(arm, seed)}", prov, seconds=seconds)
+    return seconds

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .io import fsync_path, read_json, write_json
+
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
@@ -45,21 +47,6 @@ def staging_path(root: Path, step: int) -> Path:
 
 
 # --- durable writes ---------------------------------------------------------------------------------
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
@@ -150,10 +137,6 @@ def latest_valid(root: Path, fingerprint: str) -> Path | None:
         raise CheckpointError(f"every checkpoint in {root} failed verification (set aside as *.corrupt); "
                               "refusing to restart from scratch silently: delete the directory to start over")
     return None
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
 
 
 def load_model_state(path: Path, model) -> None:

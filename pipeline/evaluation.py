@@ -63,25 +63,3 @@ def unigram_perplexity(train_tokens: np.ndarray, documents: list[np.ndarray], eo
     logp = np.log(counts / counts.sum())
     targets = np.concatenate([np.concatenate([doc, [eos_id]]) for doc in documents]).astype(np.int64)
     return math.exp(-float(logp[targets].mean()))
-
-
-def load_arm_model(params, arm: str, seed: int):
-    """The plain HF model of an arm and its pipeline meta. For the constrained arms, the checkpoint's
-    variant must equal params.monotonic.variant and every constrained weight must be non-negative."""
-    from . import paths
-    from .models import load_causal_lm, read_meta
-    from .monotonic import verify
-
-    model_dir = paths.model_dir(arm, seed)
-    if not model_dir.exists():
-        raise FileNotFoundError(f"no model for arm {arm!r} seed {seed} at {model_dir}: run its stage first")
-    meta = read_meta(model_dir)
-    if meta.get("arm", arm) != arm:
-        raise ValueError(f"{model_dir} holds arm {meta['arm']!r}, expected {arm!r}")
-    model = load_causal_lm(model_dir)
-    if arm in ("monotonic_init", "monotonic"):
-        if meta.get("variant") != params.monotonic.variant:
-            raise ValueError(f"{model_dir} was constrained with variant {meta.get('variant')!r}; params ask for "
-                             f"monotonic.variant {params.monotonic.variant!r}: rerun monotonic_init/train")
-        verify(model, params.monotonic.variant)
-    return model.eval(), meta

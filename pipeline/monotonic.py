@@ -23,15 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import MONOTONIC_SPEC_FILE, load_causal_lm, save_causal_lm
-from .params import MONOTONICITY_SCOPE
+from .params import MONOTONICITY_SCOPE, VARIANT_MODULES
 
-VARIANT_MODULES = {
-    "mlp_in": ("mlp.dense_h_to_4h",),
-    "mlp_both": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    "mlp_in_attn_out": ("mlp.dense_h_to_4h", "attention.dense"),
-    "gated_updown": ("mlp.up_proj", "mlp.down_proj"),
-    "gated_all": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-}
 STATE_FILE = "monotonic_state.safetensors"
 PARAM_SUFFIX = ".parametrizations.weight.original"
 

@@ -17,9 +17,17 @@ from pathlib import Path
 
 import yaml
 
-ARMS = ("pretrained", "baseline", "monotonic_init", "monotonic")
-TRAINED_ARMS = ("baseline", "monotonic")
-VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
+from .arms import TRAINED_ARMS
+
+# constraint variant -> the linear modules it constrains (suffixes of GPT-NeoX / Llama-style module names)
+VARIANT_MODULES = {
+    "mlp_in": ("mlp.dense_h_to_4h",),
+    "mlp_both": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "mlp_in_attn_out": ("mlp.dense_h_to_4h", "attention.dense"),
+    "gated_updown": ("mlp.up_proj", "mlp.down_proj"),
+    "gated_all": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+VARIANTS = tuple(VARIANT_MODULES)
 MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only; the activations (GELU/SiLU) "
                       "are not monotone, so the network is not globally monotone in its input")
 INIT_MODES = ("abs", "clamp")
@@ -348,6 +356,14 @@ def _check_consistency(p: Params) -> None:
     if a.hotflip.flips > a.prompt_tokens:
         raise ParamsError("attack.hotflip.flips", a.hotflip.flips,
                           f"at most attack.prompt_tokens ({a.prompt_tokens})")
+    # candidate batches are drawn without repeats from the gradient pools
+    if a.uat.candidates_per_step > a.uat.trigger_length * a.uat.topk:
+        raise ParamsError("attack.uat.candidates_per_step", a.uat.candidates_per_step,
+                          f"at most trigger_length x topk ({a.uat.trigger_length * a.uat.topk})")
+    pool = (a.prompt_tokens - a.hotflip.flips + 1) * a.hotflip.topk
+    if a.hotflip.candidates_per_flip > pool:
+        raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
+                          f"at most (prompt_tokens - flips + 1) x topk ({pool})")
 
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():

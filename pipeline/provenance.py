@@ -1,26 +1,32 @@
-"""Provenance stamped into every output: params hash, git commit, package versions, device, seed."""
+"""What produced an output, split by whether it can vary between identical runs.
+
+`provenance()` goes inside DVC-hashed outputs: only what the computation determines (stage, seed, params
+hash, profile, package versions, and what a stage adds), so a rerun of the same code, params and packages
+on the same platform reproduces every hash in dvc.lock. `record_run()` writes what varies from run to run
+(git commit, host, device, timestamps, wall times, throughput) to a run record under `runs_dir()`, which is
+neither tracked by git nor a DVC output; the code that ran is pinned in dvc.lock by its file hashes."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import importlib.metadata
-import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from .io import write_json
+
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy", "dvc")
+RUNS_DIR_ENV = "PIPELINE_RUNS_DIR"     # SLURM jobs point it at the run directory (job workspaces are deleted)
+DEFAULT_RUNS_DIR = Path("outputs") / "runs"
 
 
-@functools.lru_cache(maxsize=1)    # fixed for the life of a process; `assess` stamps five files
+@functools.lru_cache(maxsize=1)    # fixed for the life of a process
 def git_commit() -> str:
     """HEAD, with "-dirty" when the pipeline's code differs from it. Only pipeline/ counts: a running
-    `dvc repro` rewrites the tracked dvc.lock and metrics, which says nothing about the code that ran
-    (params are stamped separately, by hash)."""
+    `dvc repro` rewrites the tracked dvc.lock and metrics, which says nothing about the code that ran."""
     code = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=code)
@@ -56,54 +62,25 @@ def device_description() -> str:
 
 
 def provenance(params, stage: str, seed: int | None = None, **extra) -> dict:
-    return {
-        "stage": stage,
-        "params_hash": params.hash(),
-        "profile": params.profile,
-        "git_commit": git_commit(),
-        "packages": dict(package_versions()),
-        "device": device_description(),
-        "seed": seed,
-        "host": platform.node(),
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
+    """The hash-stable provenance stamped into DVC outputs."""
+    return {"stage": stage, "params_hash": params.hash(), "profile": params.profile,
+            "packages": dict(package_versions()), "seed": seed, **extra}
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file, fsync and rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def runs_dir() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR)
 
 
-def write_json(path: str | Path, payload: dict, prov: dict) -> None:
-    atomic_write_text(path, json.dumps({**payload, "provenance": prov}, indent=2, sort_keys=False) + "\n")
+def run_facts() -> dict:
+    """What identifies one execution and may differ between identical runs."""
+    return {"git_commit": git_commit(), "host": platform.node(), "device": device_description(),
+            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv}
 
 
-def read_json(path: str | Path) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
-
-
-@contextlib.contextmanager
-def staged_dir(final: str | Path):
-    """Build a stage's output directory beside its final place and move it there only on success,
-    so a crash or a failed check never leaves a partial output where DVC or a later stage looks."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+def record_run(name: str, prov: dict, **measured) -> Path:
+    """Write runs_dir()/<name>.json: the output's stable provenance, the run's facts and what it measured
+    (seconds, tokens/s, ...). Overwrites the record of an earlier run of the same step."""
+    path = runs_dir() / f"{name}.json"
+    write_json(path, {"provenance": prov, **run_facts(), **measured})
+    return path

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import ARMS, MONOTONICITY_SCOPE, TRAINED_ARMS
+from .arms import ARM_NAMES as ARMS
+from .arms import TRAINED_ARMS
+from .params import MONOTONICITY_SCOPE
 
 ATTACK_NAMES = {"uat": "UAT", "hotflip": "HotFlip"}
 
@@ -90,7 +92,9 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
              "",
              f"Profile `{params.profile}`, seeds {summary['seeds']}, params hash `{prov['params_hash']}`, "
-             f"commit `{prov['git_commit']}`, device {prov['device']}.",
+             f"torch {prov['packages']['torch']}, transformers {prov['packages']['transformers']}. The code that ran "
+             "is pinned by its file hashes in dvc.lock; commit, host, device and wall times of each step are in its "
+             "run record (outputs/runs/), outside the hashed outputs.",
              f"Estimates are means with {conf}% bootstrap CIs ({summary['bootstrap_samples']} resamples over seeds, "
              "then examples within seeds); p-values are paired sign-flip permutation tests over all example x seed "
              "pairs, which ignore seed clustering, so a CI that resamples seeds can include 0 while p is small.",

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from . import checkpoints as ckpt
 from .params import TrainParams
-from .provenance import staged_dir
+from .io import staged_dir
 
 REQUEUE_EXIT_CODE = 75   # "stopped early with resumable state": the SLURM wrapper requeues on it
 GROUPS = ("decay", "no_decay", "constrained")
@@ -408,3 +408,14 @@ def update_norms_from(model, reference, groups: dict[str, list[str]]) -> dict[st
             sq = sum(float((params[n].detach().cpu().double() - ref[n].detach().double()).pow(2).sum()) for n in names)
             out[g] = math.sqrt(sq)
     return out
+
+
+TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")   # vary between identical runs: run records, never DVC outputs
+
+
+def split_log(columns: list[str], rows: list[dict]) -> tuple[list[str], list[dict], list[dict]]:
+    """The trainer's log as (columns, rows) of what the computation determines, plus the timing rows
+    (step and TIMING_COLUMNS) for the run record."""
+    kept = [c for c in columns if c not in TIMING_COLUMNS]
+    return (kept, [{c: r[c] for c in kept if c in r} for r in rows],
+            [{"step": r["step"], **{c: r[c] for c in TIMING_COLUMNS if c in r}} for r in rows])

@@ -255,16 +255,14 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
         return {name: json.loads((ws / "outputs" / path.format(run=f"{arm}-s0")).read_text())
                 for name, path in outputs.items()}
 
-    def without_run_stamps(result):   # provenance (time, git state) and compute seconds differ between runs
-        return {k: v for k, v in result.items() if k not in ("provenance", "seconds")}
-
     results = {arm: read(arm) for arm in ARMS_HERE}
     # `assess` (the dvc.yaml stage) writes exactly what its steps write when each runs as its own subcommand
     for step in outputs:
         assert run_stage(ws, step, "--arm", ARMS_HERE[-1], "--seed", "0") == 0, step
     one_by_one = read(ARMS_HERE[-1])
     for step in outputs:
-        assert without_run_stamps(one_by_one[step]) == without_run_stamps(results[ARMS_HERE[-1]][step]), step
+        assert one_by_one[step] == results[ARMS_HERE[-1]][step], step    # hash-stable: equal as a whole
+        assert (ws / f"outputs/runs/{step}-{ARMS_HERE[-1]}-s0.json").is_file()   # seconds, host: the run record
     shape = {"clean_nll", "attacked_nll", "abs_increase", "rel_increase", "success_rate_abs",
              "success_rate_rel", "examples", "budget"}
     ids = [r["id"] for r in results["pretrained"]["uat"]["examples"]]
@@ -294,20 +292,22 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
 
 
 def test_monotonic_arm_with_another_variant_fails_loudly(smoke_workspace, smoke_params, monkeypatch):
-    from pipeline.evaluation import load_arm_model
+    from pipeline.arms import load_model
 
     monkeypatch.chdir(smoke_workspace)
     other = dataclasses.replace(smoke_params, monotonic=dataclasses.replace(smoke_params.monotonic, variant="mlp_in"))
     with pytest.raises(ValueError, match="variant"):
-        load_arm_model(other, "monotonic_init", 0)
-    model, meta = load_arm_model(smoke_params, "monotonic_init", 0)
+        load_model(other, "monotonic_init", 0)
+    model, meta = load_model(smoke_params, "monotonic_init", 0)
     assert meta["variant"] == smoke_params.monotonic.variant
 
 
-def test_candidate_batch_larger_than_gradient_pool_is_refused(smoke_params):
-    from pipeline.params import ParamsError
+@pytest.mark.parametrize("section,key", [("uat", "candidates_per_step"), ("hotflip", "candidates_per_flip")])
+def test_candidate_batch_larger_than_gradient_pool_is_refused_by_the_params_loader(smoke_params, section, key):
+    """check-params refuses it, as every stage would (one validator, before any compute)."""
+    from pipeline.params import ParamsError, validate
 
-    with pytest.raises(ParamsError, match="candidates_per_step"):
-        A.check_attack_params(attack_params(smoke_params, uat={"candidates_per_step": 10 ** 4}).attack)
-    with pytest.raises(ParamsError, match="candidates_per_flip"):
-        A.check_attack_params(attack_params(smoke_params, hotflip={"candidates_per_flip": 10 ** 4}).attack)
+    raw = smoke_params.to_dict()
+    raw["attack"][section][key] = 10 ** 4
+    with pytest.raises(ParamsError, match=key):
+        validate(raw)

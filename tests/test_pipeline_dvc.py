@@ -13,6 +13,7 @@ import yaml
 
 from conftest import pipeline_env
 from pipeline import params as params_mod
+from pipeline.arms import ARM_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = [sys.executable, "-m", "dvc"]
@@ -73,7 +74,7 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     assert "## Main table" in report and "monotonic" in report
     results = json.loads((ws / "outputs/report/results.json").read_text())
     smoke = params_mod.load(ws / "params.yaml")
-    for arm in params_mod.ARMS:
+    for arm in ARM_NAMES:
         assert set(map(str, results["runs"][arm])) == {str(s) for s in smoke.seeds}
     for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png"):
         assert (ws / "outputs/report/plots" / plot).stat().st_size > 1000

@@ -2,28 +2,35 @@
 (data, aggregate) never import torch just to describe the device."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import itertools
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+_copies = itertools.count()
 
 
 def _fresh_git_commit(package_dir: Path):
-    """provenance.git_commit as loaded from a copy of provenance.py inside package_dir (it inspects the
-    git checkout around its own file), with a fresh lru_cache."""
-    spec = importlib.util.spec_from_file_location("provenance_copy", package_dir / "provenance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.git_commit()
+    """provenance.git_commit as loaded from the package copy in package_dir (it inspects the git checkout
+    around its own file), under a new package name each time, so with a fresh lru_cache."""
+    name = f"pipeline_copy_{next(_copies)}"
+    spec = importlib.util.spec_from_file_location(name, package_dir / "__init__.py",
+                                                  submodule_search_locations=[str(package_dir)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.provenance").git_commit()
 
 
 def test_dirty_flag_follows_the_pipeline_code_not_the_lock(tmp_path):
     package = tmp_path / "pipeline"
     package.mkdir()
-    shutil.copy(REPO / "pipeline" / "provenance.py", package / "provenance.py")
+    for module in ("__init__.py", "provenance.py", "io.py"):
+        shutil.copy(REPO / "pipeline" / module, package / module)
     (tmp_path / "dvc.lock").write_text("stages: {}\n")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import paths, report
-from ..params import ARMS, TRAINED_ARMS
-from ..provenance import provenance, read_json, staged_dir, write_json
+from ..arms import ARM_NAMES as ARMS
+from ..arms import TRAINED_ARMS
+from ..io import atomic_write_text, read_json, staged_dir, write_json
+from ..provenance import provenance, record_run
 from ..stats import hierarchical_bootstrap, paired_comparison
 
 ATTACKS = ("uat", "hotflip")
@@ -159,16 +162,18 @@ def flat_metrics(summary: dict) -> dict:
 def run(params, args) -> int:
     loaded = load_runs(params)
     summary = summarize(params, loaded)
+    t0 = time.time()
     prov = provenance(params, "aggregate", seed=params.aggregate.seed)
     per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log")}
                      for seed, run in seeds.items()} for arm, seeds in loaded["runs"].items()}
     with staged_dir(paths.REPORT_DIR) as out:
         write_json(out / "results.json", {"summary": summary, "runs": per_run,
-                                          "transfer": loaded["transfer"]}, prov)
-        write_json(out / "metrics.json", flat_metrics(summary), prov)
+                                          "transfer": loaded["transfer"], "provenance": prov})
+        write_json(out / "metrics.json", {**flat_metrics(summary), "provenance": prov})
         plot_files = report.plots(loaded, summary, out / "plots", params)
         text = report.markdown(summary, params, prov, [p.relative_to(out).as_posix() for p in plot_files])
-        (out / "report.md").write_text(text)
+        atomic_write_text(out / "report.md", text)
+    record_run("aggregate", prov, seconds=round(time.time() - t0, 1))
     print(f"aggregate: report at {paths.REPORT_DIR / 'report.md'}")
     print(report.main_table(summary))
     return 0

@@ -13,10 +13,11 @@ def attack(params, setup, arm: str, seed: int) -> dict:
     t0 = time.time()
     found = {method: {"uat": run_uat(setup, params.attack, seed, method),
                       "hotflip": run_hotflip(setup, params.attack, seed, method)} for method in METHODS}
-    result = write_result(params, "controls", arm, seed, setup, found, t0)
-    rows = ", ".join(f"{m} {a} +{result[m][a]['summary']['abs_increase']:.3f}" for m in METHODS for a in ("uat", "hotflip"))
-    print(f"controls {arm} s{seed}: {rows} nats/token, {result['seconds']} s")
-    return result
+    seconds = write_result(params, "controls", arm, seed, setup, found, t0)
+    rows = ", ".join(f"{m} {a} +{found[m][a]['summary']['abs_increase']:.3f}"
+                     for m in METHODS for a in ("uat", "hotflip"))
+    print(f"controls {arm} s{seed}: {rows} nats/token, {seconds} s")
+    return found
 
 
 def run(params, args) -> int:

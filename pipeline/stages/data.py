@@ -7,13 +7,13 @@ import numpy as np
 
 from .. import data as D
 from ..params import SPLITS
+from ..io import staged_dir, write_json
 from ..paths import DATA_DIR
-from ..provenance import provenance, staged_dir, write_json
+from ..provenance import provenance, record_run
 
 
 def build(params, out_dir) -> dict:
     p = params.data
-    t0 = time.time()
     docs = D.load_documents(p)
     splits = D.split_documents(docs, p.fractions, p.split_seed)
     for split, split_docs in splits.items():
@@ -39,15 +39,17 @@ def build(params, out_dir) -> dict:
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "special_token_ids": sorted(set(tokenizer.all_special_ids)),
-        "seconds": round(time.time() - t0, 2),
+        "provenance": provenance(params, "data"),
     }
-    write_json(out_dir / "manifest.json", manifest, provenance(params, "data"))
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
 def run(params, args) -> int:
+    t0 = time.time()
     with staged_dir(DATA_DIR) as out_dir:
         manifest = build(params, out_dir)
+    record_run("data", manifest["provenance"], seconds=round(time.time() - t0, 2))
     rows = ", ".join(f"{s} {v['documents']} docs / {v['tokens']} tok" for s, v in manifest["splits"].items())
     print(f"data: {manifest['documents']} documents -> {rows}; vocab {manifest['vocab_size']}")
     return 0

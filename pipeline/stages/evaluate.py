@@ -7,9 +7,11 @@ import time
 import numpy as np
 
 from .. import data as D
-from ..evaluation import document_nll, load_arm_model, perplexity
-from ..paths import DATA_DIR, eval_dir
-from ..provenance import provenance, staged_dir, write_json
+from ..arms import load_model
+from ..evaluation import document_nll, perplexity
+from ..io import staged_dir, write_json
+from ..paths import DATA_DIR, eval_dir, run_name
+from ..provenance import provenance, record_run
 
 
 def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
@@ -28,16 +30,19 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
     metrics = {"arm": arm, "seed": seed, "perplexity": perplexity(nll, tokens),
                "nll_per_token": float(nll.sum() / tokens.sum()), "tokens": int(tokens.sum()),
                "documents": count, "context_length": e.context_length, "stride": e.stride,
-               "model_meta": meta, "seconds": round(time.time() - t0, 1)}
-    per_doc = {"doc_ids": doc_ids[:count], "nll": nll.tolist(), "tokens": tokens.astype(np.int64).tolist()}
+               "model_meta": meta, "provenance": prov}
+    per_doc = {"doc_ids": doc_ids[:count], "nll": nll.tolist(), "tokens": tokens.astype(np.int64).tolist(),
+               "provenance": prov}
     with staged_dir(eval_dir(arm, seed)) as out:
-        write_json(out / "metrics.json", metrics, prov)
-        write_json(out / "per_doc.json", per_doc, prov)
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "per_doc.json", per_doc)
+    seconds = round(time.time() - t0, 1)
+    record_run(f"evaluate-{run_name(arm, seed)}", prov, seconds=seconds)
     print(f"evaluate {arm} s{seed}: test perplexity {metrics['perplexity']:.2f} "
-          f"({metrics['tokens']} tokens, {count} documents), {metrics['seconds']} s")
+          f"({metrics['tokens']} tokens, {count} documents), {seconds} s")
     return metrics
 
 
 def run(params, args) -> int:
-    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed))
+    evaluate(params, args.arm, args.seed, *load_model(params, args.arm, args.seed))
     return 0

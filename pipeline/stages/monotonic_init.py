@@ -6,21 +6,22 @@ import time
 
 from .. import data as D
 from ..evaluation import document_nll, perplexity
-from ..models import load_causal_lm
+from .. import arms
+from ..io import staged_dir, write_json
 from ..monotonic import apply_monotonic, load_parametrized, save_parametrized
-from ..paths import DATA_DIR, METRICS_DIR, MONOTONIC_INIT_DIR, PRETRAINED_DIR
-from ..provenance import provenance, staged_dir, write_json
+from ..paths import DATA_DIR, METRICS_DIR
+from ..provenance import provenance, record_run
 
 
 def run(params, args) -> int:
     t0 = time.time()
     m = params.monotonic
-    model = load_causal_lm(PRETRAINED_DIR)
+    model, _ = arms.load_model(params, "pretrained", None)
     report = apply_monotonic(model, m.variant, m.init, m.eps)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     prov = provenance(params, "monotonic_init", seed=None)
     spec = {"variant": m.variant, "init": m.init, "eps": m.eps}
-    with staged_dir(MONOTONIC_INIT_DIR) as out:
+    with staged_dir(arms.get("monotonic_init").model_dir()) as out:
         save_parametrized(model, tokenizer, out, m.variant,
                           {"arm": "monotonic_init", **spec, "provenance": prov})
         load_parametrized(out, expected_variant=m.variant)   # re-verify what was written
@@ -30,8 +31,9 @@ def run(params, args) -> int:
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
                               params.eval.batch_size, desc="validation")
     metrics = {"validation_perplexity": perplexity(nll, count), **spec,
-               "verify": {k: v for k, v in report.items() if k != "modules"}, "seconds": round(time.time() - t0, 1)}
-    write_json(METRICS_DIR / "monotonic_init.json", metrics, prov)
+               "verify": {k: v for k, v in report.items() if k != "modules"}, "provenance": prov}
+    write_json(METRICS_DIR / "monotonic_init.json", metrics)
+    record_run("monotonic_init", prov, seconds=round(time.time() - t0, 1))
     print(f"monotonic_init: {report['modules_constrained']} modules constrained ({m.variant}, init {m.init}), "
           f"min W {report['min_weight']:.2e}, validation perplexity {metrics['validation_perplexity']:.1f}")
     return 0

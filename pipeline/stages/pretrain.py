@@ -2,34 +2,39 @@
 split (standing in for Pythia's pretraining). Cluster: the pinned local checkpoint, loaded offline."""
 from __future__ import annotations
 
-import csv
+import dataclasses
 import time
 
 from .. import data as D
 from ..evaluation import document_nll, perplexity, unigram_perplexity
+from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
-from ..paths import DATA_DIR, METRICS_DIR, PRETRAINED_DIR
-from ..provenance import provenance, staged_dir, write_json
+from ..arms import ARMS
+from ..paths import DATA_DIR, METRICS_DIR
 from ..params import TrainParams
-from ..training import seed_everything, train
+from ..provenance import provenance, record_run
+from ..training import seed_everything, split_log, train
+
+def pretrain_overrides(params) -> dict:
+    """What pretraining sets itself; every other train.* key (the optimizer's betas, clipping, schedule floor,
+    precision, logging) it inherits from params.train, and dvc.yaml declares those as pretrain's params."""
+    p = params.pretrain
+    return dict(max_steps=p.steps, batch_size=p.batch_size, grad_accum=1, lr=p.lr, warmup_ratio=p.warmup_ratio,
+                weight_decay=p.weight_decay, constrained_lr_multiplier=1.0, constrained_weight_decay=0.0,
+                gradient_checkpointing=False, eval_interval=p.steps, eval_batches=1, checkpoint_interval=p.steps,
+                keep_checkpoints=1, max_steps_per_run=0, wall_clock_limit_s=0, arm_overrides={})
 
 
 def pretrain_params(params) -> TrainParams:
-    """The pretraining run in the trainer's terms: AdamW (0.9, 0.95), clip 1.0, cosine to 10%, fp32 master
-    weights, evaluated once at the end, no checkpoints (embedded scale, minutes)."""
-    p = params.pretrain
-    return TrainParams(max_steps=p.steps, batch_size=p.batch_size, grad_accum=1, lr=p.lr, constrained_lr_multiplier=1.0,
-                       min_lr_ratio=0.1, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-                       constrained_weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, grad_clip=1.0, precision="auto",
-                       gradient_checkpointing=False, eval_interval=p.steps, eval_batches=1, log_interval=1,
-                       checkpoint_interval=p.steps, keep_checkpoints=1, max_steps_per_run=0, wall_clock_limit_s=0,
-                       min_update_norm=params.train.min_update_norm, arm_overrides={})
+    """The pretraining run in the trainer's terms: evaluated once at the end, no checkpoints or early stops
+    (embedded scale, minutes)."""
+    return dataclasses.replace(params.train, **pretrain_overrides(params))
 
 
 def run(params, args) -> int:
     t0 = time.time()
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
-    log, log_columns = [], ["step", "loss", "lr", "elapsed_s"]
+    log, log_columns = [], ["step", "loss", "lr"]
     if params.model.source == "scratch":
         seed_everything(params.pretrain.seed)
         model = tiny_gpt_neox(params.model, tokenizer)
@@ -48,21 +53,20 @@ def run(params, args) -> int:
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
                               params.eval.batch_size, desc="validation")
     metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
-               "parameters": count_parameters(model), "seconds": round(time.time() - t0, 1), **origin}
+               "parameters": count_parameters(model), **origin}
     if params.tokenizer.source == "train_bpe":
         train_split = D.TokenSplit(DATA_DIR, "train")
         metrics["unigram_validation_perplexity"] = unigram_perplexity(train_split.tokens, docs, validation.eos_id,
                                                                       len(tokenizer))
     prov = provenance(params, "pretrain", seed=params.pretrain.seed)
-    with staged_dir(PRETRAINED_DIR) as out:
+    with staged_dir(ARMS["pretrained"].model_dir()) as out:
         save_causal_lm(model, tokenizer, out, {"arm": "pretrained", "variant": None, **origin, "provenance": prov})
-    METRICS_DIR.mkdir(parents=True, exist_ok=True)
-    write_json(METRICS_DIR / "pretrain.json", metrics, prov)
-    with open(METRICS_DIR / "pretrain_log.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=log_columns)
-        writer.writeheader()
-        writer.writerows(log)
+    write_json(METRICS_DIR / "pretrain.json", {**metrics, "provenance": prov})
+    log_columns, log, timing = split_log(log_columns, log)
+    write_csv(METRICS_DIR / "pretrain_log.csv", log_columns, log)
+    seconds = round(time.time() - t0, 1)
+    record_run("pretrain", prov, seconds=seconds, timing=timing)
     print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"
           + (f" (unigram {metrics['unigram_validation_perplexity']:.1f})" if "unigram_validation_perplexity" in metrics else "")
-          + f", {metrics['seconds']} s")
+          + f", {seconds} s")
     return 0

@@ -8,55 +8,48 @@ REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outpu
 paths.train_dir(arm, seed) appear only once training is complete:
   model/        plain HF checkpoint (monotonic: materialized W + V, re-verified W >= 0)
   metrics.json  validation loss/perplexity, budget, throughput, update norms per group, overrides
-  log.csv       per logged step: step, loss, lr, grad_norm, update_norm_<group>, tokens_per_s, elapsed_s
+  log.csv       per logged step: step, loss, lr, grad_norm, update_norm_<group>
   val_log.csv   step, val_loss, val_ppl
-The CSVs' provenance is metrics.json's (same directory, with their sha256)."""
+The CSVs' provenance is metrics.json's (same directory, with their sha256). Wall times, throughput and
+the number of restarts go to the run record (pipeline.provenance.record_run), not to these outputs."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
+from .. import arms
 from .. import data as D
 from ..checkpoints import sha256
-from ..models import load_causal_lm, save_causal_lm
+from ..io import staged_dir, write_csv, write_json
+from ..models import save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
-from ..params import TRAINED_ARMS
-from ..paths import DATA_DIR, MONOTONIC_INIT_DIR, PRETRAINED_DIR, checkpoint_dir, train_dir
-from ..provenance import provenance, staged_dir, write_json
-from ..training import REQUEUE_EXIT_CODE, data_order_sha256, seed_everything, train, update_norms_from
+from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir
+from ..provenance import provenance, record_run
+from ..training import REQUEUE_EXIT_CODE, data_order_sha256, seed_everything, split_log, train, update_norms_from
 
 
-def load_start_model(params, arm: str):
-    """The arm's starting point: (model, constrained V tensors, source dir)."""
-    if arm == "baseline":
-        return load_causal_lm(PRETRAINED_DIR), [], PRETRAINED_DIR
-    model, _ = load_parametrized(MONOTONIC_INIT_DIR, expected_variant=params.monotonic.variant)
-    constrained = constrained_parameters(model)
-    if not constrained:
-        raise RuntimeError(f"{MONOTONIC_INIT_DIR}: no softplus-parametrized tensors to train")
-    return model, constrained, MONOTONIC_INIT_DIR
+def load_start_model(params, arm: arms.Arm, seed: int):
+    """The arm's starting point: (model, its trainable V tensors if constrained, source dir)."""
+    start = arms.get(arm.start)
+    model, _ = arms.load_model(params, start.name, seed, parametrized=True)
+    constrained = constrained_parameters(model) if arm.constrained else []
+    if arm.constrained and not constrained:
+        raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")
+    return model, constrained, start.model_dir(seed)
 
 
-def export_model(model, out: Path, arm: str, variant: str | None, tokenizer, meta: dict) -> dict | None:
-    """Write `model` as a plain HF directory; monotonic: verified W >= 0 before and after writing, V kept."""
-    if arm != "monotonic":
+def export_model(model, out: Path, arm: arms.Arm, variant: str | None, tokenizer, meta: dict) -> dict | None:
+    """Write `model` as a plain HF directory; constrained: verified W >= 0 before and after writing, V kept."""
+    if not arm.constrained:
         save_causal_lm(model, tokenizer, out, meta)
         return None
     report = verify(model, variant)
     save_parametrized(model, tokenizer, out, variant, meta)
     load_parametrized(out, expected_variant=variant)
     return {k: v for k, v in report.items() if k != "modules"}
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def warn_overrides(arm_overrides: dict) -> None:
@@ -67,74 +60,75 @@ def warn_overrides(arm_overrides: dict) -> None:
 
 
 def run(params, args) -> int:
-    arm, seed = args.arm, args.seed
-    if arm not in TRAINED_ARMS:
-        print(f"error: `train` trains {' or '.join(TRAINED_ARMS)}; {arm!r} is never trained", file=sys.stderr)
-        return 2
-    tp = params.train_for_arm(arm)
+    arm, seed = arms.get(args.arm), args.seed
+    name = arm.name
+    tp = params.train_for_arm(name)
     if params.train.arm_overrides:
         warn_overrides(params.train.arm_overrides)
-    variant = params.monotonic.variant if arm == "monotonic" else None
+    variant = params.monotonic.variant if arm.constrained else None
 
     seed_everything(seed)
-    model, constrained, source = load_start_model(params, arm)
+    model, constrained, source = load_start_model(params, arm, seed)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     seq_len = params.data.seq_len
     train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
     val_data = D.PackedSequences(DATA_DIR, "validation", seq_len)
     upstream = {k: v for k, v in params.to_dict().items() if k in ("data", "tokenizer", "model", "pretrain", "monotonic")}
-    identity = {"arm": arm, "seed": seed, "start": str(source), "upstream": upstream}
-    prov = provenance(params, "train", seed=seed, arm=arm)
-    meta = {"arm": arm, "seed": seed, "variant": variant, "trained_from": str(source), "provenance": prov}
+    identity = {"arm": name, "seed": seed, "start": str(source), "upstream": upstream}
+    prov = provenance(params, "train", seed=seed, arm=name)
+    meta = {"arm": name, "seed": seed, "variant": variant, "trained_from": str(source), "provenance": prov}
 
     result = train(model, tp, train_data, val_data, seed=seed, constrained=constrained,
-                   checkpoint_base=checkpoint_dir(arm, seed), identity=identity, desc=f"train {arm} s{seed}",
+                   checkpoint_base=checkpoint_dir(name, seed), identity=identity, desc=f"train {name} s{seed}",
                    export_best=lambda m, out: export_model(m, out, arm, variant, tokenizer,
                                                           {**meta, "checkpoint": "best"}))
     state = result.state
     if not result.completed:
         if result.is_main_process:
-            print(f"train {arm} s{seed}: STOPPED EARLY ({result.stop_reason}) at step {state.step}/{tp.max_steps}; "
+            print(f"train {name} s{seed}: STOPPED EARLY ({result.stop_reason}) at step {state.step}/{tp.max_steps}; "
                   f"resumable state in {result.checkpoint_root}; exiting with status {REQUEUE_EXIT_CODE} "
                   "(requeue to continue)", flush=True)
         return REQUEUE_EXIT_CODE
     if not result.is_main_process:
         return 0
 
-    reference, _, _ = load_start_model(params, arm)
+    reference, _, _ = load_start_model(params, arm, seed)
     total_update = update_norms_from(result.model, reference, result.groups)
     still = {g: n for g, n in total_update.items() if n < tp.min_update_norm}
     if still:
-        raise RuntimeError(f"train {arm} s{seed}: groups {sorted(still)} ended at distance {still} from the start "
+        raise RuntimeError(f"train {name} s{seed}: groups {sorted(still)} ended at distance {still} from the start "
                            f"model, below train.min_update_norm={tp.min_update_norm}: nothing was trained")
     tokens_seen = state.step * result.global_batch * seq_len
     final = state.val_log[-1]
-    with staged_dir(train_dir(arm, seed)) as out:
+    log_columns, log, timing = split_log(result.log_columns, state.log)
+    with staged_dir(train_dir(name, seed)) as out:
         verify_report = export_model(result.model, out / "model", arm, variant, tokenizer, {**meta, "checkpoint": "final"})
-        write_csv(out / "log.csv", result.log_columns, state.log)
+        write_csv(out / "log.csv", log_columns, log)
         write_csv(out / "val_log.csv", ["step", "val_loss", "val_ppl"], state.val_log)
         metrics = {
-            "arm": arm, "seed": seed, "variant": variant,
+            "arm": name, "seed": seed, "variant": variant,
             "validation_loss": final["val_loss"], "validation_perplexity": math.exp(final["val_loss"]),
             "validation_windows": result.val_windows, "validation_tokens": result.val_windows * seq_len,
             "best_validation_loss": state.best_val_loss, "best_step": state.best_step,
             "steps": state.step, "tokens_seen": tokens_seen, "sequences_seen": state.step * result.global_batch,
             "global_batch_sequences": result.global_batch, "processes": result.num_processes,
-            "seconds": round(state.wall_seconds, 2), "step_seconds": round(state.step_seconds, 2),
-            "tokens_per_s": tokens_seen / state.step_seconds, "runs": state.runs,
             "update_norm_total": total_update, "update_norm_path": state.update_norm_sum,
             "param_groups": {g: len(names) for g, names in result.groups.items()},
-            "overrides": dict(params.train.arm_overrides.get(arm, {})),
+            "overrides": dict(params.train.arm_overrides.get(name, {})),
             "budgets_equal": not params.train.arm_overrides,
             "train": dataclasses.asdict(tp), "precision_autocast": result.precision,
             "data_order_sha256": data_order_sha256(train_data, seed, state.step * result.global_batch),
             "trained_from": str(source), "fingerprint": result.fingerprint,
             "checkpoint_dir": str(result.checkpoint_root),
             "monotonic_verify": verify_report, "monotonicity_scope": MONOTONICITY_SCOPE if variant else None,
-            "files": {name: sha256(out / name) for name in ("log.csv", "val_log.csv")},
+            "files": {f: sha256(out / f) for f in ("log.csv", "val_log.csv")},
+            "provenance": prov,
         }
-        write_json(out / "metrics.json", metrics, prov)
+        write_json(out / "metrics.json", metrics)
+    tokens_per_s = tokens_seen / state.step_seconds
+    record_run(f"train-{run_name(name, seed)}", prov, seconds=round(state.wall_seconds, 2),
+               step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing)
     moved = ", ".join(f"{g} {n:.3g}" for g, n in total_update.items())
-    print(f"train {arm} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} steps "
-          f"({tokens_seen} tokens, {metrics['tokens_per_s']:.0f} tokens/s); total update norm: {moved}")
+    print(f"train {name} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} "
+          f"steps ({tokens_seen} tokens, {tokens_per_s:.0f} tokens/s); total update norm: {moved}")
     return 0

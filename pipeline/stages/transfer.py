@@ -7,9 +7,10 @@ import time
 import torch
 
 from ..attacks import Scorer, apply_flips, load_setup, summarize, with_trigger
-from ..params import ARMS
+from ..arms import ARM_NAMES
+from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
-from ..provenance import provenance, read_json, write_json
+from ..provenance import provenance, record_run
 
 METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel")
 
@@ -27,7 +28,7 @@ def _load_source(params, arm: str, seed: int, name: str, eval_ids: list[str]) ->
     return result
 
 
-def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARMS) -> dict:
+def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dict:
     a = params.attack
     out = {"arms": list(arms), "uat": {m: {} for m in METRICS}, "hotflip": {m: {} for m in METRICS},
            "clean_nll": {}, "own_result_deviation": {"uat": {}, "hotflip": {}}}
@@ -59,9 +60,10 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARMS) -> dict:
 
 def run(params, args) -> int:
     t0 = time.time()
+    prov = provenance(params, "transfer", seed=args.seed)
     result = transfer_matrix(params, args.seed)
-    result["seconds"] = round(time.time() - t0, 1)
-    write_json(transfer_dir(args.seed) / "transfer.json", result, provenance(params, "transfer", seed=args.seed))
+    write_json(transfer_dir(args.seed) / "transfer.json", {**result, "provenance": prov})
+    record_run(f"transfer-s{args.seed}", prov, seconds=round(time.time() - t0, 1))
     for name in ("uat", "hotflip"):
         rows = "; ".join(f"{src}->" + ",".join(f"{v:+.2f}" for v in row.values())
                          for src, row in result[name]["abs_increase"].items())
