@@ -53,6 +53,7 @@ def load_model(params, name: str, seed: int | None, parametrized: bool = False):
     params.monotonic.variant and every constrained weight must be non-negative; parametrized=True rebuilds
     W = softplus(V) with V trainable (the trainer's start), else the plain materialized model (evaluation).
     Returns (model, meta)."""
+    from .device import place
     from .models import load_causal_lm, read_meta
     from .monotonic import load_parametrized, verify
 
@@ -69,8 +70,8 @@ def load_model(params, name: str, seed: int | None, parametrized: bool = False):
                          f"monotonic.variant {variant!r}: rerun monotonic_init/train")
     if arm.constrained and parametrized:
         model, _ = load_parametrized(model_dir, expected_variant=variant)
-        return model, meta
+        return place(model), meta
     model = load_causal_lm(model_dir)
     if arm.constrained:
         verify(model, variant)
-    return model, meta
+    return place(model), meta

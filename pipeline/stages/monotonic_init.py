@@ -29,7 +29,7 @@ def run(params, args) -> int:
     validation = D.TokenSplit(DATA_DIR, "validation")
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
-                              params.eval.batch_size, desc="validation")
+                              params.eval.batch_size, desc="validation", precision=params.eval.precision)
     metrics = {"validation_perplexity": perplexity(nll, count), **spec,
                "verify": {k: v for k, v in report.items() if k != "modules"}, "provenance": prov}
     write_json(METRICS_DIR / "monotonic_init.json", metrics)
