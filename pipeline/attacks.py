@@ -351,12 +351,13 @@ class AttackSetup:
 
 
 def load_setup(params, arm: str, seed: int, data_dir: str | Path | None = None) -> AttackSetup:
-    from . import arms, paths
+    from . import paths
     from .data import load_tokenizer
+    from .loading import load_arm_model
 
     data_dir = Path(data_dir or paths.DATA_DIR)
     a = params.attack
-    model, meta = arms.load_model(params, arm, seed)
+    model, meta = load_arm_model(params, arm, seed)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     candidates = candidate_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
     opt = attack_examples(data_dir, "attack_opt", a.opt_examples, a.prompt_tokens, a.continuation_tokens)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .. import data as D
-from ..arms import load_model
+from ..loading import load_arm_model
 from ..device import resolve_precision
 from ..evaluation import document_nll, perplexity
 from ..io import staged_dir, write_json
@@ -46,5 +46,5 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
 
 
 def run(params, args) -> int:
-    evaluate(params, args.arm, args.seed, *load_model(params, args.arm, args.seed))
+    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed))
     return 0

@@ -8,6 +8,7 @@ from .. import data as D
 from ..evaluation import document_nll, perplexity
 from .. import arms
 from ..io import staged_dir, write_json
+from ..loading import load_arm_model
 from ..monotonic import apply_monotonic, load_parametrized, save_parametrized
 from ..paths import DATA_DIR, METRICS_DIR
 from ..provenance import provenance, record_run
@@ -16,7 +17,7 @@ from ..provenance import provenance, record_run
 def run(params, args) -> int:
     t0 = time.time()
     m = params.monotonic
-    model, _ = arms.load_model(params, "pretrained", None)
+    model, _ = load_arm_model(params, "pretrained", None)
     report = apply_monotonic(model, m.variant, m.init, m.eps)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     prov = provenance(params, "monotonic_init", seed=None)
