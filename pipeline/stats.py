@@ -129,7 +129,7 @@ def crossed_estimate(values, clusters: Clusters, confidence: float, weights=None
     replicates = (clusters.counts @ totals) / (clusters.counts @ sizes)
     v_docs = float(np.var(replicates, ddof=1)) * g / (g - 1)
     v_seeds = 0.0
-    if n_seeds > 1:   # seed main effect: between-seed variance less the example x seed interaction in it
+    if np.any(y != y[0]):   # seed main effect: between-seed variance less the example x seed interaction in it
         resid = y - y.mean(axis=0) - per_seed[:, None] + point
         v_inter = float(np.sum((w * resid) ** 2) / (n_seeds * w.sum()) ** 2 * n * n_seeds
                         / ((n - 1) * (n_seeds - 1)))
