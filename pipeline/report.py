@@ -41,6 +41,14 @@ def main_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def metric_label(metric: str) -> str:
+    if metric == "test_nll_per_token":
+        return "test NLL"
+    source, field = metric.split(".")
+    return {"abs_increase": f"{_name(source)} +NLL", "clean_nll": "clean NLL, attacked examples"}.get(
+        field, f"{_name(source)} {field}")
+
+
 def _p(x: float) -> str:
     return f"= {x:.2g}" if x >= 0.001 else "< 0.001"
 
@@ -144,7 +152,7 @@ def power_table(summary: dict) -> list[str]:
     metrics = list(dict.fromkeys(c["metric"] for c in summary["comparisons"]))
     pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in summary["comparisons"]))
     cell = {(c["arm_a"], c["arm_b"], c["metric"]): c["detectable"] for c in summary["comparisons"]}
-    rows = ["| comparison | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    rows = ["| comparison | " + " | ".join(map(metric_label, metrics)) + " |", "|---" * (len(metrics) + 1) + "|"]
     rows += [f"| {a} vs {b} | " + " | ".join(f"{cell[(a, b, m)]:.3f}" for m in metrics) + " |" for a, b in pairs]
     return [f"Smallest paired difference (nats/token) detected with {100 * summary['power']:.0f}% power by a "
             f"two-sided test at alpha = {alpha:g} (unadjusted; under Holm the first of {summary['family_size']} "
