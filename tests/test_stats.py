@@ -237,3 +237,20 @@ def test_aggregate_refuses_examples_that_differ_between_seeds():
     loaded["runs"]["monotonic"][1]["uat"]["examples"][0]["id"] = "attack_eval:99:0"
     with pytest.raises(ValueError, match="must cross the same examples"):
         aggregate.summarize(_params(seeds), loaded)
+
+
+def test_every_arm_and_seed_resamples_the_same_documents():
+    seeds = [0, 1, 2]
+    design = aggregate.Design(_loaded(seeds, np.random.default_rng(0)), seeds, 100, np.random.default_rng(0))
+    for metric in aggregate.ARM_METRICS:
+        drawn = {id(design.values(metric, arm)[1]) for arm in ARM_NAMES}
+        assert len(drawn) == 1, metric.name
+    assert design.values(aggregate.Metric("uat", "abs_increase"), "baseline")[1] is \
+        design.values(aggregate.Metric("hotflip", "abs_increase", "random"), "monotonic")[1]
+
+
+def test_report_says_what_a_seed_varies():
+    assert "not estimated" in report.seed_sentence([0])
+    text = report.seed_sentence([0, 1, 2])
+    assert "for baseline, monotonic, the recovery-training data order" in text
+    assert "for pretrained, monotonic_init, only the attacks' random streams" in text and "2 degrees" in text

@@ -218,8 +218,9 @@ def summarize(params, loaded: dict) -> dict:
     runs, seeds = loaded["runs"], params.seeds
     design = Design(loaded, seeds, agg.bootstrap_samples, np.random.default_rng(agg.seed))
     estimates = arm_estimates(design, agg.confidence)
-    family = with_holm(arm_comparisons(design, agg) + control_comparisons(design, agg))
-    n_arm = len(COMPARISONS) * len(compared_metrics(design))
+    between_arms = arm_comparisons(design, agg)
+    family = with_holm(between_arms + control_comparisons(design, agg))
+    n_arm = len(between_arms)
     transfer = {}
     for cell in transfer_cells(loaded, seeds):
         transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
@@ -235,7 +236,7 @@ def summarize(params, loaded: dict) -> dict:
                            "relative": params.attack.success_threshold_relative},
             "variant": params.monotonic.variant, "init": params.monotonic.init,
             "input_params_hashes": sorted({runs[a][s][k]["provenance"]["params_hash"] for a in ARMS for s in seeds
-                                           for k in ("eval", "uat", "hotflip", "controls")})}
+                                           for k in ("eval", *ATTACKS, "controls")})}
 
 
 def flat_metrics(summary: dict) -> dict:
