@@ -58,8 +58,8 @@ def judgement(c: dict, alpha: float, less: str, more: str) -> str:
     m = c["margin"]
     word = verdict(c["p_holm"], c["p_equivalence_holm"], alpha)
     direction = less if c["difference"]["mean"] < 0 else more
-    return {"different": direction,
-            "different, within the margin": f"{direction}, but by less than the +/-{m:g} margin",
+    return {"different": f"different: {direction}",
+            "different, within the margin": f"different: {direction}, but by less than the +/-{m:g} margin",
             "equivalent": f"equivalent within +/-{m:g} nats/token",
             "not resolved": f"not resolved (neither different nor equivalent within +/-{m:g})"}[word]
 

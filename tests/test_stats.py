@@ -162,8 +162,9 @@ def _comparison(mean, se, margin=0.05):
 
 @pytest.mark.parametrize("mean, se, word, expected", [
     (0.002, 0.01, "equivalent", "equivalent within +/-0.05 nats/token"),
-    (-0.3, 0.02, "different", "A is less vulnerable"),
-    (0.03, 0.005, "different, within the margin", "A is more vulnerable, but by less than the +/-0.05 margin"),
+    (-0.3, 0.02, "different", "different: A is less vulnerable"),
+    (0.03, 0.005, "different, within the margin",
+     "different: A is more vulnerable, but by less than the +/-0.05 margin"),
     (0.04, 0.04, "not resolved", "not resolved (neither different nor equivalent within +/-0.05)"),
 ])
 def test_report_equivalence_wording_follows_tost(mean, se, word, expected):
@@ -227,7 +228,7 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     assert hotflip["difference"]["n_documents"] == 6 and hotflip["p_holm"] < 0.05
     text = report.markdown(summary, params, {"params_hash": "h", "packages": {"torch": "t", "transformers": "t"}},
                            [])
-    assert "monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
+    assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
     assert f"Family: all {len(family)} paired tests" in text
 
 
