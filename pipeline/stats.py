@@ -87,9 +87,9 @@ class Clusters:
         names, index = np.unique(np.asarray(documents, dtype=object).astype(str), return_inverse=True)
         if len(names) < 2:
             raise ValueError(f"{len(ids)} examples come from {len(names)} document: need >= 2 for a CI")
-        picks = rng.integers(0, len(names), (n_boot, len(names)))
-        counts = np.zeros((n_boot, len(names)))
-        np.add.at(counts, (np.arange(n_boot)[:, None], picks), 1.0)
+        g = len(names)
+        picks = rng.integers(0, g, (n_boot, g)) + g * np.arange(n_boot)[:, None]
+        counts = np.bincount(picks.ravel(), minlength=n_boot * g).reshape(n_boot, g).astype(np.float64)
         return cls(tuple(ids), index, counts)
 
     @property
