@@ -255,3 +255,11 @@ def test_report_says_what_a_seed_varies():
     text = report.seed_sentence([0, 1, 2])
     assert "for baseline, monotonic, the recovery-training data order" in text
     assert "for pretrained, monotonic_init, only the attacks' random streams" in text and "2 degrees" in text
+
+
+@pytest.mark.parametrize("key, value", [("equivalence_margin_nats", 0), ("power", 1.0)])
+def test_bad_aggregate_params_fail_with_key_and_value(key, value):
+    raw = dataclasses.asdict(_params([0]))
+    raw["aggregate"][key] = value
+    with pytest.raises(params_mod.ParamsError, match=f"aggregate.{key}"):
+        params_mod.validate(raw)
