@@ -213,6 +213,8 @@ class AggregateParams:
     bootstrap_samples: int = at_least(100)
     confidence: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
     seed: int = nonneg()
+    equivalence_margin_nats: float = positive()   # TOST margin for paired differences in nats/token
+    power: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)   # for the report's detectable difference
 
 
 @dataclass(frozen=True)
