@@ -125,17 +125,21 @@ def stable_results(results: dict) -> tuple[dict, dict]:
 
 
 def flat_metrics(results: dict) -> dict:
-    """{task: {metric: value}} with the harness's "metric,filter" keys kept as they are, plus per-item
-    scores for the pipeline's bootstrap: {task: {"items": [...]}}."""
+    """{task: {metric: value}} with the harness's "metric,filter" keys kept as they are, plus per-item scores
+    for the report's bootstrap: {task: {"items": [{doc_id, acc, loglikelihood (single-request tasks)}]}}."""
     out = {}
     for task, metrics in results["results"].items():
         row = {k: v for k, v in metrics.items() if k not in ("name", "alias") and isinstance(v, (int, float))}
-        samples = results.get("samples", {}).get(task, [])
-        row["items"] = [{"doc_id": int(s["doc_id"]), "loglikelihood": float(s["filtered_resps"][0][0]),
-                         "acc": float(s["acc"]) if "acc" in s else None} for s in samples
-                        if isinstance(s["filtered_resps"][0], (list, tuple))]
+        row["items"] = [item_scores(s) for s in results.get("samples", {}).get(task, [])]
         out[task] = row
     return out
+
+
+def item_scores(sample: dict) -> dict:
+    scores = {"doc_id": int(sample["doc_id"]), "acc": float(sample["acc"])}
+    if len(sample["filtered_resps"]) == 1:      # a log-likelihood task: one (log-likelihood, is greedy) request
+        scores["loglikelihood"] = float(sample["filtered_resps"][0][0])
+    return scores
 
 
 def continuation_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:

@@ -161,6 +161,20 @@ def power_table(summary: dict) -> list[str]:
             "the alternative and the seed and document variances stay as observed.", "", *rows, ""]
 
 
+def benchmark_table(benchmarks: dict, conf: int) -> list[str]:
+    """Zero-shot accuracy per task and arm, and monotonic - baseline (items crossed with seeds)."""
+    head = "| task | items | " + " | ".join(ARMS) + " | monotonic - baseline |"
+    rows = [head, "|" + "---|" * (len(ARMS) + 3)]
+    for task, b in benchmarks.items():
+        d = b["monotonic_vs_baseline"]["difference"]
+        rows.append(f"| {task} | {b['items']} | " + " | ".join(_pct(b["acc"][arm]) for arm in ARMS)
+                    + f" | {100 * d['mean']:+.1f} pts [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
+    return ["Accuracy through lm-evaluation-harness (its task definitions and scoring; `pipeline_lastword`: the "
+            "LAMBADA-style last word of test-split passages, defined here in the harness's format), mean over seeds "
+            f"with {conf}% intervals over items crossed with seeds (not in the family of tests above).", "", *rows,
+            ""]
+
+
 def transfer_table(matrix: dict) -> str:
     rows = ["| trigger/flips from \\ applied to | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
     for src in ARMS:
@@ -189,7 +203,8 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",
               *control_sentences(summary), "",
-              "## Power", "", *power_table(summary)]
+              "## Power", "", *power_table(summary),
+              "## Zero-shot benchmarks", "", *benchmark_table(summary["benchmarks"], round(100 * summary["confidence"]))]
     for attack in summary["attacks"]:
         lines += [f"## Transfer: {_name(attack)} NLL increase (nats/token, mean over seeds)", "",
                   transfer_table(summary["transfer_abs_increase"][attack]), ""]

@@ -55,7 +55,10 @@ def load_runs(params) -> dict:
                 run["val_log"] = _read_csv(tdir / "val_log.csv")
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
-    return {"runs": runs, "transfer": transfer}
+    benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS_BY_NAME[arm].trained
+                                                           else arm) / "metrics.json")["tasks"]
+                        for seed in params.seeds} for arm in ARMS}
+    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks}
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ class Design:
         return self._clusters[key]
 
 
+def clip_rate(est: Estimate) -> Estimate:
+    """A proportion's interval, clipped to [0, 1]."""
+    return replace(est, low=max(est.low, 0.0), high=min(est.high, 1.0))
+
+
 def arm_estimates(design: Design, confidence: float) -> list[ArmEstimate]:
     out = []
     for arm in ARMS:
@@ -143,7 +151,7 @@ def arm_estimates(design: Design, confidence: float) -> list[ArmEstimate]:
             values, clusters, weights = design.values(metric, arm)
             est = crossed_estimate(values, clusters, confidence, weights)
             if metric.field in RATE_FIELDS:
-                est = replace(est, low=max(est.low, 0.0), high=min(est.high, 1.0))
+                est = clip_rate(est)
             out.append(ArmEstimate(arm, metric.name, est))
     return out
 
@@ -195,6 +203,23 @@ def transfer_cells(loaded: dict, seeds) -> list[TransferCell]:
             for attack in ATTACKS for src in ARMS for dst in ARMS]
 
 
+def benchmark_summary(loaded: dict, seeds, agg, rng: np.random.Generator) -> dict:
+    """Per task: each arm's accuracy (items crossed with seeds: an untrained arm's scores are the same for
+    every seed) and monotonic - baseline paired by item and seed, each item its own cluster."""
+    bench = loaded["benchmarks"]
+    out = {}
+    for task in bench[ARMS[0]][seeds[0]]:
+        acc = {arm: np.array([[item["acc"] for item in bench[arm][s][task]["items"]] for s in seeds]) for arm in ARMS}
+        ids = [f"{task}:{item['doc_id']}" for item in bench[ARMS[0]][seeds[0]][task]["items"]]
+        clusters = Clusters.draw(ids, ids, agg.bootstrap_samples, rng)
+        diff = paired_comparison("monotonic", "baseline", f"{task}.acc", acc["monotonic"], acc["baseline"], clusters,
+                                 agg.confidence, agg.equivalence_margin_nats, agg.power, rng)
+        out[task] = {"acc": {arm: clip_rate(crossed_estimate(a, clusters, agg.confidence)).to_dict()
+                             for arm, a in acc.items()},
+                     "monotonic_vs_baseline": diff.to_dict(), "items": len(ids)}
+    return out
+
+
 def _arm_entry(arm: str, estimates: list[ArmEstimate], runs: dict, seeds) -> dict:
     est = {e.metric: e.estimate for e in estimates if e.arm == arm}
     nll = est[TEST_NLL.name]
@@ -226,6 +251,7 @@ def summarize(params, loaded: dict) -> dict:
         transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
     overrides = {arm: {s: runs[arm][s]["train"].get("overrides") or {} for s in seeds} for arm in TRAINED_ARMS}
     return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
+            "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
             "controls": [c.to_dict() for c in family[n_arm:]],
             "family_size": len(family), "attacks": list(ATTACKS), "control_methods": list(CONTROLS),
@@ -258,8 +284,8 @@ def run(params, args) -> int:
     per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log")}
                      for seed, run in seeds.items()} for arm, seeds in loaded["runs"].items()}
     with staged_dir(paths.REPORT_DIR) as out:
-        write_json(out / "results.json", {"summary": summary, "runs": per_run,
-                                          "transfer": loaded["transfer"], "provenance": prov})
+        write_json(out / "results.json", {"summary": summary, "runs": per_run, "transfer": loaded["transfer"],
+                                          "benchmarks": loaded["benchmarks"], "provenance": prov})
         write_json(out / "metrics.json", {**flat_metrics(summary), "provenance": prov})
         plot_files = report.plots(loaded, summary, out / "plots", params)
         text = report.markdown(summary, params, prov, [p.relative_to(out).as_posix() for p in plot_files])
