@@ -73,13 +73,19 @@ def local_task_yaml(items_file: Path) -> str:
         ""])
 
 
-def task_specs(tasks: list[str], revisions: dict, task_dir: Path):
-    """(TaskManager, the task list for simple_evaluate): the local task by name from task_dir, each harness
-    task as its own registered config with the pinned dataset revision added to its dataset_kwargs."""
+def task_manager(tasks: list[str], task_dir: Path):
+    """The harness's task index over task_dir, and over its own task definitions only when a harness task is
+    requested (indexing its thousands of YAML files takes seconds)."""
     from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir), include_defaults=any(t != LOCAL_TASK for t in tasks))
+
+
+def task_specs(tasks: list[str], revisions: dict, manager) -> list:
+    """The task list for simple_evaluate: the local task by name, each harness task as its registered config
+    with the pinned dataset revision added to its dataset_kwargs."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    manager = TaskManager(include_path=str(task_dir))
     specs = []
     for task in tasks:
         if task == LOCAL_TASK:
@@ -91,7 +97,7 @@ def task_specs(tasks: list[str], revisions: dict, task_dir: Path):
         config = load_yaml(entry.yaml_path, resolve_func=True)
         config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}), "revision": revisions[task]}
         specs.append(config)
-    return manager, specs
+    return specs
 
 
 def dataset_of(task: str, manager) -> str:
@@ -100,14 +106,13 @@ def dataset_of(task: str, manager) -> str:
     return load_yaml(manager.task_index[task].yaml_path, resolve_func=False)["dataset_path"]
 
 
-def run_harness(model, tokenizer, tasks: list[str], *, revisions: dict, task_dir: Path, num_fewshot: int,
-                limit: int, batch_size: int, bootstrap_iters: int, seed: int) -> dict:
+def run_harness(model, tokenizer, specs: list, manager, *, num_fewshot: int, limit: int, batch_size: int,
+                bootstrap_iters: int, seed: int) -> dict:
     """simple_evaluate on an already loaded model (where it is: the device policy placed it), per-item
     samples logged, every random seed of the harness set. Returns the harness's results dict."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager, specs = task_specs(tasks, revisions, task_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     return simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit or None,
                            task_manager=manager, log_samples=True, bootstrap_iters=bootstrap_iters,
@@ -161,12 +166,9 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str) -> t
     return float(picked.sum()), greedy
 
 
-def missing_datasets(tasks: list[str], revisions: dict, task_dir: Path, hub_cache: Path) -> list[str]:
+def missing_datasets(tasks: list[str], revisions: dict, manager, hub_cache: Path) -> list[str]:
     """For each harness task whose dataset snapshot at the pinned revision is absent from the HF hub cache:
     what is missing and where it was looked for (checked before any model is loaded)."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(task_dir))
     missing = []
     for task in tasks:
         if task == LOCAL_TASK:

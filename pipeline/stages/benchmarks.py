@@ -23,9 +23,9 @@ from ..provenance import provenance, record_run
 FETCH_HINT = "on a machine with network: python -m pipeline fetch (it downloads what params.yaml pins)"
 
 
-def prepare_tasks(params, task_dir: Path) -> None:
-    """The local task's YAML over the data stage's items; fails before any compute when a harness task's
-    dataset is not in the HF cache at its pinned revision."""
+def prepare_tasks(params, task_dir: Path):
+    """(task manager, task specs): the local task's YAML over the data stage's items; fails before any
+    compute when a harness task's dataset is not in the HF cache at its pinned revision."""
     from huggingface_hub import constants
 
     b = params.benchmarks
@@ -34,17 +34,19 @@ def prepare_tasks(params, task_dir: Path) -> None:
         if not items.is_file():
             raise FileNotFoundError(f"{items} is missing: run the data stage first (dvc repro data)")
         (task_dir / f"{B.LOCAL_TASK}.yaml").write_text(B.local_task_yaml(items))
-    missing = B.missing_datasets(b.tasks, b.dataset_revisions, task_dir, Path(constants.HF_HUB_CACHE))
+    manager = B.task_manager(b.tasks, task_dir)
+    missing = B.missing_datasets(b.tasks, b.dataset_revisions, manager, Path(constants.HF_HUB_CACHE))
     if missing:
         raise FileNotFoundError("benchmark datasets missing offline:\n  " + "\n  ".join(missing) + f"\n{FETCH_HINT}")
+    return manager, B.task_specs(b.tasks, b.dataset_revisions, manager)
 
 
-def benchmark_arm(params, arm: str, seed: int, task_dir: Path) -> dict:
+def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
     b = params.benchmarks
     t0 = time.time()
     model, meta = load_arm_model(params, arm, seed)
-    results = B.run_harness(model, load_tokenizer(DATA_DIR / "tokenizer"), b.tasks, revisions=b.dataset_revisions,
-                            task_dir=task_dir, num_fewshot=b.num_fewshot, limit=b.limit, batch_size=b.batch_size,
+    results = B.run_harness(model, load_tokenizer(DATA_DIR / "tokenizer"), specs, manager,
+                            num_fewshot=b.num_fewshot, limit=b.limit, batch_size=b.batch_size,
                             bootstrap_iters=b.bootstrap_iters, seed=seed)
     stable, volatile = B.stable_results(results)
     prov = provenance(params, "benchmarks", seed=seed, arm=arm, task_versions=stable.get("versions", {}))
@@ -60,12 +62,12 @@ def benchmark_arm(params, arm: str, seed: int, task_dir: Path) -> dict:
 def run(params, args) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-tasks-") as task_dir:
         try:
-            prepare_tasks(params, Path(task_dir))
+            manager, specs = prepare_tasks(params, Path(task_dir))
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         for arm in args.arm:
-            metrics = benchmark_arm(params, arm, args.seed, Path(task_dir))
+            metrics = benchmark_arm(params, arm, args.seed, manager, specs)
             rows = ", ".join(f"{task} acc {m.get('acc,none', float('nan')):.3f}" for task, m in metrics["tasks"].items())
             print(f"benchmarks {arm} s{args.seed}: {rows}")
     return 0
