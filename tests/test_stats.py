@@ -205,7 +205,11 @@ def _loaded(seeds, rng):
                                          "tokens_seen": 1000, "update_norm_total": {"W": 1.0}}
     transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
                     for a in ("uat", "hotflip")} for s in seeds}
-    return {"runs": runs, "transfer": transfer}
+    right = rng.random(40) < 0.4                             # benchmark items: monotonic gets 10 of them wrong
+    benchmarks = {arm: {s: {"pipeline_lastword": {"items": [
+        {"doc_id": i, "acc": float(r and not (arm == "monotonic" and i < 10))} for i, r in enumerate(right)]}}
+        for s in seeds} for arm in ARM_NAMES}
+    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks}
 
 
 def _params(seeds):
@@ -230,6 +234,11 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
                            [])
     assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
     assert f"Family: all {len(family)} paired tests" in text
+    bench = summary["benchmarks"]["pipeline_lastword"]
+    lost = -sum(bool(r) for r in _loaded(seeds, np.random.default_rng(0))["benchmarks"]["baseline"][0][
+        "pipeline_lastword"]["items"][:10] if r["acc"]) / 40
+    assert bench["items"] == 40 and bench["monotonic_vs_baseline"]["difference"]["mean"] == pytest.approx(lost)
+    assert bench["acc"]["monotonic"]["low"] >= 0 and "## Zero-shot benchmarks" in text
 
 
 def test_aggregate_refuses_examples_that_differ_between_seeds():
