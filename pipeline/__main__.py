@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import oom
 from . import params as params_mod
 
 # name -> (module under pipeline.stages, one-line help, needs --arm/--seed)
@@ -76,7 +77,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
-    return module.run(params, args) or 0
+    try:
+        return module.run(params, args) or 0
+    except Exception as exc:
+        message = oom.advice(exc, args.command, params)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return oom.OOM_EXIT_CODE
 
 
 def switch_profile(name: str, target: str) -> int:
