@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import oom
+from . import oom, preflight
 from . import params as params_mod
 
 # name -> (module under pipeline.stages, one-line help, needs --arm/--seed)
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
     sp.add_argument("--params", default="params.yaml")
+    sp = sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU")
+    sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
+    sp.add_argument("--mfu", type=float, help=f"achieved fraction of the dense peak (default {preflight.MFU_DEFAULT})")
+    sp.add_argument("--resources", default=str(preflight.RESOURCES))
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
     sp.add_argument("name")
     sp.add_argument("--params", default="params.yaml")
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
             return 0
+        if args.command == "preflight":
+            return preflight.run(params, args)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:
