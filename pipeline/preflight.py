@@ -14,10 +14,10 @@ L layers, n tokens of a micro-batch; "e" is 4 in fp32 and 2 under bf16 autocast)
     fp32  x, ln1, ln2, q, k, v, attention out and its [B, T, h] copy for the dense layer (8h) + fc1 out,
           gelu out (2f), 4 bytes each
     bf16  x in fp32 (4h) + bf16 ln1, ln2, q, k, v, attention out, its copy (14h) + fc1/gelu out (4f)
-  plus one layer's gradients while back-propagating it; gradient checkpointing keeps only each layer's
-  input (4h) and recomputes one layer at a time;
-  logits and loss per token: logits (e V), their fp32 copy for the loss (4V, bf16 only), log-softmax
-  saved (4V), its gradient and the logits' gradient in backward (8V);
+  and the final norm's input and output (8h); gradient checkpointing keeps only each layer's input (4h);
+  on top of the saved activations, the larger of the loss's backward, per token: log-softmax saved (4V),
+  its gradient and the logits' gradient (8V), the bf16 logits' gradient (2V, bf16 only), and one layer's
+  backward: its gradients (one layer's worth), with checkpointing also its recomputed activations;
   the update-norm snapshot of logged steps (4T) and, on CUDA, foreach AdamW's temporary (4 x largest group).
 Inference (evaluation, attack scoring) keeps one layer's intermediates (8h + 2f, fp32) and the logits.
 """
@@ -54,7 +54,8 @@ DEVICES = {
     "a100-80gb": Device("A100-SXM4-80GB", 80.0, 312.0, 19.5),
     "h100-80gb": Device("H100-SXM5-80GB", 79.6, 989.0, 67.0),
     "h200": Device("H200-SXM-141GB", 140.0, 989.0, 67.0),
-    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.1),   # 0.1 TFLOP/s fp32: assumed
+    # CPU: x 0.4 gives 20 GFLOP/s, two cores at the ~11 GFLOP/s per core bench/RESULTS.md measured (embedded train)
+    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.05),
 }
 MFU_DEFAULT = 0.4           # achieved fraction of the dense peak (assumed; stated in the output)
 
@@ -152,11 +153,14 @@ def logits_bytes(s: Shape, bf16: bool) -> int:
 
 def train_memory(s: Shape, tokens: int, bf16: bool, checkpointing: bool, grad_accum: int, monotonic: bool,
                  cuda: bool) -> dict:
-    """Peak device memory of one training step in GiB, by part. The peak is the larger of the forward/
-    backward peak and the optimizer-step peak (weights, grads, Adam, snapshot, foreach temporary)."""
+    """Peak device memory of one training step in GiB, by part. The forward/backward peak is the static
+    part plus the saved activations plus the larger of the loss's backward (logits) and one layer's backward
+    (its gradients; with checkpointing also its recomputed activations); the optimizer-step peak is weights,
+    grads, Adam, the update-norm snapshot and the foreach temporary. The peak is the larger of the two."""
     layer = layer_activation_bytes(s, bf16) * tokens
-    full_acts = s.layers * layer + layer                        # + one layer's gradients in backward
-    ckpt_acts = s.layers * 4 * s.hidden * tokens + 2 * layer    # inputs kept; one layer recomputed + grads
+    head_in = 8 * s.hidden * tokens                             # the final norm's input and output, fp32
+    saved_full = s.layers * layer + head_in
+    saved_ckpt = s.layers * 4 * s.hidden * tokens + head_in     # each layer's input only
     matmul_weights = s.params - s.embedding - (s.constrained if monotonic else 0)
     w_bytes = (2 if bf16 else 4) * s.constrained if monotonic else 0
     if monotonic and checkpointing:
@@ -164,15 +168,17 @@ def train_memory(s: Shape, tokens: int, bf16: bool, checkpointing: bool, grad_ac
     parts = {
         "weights": 4 * s.params, "grads": 4 * (s.params if grad_accum > 1 else s.head), "adam": 8 * s.params,
         "bf16_weight_copies": 2 * matmul_weights if bf16 else 0, "materialized_W": w_bytes,
-        "activations": ckpt_acts if checkpointing else full_acts,
+        "activations": saved_ckpt if checkpointing else saved_full,
         "logits_loss": logits_bytes(s, bf16) * tokens,
+        "layer_backward": 2 * layer if checkpointing else layer,
     }
     step = {"grads_full": 4 * s.params, "update_norm_snapshot": 4 * s.params,
             "adam_foreach_temp": 4 * s.largest_group if cuda else 0}
-    fwd_bwd = sum(parts.values())
+    fwd_bwd = sum(parts.values()) - min(parts["logits_loss"], parts["layer_backward"])
     opt = parts["weights"] + parts["adam"] + sum(step.values())
     out = {k: v / GIB for k, v in parts.items()}
-    out.update({"activations_without_checkpointing": full_acts / GIB, "activations_with_checkpointing": ckpt_acts / GIB,
+    out.update({"activations_without_checkpointing": saved_full / GIB,
+                "activations_with_checkpointing": saved_ckpt / GIB,
                 **{k: v / GIB for k, v in step.items()}, "peak_forward_backward": fwd_bwd / GIB,
                 "peak_optimizer_step": opt / GIB, "peak": max(fwd_bwd, opt) / GIB})
     return out
