@@ -464,7 +464,7 @@ def problems(c: Context, e: Estimate, ini) -> list[str]:
     if e.host_gib > mem:
         out.append(f"{e.stage}: needs {e.host_gib:.1f} GiB of host memory, slurm/resources.ini [{sect}] mem = "
                    f"{req.get('mem')}: raise mem to {math.ceil(e.host_gib * 1.25)}G"
-                   + ("" if c.cuda else f" or lower {e.fix or 'the batch size'}"))
+                   + (f" or {e.fix}" if e.fix and not c.cuda else ""))
     limit = slurm_hours(req.get("time", "0:0:0"))
     if e.hours > limit and not e.resumable:
         out.append(f"{e.stage}: ~{e.hours:.1f} h of compute, slurm/resources.ini [{sect}] time = {req.get('time')}: "
@@ -480,7 +480,8 @@ def default_device(params) -> str:
 
 def table(c: Context, rows: list[Estimate], ini) -> str:
     fits_head = f"fits {c.device_key}" if c.cuda else "fits"
-    lines = [f"| stage | jobs | device peak GiB | host GiB / mem | hours per job / time | scratch GiB, all jobs | {fits_head} |",
+    lines = [f"| stage | jobs | device peak GiB / GPUs | host GiB / mem | hours per job / time | scratch GiB, all jobs "
+             f"| {fits_head} |",
              "|---|---|---|---|---|---|---|"]
     for e in rows:
         req = ini[section_of(ini, e.stage)]
@@ -488,7 +489,7 @@ def table(c: Context, rows: list[Estimate], ini) -> str:
         when = f"{e.hours:.2f} / {req.get('time')}"
         if e.resumable and e.hours > limit:
             when += f" (requeues {math.ceil(e.hours / limit) - 1}x)"
-        device = f"{e.device_gib:.2f}" if e.gpu else "CPU"
+        device = (f"{e.device_gib:.2f}" if e.gpu else "CPU") + f" / {gpu_count(req.get('gres', ''))}"
         verdict = "no" if problems(c, e, ini) else "yes"
         lines.append(f"| {e.stage} | {e.jobs} | {device} | {e.host_gib:.1f} / {req.get('mem')} | {when} | "
                      f"{e.scratch_gib * e.jobs:.1f} | {verdict} |")
