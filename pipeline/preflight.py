@@ -293,7 +293,8 @@ def pretrain_stage(c: Context) -> Estimate:
     peak = 4 * s.params + eval_memory(s, p)
     return Estimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params), hours(evaluation, c.tflops(False), c.mfu),
                     4 * s.params / GIB, parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
-                    note="loads the checkpoint; validation NLL in fp32", fix=f"lower eval.batch_size (now {p.eval.batch_size})")
+                    note="loads the checkpoint; validation NLL in fp32",
+                    fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
 def _rounded(mem: dict) -> dict:
@@ -313,7 +314,8 @@ def monotonic_init_stage(c: Context) -> Estimate:
     return Estimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
                     hours(eval_flops(s, p, "validation"), c.tflops(False), c.mfu),
                     (4 * s.params + 4 * s.constrained) / GIB, parts=_gib(parts),
-                    note="softplus init, plain export + V, validation NLL", fix=f"lower eval.batch_size (now {p.eval.batch_size})")
+                    note="softplus init, plain export + V, validation NLL",
+                    fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
 def train_stage(c: Context, arm: str) -> Estimate:
@@ -330,24 +332,27 @@ def train_stage(c: Context, arm: str) -> Estimate:
     scratch = (t.keep_checkpoints + 1) * state + 2 * model_out      # checkpoints (+1 being written), best, final
     peak = mem["peak"] * GIB
     step_s = per_seq * global_batch / (c.tflops(bf16) * 1e12 * c.mfu) if c.tflops(bf16) else 0.0
-    return Estimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state), hours(flops, c.tflops(bf16), c.mfu),
-                    scratch / GIB, parts=_rounded(mem), resumable=True, fix=train_fix(c, t, monotonic),
-                    note=f"{_activations_note(mem)}; {'bf16 autocast' if bf16 else 'fp32'}, micro-batch {t.batch_size}x{seq} tokens, global "
-                         f"batch {global_batch}, {t.max_steps} steps of ~{step_s:.2f} s"
+    return Estimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
+                    hours(flops, c.tflops(bf16), c.mfu), scratch / GIB, parts=_rounded(mem), resumable=True,
+                    fix=train_fix(c, t, monotonic),
+                    note=f"{_activations_note(mem)}; {'bf16 autocast' if bf16 else 'fp32'}, micro-batch "
+                         f"{t.batch_size}x{seq} tokens, global batch {global_batch}, {t.max_steps} steps of "
+                         f"~{step_s:.2f} s"
                          + (", W = softplus(V) materialized each forward" if monotonic else ""))
 
 
 def train_fix(c: Context, t, monotonic: bool) -> str:
-    """The first change that fits: gradient checkpointing, then halving the micro-batch (global batch kept)."""
+    """The first change that fits: gradient checkpointing, then also halving the micro-batch (global batch kept)."""
     seq, usable = c.params.data.seq_len, usable_gib(c)
-    options = [] if t.gradient_checkpointing else [(True, t.batch_size, t.grad_accum, "train.gradient_checkpointing: true")]
+    ckpt = "" if t.gradient_checkpointing else " with train.gradient_checkpointing: true"
+    options = [] if t.gradient_checkpointing else [(t.batch_size, t.grad_accum, "train.gradient_checkpointing: true")]
     b, g = t.batch_size, t.grad_accum
     while b > 1:
         b, g = b // 2, g * 2
-        ckpt = " with train.gradient_checkpointing: true" if not t.gradient_checkpointing else ""
-        options.append((True, b, g, f"train.batch_size {t.batch_size} -> {b} and train.grad_accum {t.grad_accum} -> {g}{ckpt}"))
-    for ckpt, b, g, text in options:
-        need = train_memory(c.shape, b * seq, c.bf16(t.precision), ckpt, g, monotonic, c.cuda)["peak"]
+        options.append((b, g, f"train.batch_size {t.batch_size} -> {b} and train.grad_accum {t.grad_accum} -> "
+                              f"{g}{ckpt}"))
+    for b, g, text in options:
+        need = train_memory(c.shape, b * seq, c.bf16(t.precision), True, g, monotonic, c.cuda)["peak"]
         if not c.cuda or need * FRAGMENTATION <= usable:
             return f"set {text} ({need:.1f} GiB)"
     return "use a GPU with more memory (--gpu h200) or shorter data.seq_len"

@@ -93,7 +93,8 @@ def test_checkpointing_already_on_halves_the_micro_batch_keeping_the_global_batc
     rc, out = preflight_run(capsys, "--params", params, "--gpu", "a100-40gb")
     line = next(x for x in out.splitlines() if x.startswith("error: train (baseline)"))
     assert rc == 2 and "set train.batch_size 32 -> " in line and "train.grad_accum 1 -> " in line
-    b, g = (int(line.split(f"{key} ")[1].split(" -> ")[1].split()[0]) for key in ("train.batch_size", "train.grad_accum"))
+    b, g = (int(line.split(f"{key} ")[1].split(" -> ")[1].split()[0])
+            for key in ("train.batch_size", "train.grad_accum"))
     assert b * g == 32
 
 
@@ -105,4 +106,5 @@ def test_slurm_request_is_checked(capsys, tmp_path):
                             str(tmp_path / "resources.ini"))
     assert rc == 2
     assert "error: train (monotonic): needs a GPU, slurm/resources.ini [train] requests none: set gres = gpu:1" in out
-    assert "error: train (baseline): needs 18.8 GiB of host memory, slurm/resources.ini [train] mem = 8G: raise mem to" in out
+    assert ("error: train (baseline): needs 18.8 GiB of host memory, slurm/resources.ini [train] mem = 8G: "
+            "raise mem to") in out
