@@ -60,6 +60,18 @@ def test_only_out_of_memory_errors_get_advice(smoke_params):
     assert oom.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
 
+def test_fingerprint_holds_the_global_batch_not_its_split(smoke_params):
+    from dataclasses import replace
+
+    from pipeline.training import run_fingerprint
+
+    tp = smoke_params.train
+    assert run_fingerprint({}, replace(tp, batch_size=16, grad_accum=1), 16) == \
+        run_fingerprint({}, replace(tp, batch_size=8, grad_accum=2), 16)
+    assert run_fingerprint({}, tp, 16) != run_fingerprint({}, tp, 32)
+    assert run_fingerprint({}, tp, 16) != run_fingerprint({}, replace(tp, lr=tp.lr * 2), 16)
+
+
 @pytest.mark.slow
 def test_resume_with_half_the_micro_batch_continues_the_run(smoke_workspace, tmp_path):
     steps = {"max_steps": 12, "eval_interval": 6, "checkpoint_interval": 4}
