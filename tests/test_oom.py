@@ -3,7 +3,6 @@ global batch, and the smaller micro-batch resumes the same run from its checkpoi
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
@@ -15,17 +14,22 @@ from conftest import run_stage
 from pipeline import oom
 from test_training import ENV, copy_workspace, edit_params, read_csv, weights
 
-MEMORY_LIMIT = 6 << 30   # address space of the subprocess: imports fit, a 16k-sequence micro-batch does not
-
-
-def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+# Runs the stage on CPU with an address-space limit of what the imports took plus 3 GiB: a 16k-sequence
+# micro-batch needs more (activations and logits ~7 GB), so an allocation fails for real.
+LIMITED_STAGE = """
+import resource, runpy, sys
+import accelerate, torch, transformers.models.gpt_neox.modeling_gpt_neox
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), resource.RLIM_INFINITY))
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__")
+"""
 
 
 def test_cpu_allocation_failure_names_train_keys_keeping_global_batch(smoke_workspace, tmp_path):
     ws = copy_workspace(smoke_workspace, tmp_path / "ws", batch_size=16384, grad_accum=2, max_steps=2)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--arm", "baseline", "--seed", "0"], cwd=ws,
-                          env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_limit_memory)
+    proc = subprocess.run([sys.executable, "-c", LIMITED_STAGE, "train", "--arm", "baseline", "--seed", "0"], cwd=ws,
+                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == oom.OOM_EXIT_CODE, proc.stderr[-3000:]
     assert ("out of memory in stage train: micro-batch train.batch_size=16384 x train.grad_accum=2: set "
             "train.batch_size 16384 -> 8192 with train.grad_accum 2 -> 4 (global batch unchanged") in proc.stderr
