@@ -14,25 +14,25 @@ from conftest import run_stage
 from pipeline import oom
 from test_training import ENV, copy_workspace, edit_params, read_csv, weights
 
-# Runs the stage on CPU with an address-space limit of what the imports took plus 3 GiB: a 16k-sequence
-# micro-batch needs more (activations and logits ~7 GB), so an allocation fails for real.
+# Runs the stage on CPU with an address-space limit of what the imports took plus 1 GiB: a 4096-sequence
+# micro-batch of 64 tokens needs more (activations and logits ~1.8 GB), so an allocation fails for real.
 LIMITED_STAGE = """
 import resource, runpy, sys
 import accelerate, torch, transformers.models.gpt_neox.modeling_gpt_neox
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
-resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
 sys.argv = ["pipeline", *sys.argv[1:]]
 runpy.run_module("pipeline", run_name="__main__")
 """
 
 
 def test_cpu_allocation_failure_names_train_keys_keeping_global_batch(smoke_workspace, tmp_path):
-    ws = copy_workspace(smoke_workspace, tmp_path / "ws", batch_size=16384, grad_accum=2, max_steps=2)
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", batch_size=4096, grad_accum=2, max_steps=2)
     proc = subprocess.run([sys.executable, "-c", LIMITED_STAGE, "train", "--arm", "baseline", "--seed", "0"], cwd=ws,
                           env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == oom.OOM_EXIT_CODE, proc.stderr[-3000:]
-    assert ("out of memory in stage train: micro-batch train.batch_size=16384 x train.grad_accum=2: set "
-            "train.batch_size 16384 -> 8192 with train.grad_accum 2 -> 4 (global batch unchanged") in proc.stderr
+    assert ("out of memory in stage train: micro-batch train.batch_size=4096 x train.grad_accum=2: set "
+            "train.batch_size 4096 -> 2048 with train.grad_accum 2 -> 4 (global batch unchanged") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -50,6 +50,7 @@ def test_config_builds_the_model_the_pipeline_trains(smoke_workspace, smoke_para
     assert preflight.model_shape(smoke_params).params == count_parameters(tiny_gpt_neox(smoke_params.model, tokenizer))
 
 
+@pytest.mark.slow
 def test_embedded_train_estimate_within_25_percent_of_the_measured_cpu_peak(smoke_workspace):
     """The embedded model and micro-batch (16 x 128), three logged steps of the real trainer on real packed
     data (the smoke split, packed at 128 tokens), live-memory peak from ru_maxrss (bench/bench_preflight.py)."""
