@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from . import oom, preflight
 from . import params as params_mod
 from .arms import ARM_NAMES, TRAINED_ARMS
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
     sp.add_argument("--params", default="params.yaml")
+    sp = sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU")
+    sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
+    sp.add_argument("--mfu", type=float, help=f"achieved fraction of the dense peak (default {preflight.MFU_DEFAULT})")
+    sp.add_argument("--resources", default=str(preflight.RESOURCES))
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
     sp.add_argument("name")
     sp.add_argument("--params", default="params.yaml")
@@ -72,13 +78,22 @@ def main(argv=None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
             return 0
+        if args.command == "preflight":
+            return preflight.run(params, args)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
-    return module.run(params, args) or 0
+    try:
+        return module.run(params, args) or 0
+    except Exception as exc:
+        message = oom.advice(exc, args.command, params)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return oom.OOM_EXIT_CODE
 
 
 def switch_profile(name: str, target: str) -> int:

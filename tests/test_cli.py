@@ -11,7 +11,7 @@ from conftest import REPO
 from pipeline import params as P
 from pipeline.__main__ import STAGES, build_parser, main
 
-HELPERS = ("check-params", "profile", "verify")
+HELPERS = ("check-params", "preflight", "profile", "verify")
 
 
 def cli(*argv: str, cwd=REPO, columns: int = 80) -> subprocess.CompletedProcess:

@@ -1,0 +1,111 @@
+"""`python -m pipeline preflight`: the model built on the meta device (Pythia-1.4B's exact parameter count),
+a memory estimate that matches a measured training peak, every dvc.yaml stage kind in the table, and exit 2
+naming the stage and the setting when something does not fit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from pipeline import params as P
+from pipeline import preflight
+from pipeline.__main__ import main
+
+PROFILES = REPO / "profiles"
+
+
+def preflight_run(capsys, *argv) -> tuple[int, str]:
+    rc = main(["preflight", *argv])
+    return rc, capsys.readouterr().out
+
+
+def edited_profile(tmp_path, name: str, **train) -> str:
+    raw = yaml.safe_load((PROFILES / f"{name}.yaml").read_text())
+    raw["train"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_pythia_1_4b_layout_from_the_profile_keys_has_the_exact_parameter_count():
+    params = P.load(PROFILES / "cluster.yaml")
+    assert not os.path.exists(params.model.hf_local_path)        # offline here: built from model.* keys
+    shape = preflight.model_shape(params)
+    assert shape.params == 1_414_647_808
+    assert shape.constrained == 24 * 2 * 2048 * 8192              # mlp_both: both MLP matrices of every layer
+    assert "built from model.*" in shape.source
+
+
+def test_config_builds_the_model_the_pipeline_trains(smoke_workspace, smoke_params):
+    from pipeline.data import load_tokenizer
+    from pipeline.models import count_parameters, tiny_gpt_neox
+
+    tokenizer = load_tokenizer(smoke_workspace / "outputs/data/tokenizer")
+    assert len(tokenizer) == smoke_params.tokenizer.vocab_size
+    assert preflight.model_shape(smoke_params).params == count_parameters(tiny_gpt_neox(smoke_params.model, tokenizer))
+
+
+@pytest.mark.slow
+def test_embedded_train_estimate_within_25_percent_of_the_measured_cpu_peak(smoke_workspace):
+    """The embedded model and micro-batch (16 x 128), three logged steps of the real trainer on real packed
+    data (the smoke split, packed at 128 tokens), live-memory peak from ru_maxrss (bench/bench_preflight.py)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench/bench_preflight.py"), "--params",
+                           str(PROFILES / "embedded.yaml"), "--data", str(smoke_workspace / "outputs/data")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["micro_batch"] == [16, 128] and result["parameters"] == 1_317_632
+    assert 0.75 <= result["ratio"] <= 1.25, result
+
+
+@pytest.mark.parametrize("profile", ["embedded", "smoke", "cluster"])
+def test_every_stage_kind_of_dvc_yaml_is_estimated_for_every_profile(capsys, profile):
+    rc, out = preflight_run(capsys, "--params", str(PROFILES / f"{profile}.yaml"))
+    table = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    kinds = {name.split("-")[0] for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]}
+    assert kinds <= {row.split(" ")[0].split("-")[0] for row in table}
+    assert {"train (baseline)", "train (monotonic)", "assess-ref"} <= set(table)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert rc == (2 if errors else 0) and (profile == "cluster" or not errors)   # the small profiles fit
+    assert all(" set " in line or " raise " in line for line in errors)
+    assert "config: built from model.*" in out
+
+
+def test_train_that_does_not_fit_exits_2_naming_stage_and_setting(capsys, tmp_path):
+    params = edited_profile(tmp_path, "cluster", gradient_checkpointing=False)
+    rc, out = preflight_run(capsys, "--params", params, "--gpu", "a100-40gb")
+    assert rc == 2
+    line = next(x for x in out.splitlines() if x.startswith("error: train (baseline): needs"))
+    assert "on a100-40gb (40 GiB, 39 usable): set train.gradient_checkpointing: true (" in line
+    assert "| train (baseline) |" in out and "| no |" in out
+
+    rc, out = preflight_run(capsys, "--params", params, "--gpu", "h200")
+    assert not [x for x in out.splitlines() if x.startswith("error: train")]   # 141 GB holds it
+
+
+def test_checkpointing_already_on_halves_the_micro_batch_keeping_the_global_batch(capsys, tmp_path):
+    params = edited_profile(tmp_path, "cluster", batch_size=32, grad_accum=1)
+    rc, out = preflight_run(capsys, "--params", params, "--gpu", "a100-40gb")
+    line = next(x for x in out.splitlines() if x.startswith("error: train (baseline)"))
+    assert rc == 2 and "set train.batch_size 32 -> " in line and "train.grad_accum 1 -> " in line
+    b, g = (int(line.split(f"{key} ")[1].split(" -> ")[1].split()[0])
+            for key in ("train.batch_size", "train.grad_accum"))
+    assert b * g == 32
+
+
+def test_slurm_request_is_checked(capsys, tmp_path):
+    ini = (REPO / "slurm/resources.ini").read_text().replace("[train]\ntime = 24:00:00\ncpus-per-task = 8\nmem = 64G\n"
+                                                             "gres = gpu:1", "[train]\nmem = 8G\ngres =")
+    (tmp_path / "resources.ini").write_text(ini)
+    rc, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--resources",
+                            str(tmp_path / "resources.ini"))
+    assert rc == 2
+    assert "error: train (monotonic): needs a GPU, slurm/resources.ini [train] requests none: set gres = gpu:1" in out
+    assert ("error: train (baseline): needs 18.8 GiB of host memory, slurm/resources.ini [train] mem = 8G: "
+            "raise mem to") in out
