@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from . import oom, preflight
+from . import oom
 from . import params as params_mod
 from .arms import ARM_NAMES, TRAINED_ARMS
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
     sp.add_argument("--params", default="params.yaml")
+    # tools (preflight, verify) are imported by name, like the stages: a stage's code deps are its own
+    # module's imports and this file's (tests/test_pipeline_dvc.py), never a tool's
+    preflight = importlib.import_module("pipeline.preflight")
     sp = sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU")
     sp.add_argument("--params", default="params.yaml")
     sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
@@ -72,14 +75,14 @@ def main(argv=None) -> int:
     try:
         if args.command == "profile":
             return switch_profile(args.name, args.params)
-        if args.command == "verify":   # by name, like the stages: `python -m pipeline data` never imports torch
+        if args.command == "verify":
             return importlib.import_module("pipeline.monotonic").verify_dir(args.model_dir, args.variant)
         params = params_mod.load(args.params)
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
             return 0
         if args.command == "preflight":
-            return preflight.run(params, args)
+            return importlib.import_module("pipeline.preflight").run(params, args)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:

@@ -389,10 +389,12 @@ def assess_stage(c: Context, arms: int) -> Estimate:
     flops, transient = attack_work(c)
     peak = 4 * s.params + transient
     name = "assess" if arms == 1 else "assess-ref"
+    bf16 = c.bf16(p.eval.precision)
     return Estimate(name, len(p.seeds) * (2 if arms == 1 else 1), peak / GIB, c.host(peak, 4 * s.params),
-                    arms * hours(flops, c.tflops(False), c.mfu), 0.0,
+                    arms * hours(flops, c.tflops(bf16), c.mfu), 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"{arms} arm(s): test NLL, UAT, HotFlip, controls; fp32",
+                    note=f"{arms} arm(s): test NLL, UAT, HotFlip, controls; {'bf16 autocast' if bf16 else 'fp32'} "
+                         "(eval.precision)",
                     fix=f"lower attack.batch_size (now {p.attack.batch_size}), attack.uat.batch_size (now "
                         f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
 
@@ -411,13 +413,32 @@ def transfer_stage(c: Context) -> Estimate:
                     fix=f"lower attack.batch_size (now {a.batch_size})")
 
 
+HARNESS_ITEMS_ASSUMED = 5000    # per lm-eval task (LAMBADA 5153, ARC-Easy 2376, PIQA 1838), 4 choices each
+
+
+def benchmarks_stage(c: Context, ref: bool) -> Estimate:
+    """lm-eval on two arms per job: one forward of at most eval.context_length tokens per request."""
+    p, s, b = c.params, c.shape, c.params.benchmarks
+    requests = sum(b.local_items if t == "pipeline_lastword" else 4 * HARNESS_ITEMS_ASSUMED for t in b.tasks)
+    seq = p.eval.context_length
+    transient = inference_bytes(s, b.batch_size, seq, seq)
+    peak = 4 * s.params + transient
+    return Estimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
+                    c.host(peak, 4 * s.params), 2 * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu),
+                    0.0, parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
+                    note=f"2 arms x {requests} requests (<= {seq} tokens; {HARNESS_ITEMS_ASSUMED} items x 4 choices "
+                         "assumed per harness task); fp32",
+                    fix=f"lower benchmarks.batch_size (now {b.batch_size})")
+
+
 def aggregate_stage(c: Context) -> Estimate:
     return Estimate("aggregate", 1, 0.0, HOST_BASE_GIB, 0.01, 0.0, gpu=False, note="bootstrap statistics; CPU")
 
 
 def estimates(c: Context) -> list[Estimate]:
     return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c), train_stage(c, "baseline"),
-            train_stage(c, "monotonic"), assess_stage(c, 1), assess_stage(c, 2), transfer_stage(c), aggregate_stage(c)]
+            train_stage(c, "monotonic"), assess_stage(c, 1), assess_stage(c, 2), benchmarks_stage(c, True),
+            benchmarks_stage(c, False), transfer_stage(c), aggregate_stage(c)]
 
 
 # --- comparison with slurm/resources.ini and the GPU --------------------------------------------------

@@ -48,8 +48,8 @@ GROUPS = ("decay", "no_decay", "constrained")
 # train keys that do not change the weights a run produces; everything else is part of its fingerprint.
 # batch_size and grad_accum only split the global batch (which the fingerprint holds): a run resumes with a
 # smaller micro-batch after an out-of-memory error (same data per step; sums in another order).
-OPERATIONAL_KEYS = ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints",
-                    "max_steps_per_run", "wall_clock_limit_s", "min_update_norm", "gradient_checkpointing",
+OPERATIONAL_KEYS = ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+                    "keep_checkpoints", "max_steps_per_run", "wall_clock_limit_s", "min_update_norm", "gradient_checkpointing",
                     "arm_overrides")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
