@@ -52,6 +52,7 @@ OPERATIONAL_KEYS = ("batch_size", "grad_accum", "eval_interval", "eval_batches",
                     "keep_checkpoints", "max_steps_per_run", "wall_clock_limit_s", "min_update_norm", "gradient_checkpointing",
                     "arm_overrides")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")   # vary between identical runs: run records, never DVC outputs
 
 
 class FrozenParametersError(RuntimeError):
@@ -196,14 +197,79 @@ class StopRequests:
             signal.signal(s, handler)
 
 
-def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constrained: Sequence[nn.Parameter] = (),
-          checkpoint_base: Path | None = None, identity: dict | None = None, desc: str = "train",
-          export_best: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
-    """Train `model` (fp32 parameters) in place for tp.max_steps optimizer steps, resuming from the newest
-    valid checkpoint under checkpoint_base/<fingerprint> if there is one. Without checkpoint_base the run
-    neither checkpoints nor stops early."""
-    from accelerate import Accelerator
+@dataclass
+class Run:
+    """One call of train(): the accelerate setup, the model and optimizer, where it checkpoints, and the
+    mutable TrainState, passed explicitly to the loop's functions."""
+    tp: TrainParams
+    accelerator: object
+    model: nn.Module                # as prepared by accelerate (DDP-wrapped with several processes)
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    groups: dict[str, list[tuple[str, nn.Parameter]]]
+    base_lrs: list[float]           # the schedule scales these; never read back from a checkpoint
+    state: TrainState
+    seed: int
+    seq_len: int
+    global_batch: int
+    fingerprint: str
+    root: Path | None               # checkpoint directory; None: no checkpoints, no early stops
+    precision: str
+    desc: str
+    started: float = field(default_factory=time.time)
+    wall_at_start: float = 0.0
+    steps_at_start: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def columns(self) -> list[str]:
+        return ["step", "loss", "lr", "grad_norm", *[f"update_norm_{g}" for g in self.groups], *TIMING_COLUMNS]
+
+    def wall_seconds(self) -> float:
+        return self.wall_at_start + time.time() - self.started
+
+
+def build_optimizer(model, tp: TrainParams, constrained: Sequence[nn.Parameter]):
+    """AdamW over the parameter groups (decay / no_decay / constrained); returns (optimizer, groups, base_lrs)."""
+    groups = parameter_groups(model, constrained)
+    settings = group_settings(tp)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in members], "name": g, **settings[g]} for g, members in groups.items()],
+        lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2))
+    return optimizer, groups, [settings[g]["lr"] for g in groups]
+
+
+def find_checkpoint(accelerator, root: Path | None, fingerprint: str, desc: str) -> Path | None:
+    """The newest valid checkpoint of this run (the main process looks, every process gets the answer)."""
     from accelerate.utils import broadcast_object_list
+
+    if root is None:
+        return None
+    found = [ckpt.latest_valid(root, fingerprint) if accelerator.is_main_process else None]
+    broadcast_object_list(found)
+    if found[0] is None and accelerator.is_main_process:
+        others = sorted(p.name for p in root.parent.iterdir() if p.is_dir() and p != root) \
+            if root.parent.exists() else []
+        note = f" (checkpoints of other configurations left untouched: {', '.join(others)})" if others else ""
+        print(f"{desc}: no checkpoint for run {fingerprint}, starting at step 0{note}", flush=True)
+    return found[0]
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainState, dict]:
+    """Model and optimizer state restored in place; returns the checkpoint's TrainState and data position."""
+    ckpt.load_model_state(path, model)
+    optimizer.load_state_dict(ckpt.read_optimizer(path))
+    saved = ckpt.read_json(path / "trainer.json")
+    return TrainState(**saved["state"]), saved["data"]
+
+
+def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: Sequence[nn.Parameter],
+              checkpoint_base: Path | None, identity: dict | None, desc: str) -> Run:
+    """Accelerator, optimizer and state (resumed from the newest valid checkpoint of this run if any)."""
+    from accelerate import Accelerator
 
     not_fp32 = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
     if not_fp32:
@@ -211,188 +277,206 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
                          f"got {len(not_fp32)} non-fp32 parameters, e.g. {not_fp32[0]}")
     precision = mixed_precision(tp.precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    main, rank, procs = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    global_batch = tp.batch_size * tp.grad_accum * procs
-    seq_len = train_data.seq_len
+    global_batch = tp.batch_size * tp.grad_accum * accelerator.num_processes
     fingerprint = run_fingerprint(identity or {}, tp, global_batch)
     root = checkpoint_base / fingerprint if checkpoint_base is not None else None
-
     if tp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.to(accelerator.device)
-    groups = parameter_groups(model, constrained)
-    settings = group_settings(tp)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in members], "name": g, **settings[g]} for g, members in groups.items()],
-        lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2))
-    base_lrs = [settings[g]["lr"] for g in groups]   # the schedule scales these; never read back from a checkpoint
-    columns = ["step", "loss", "lr", "grad_norm", *[f"update_norm_{g}" for g in groups], "tokens_per_s", "elapsed_s"]
-
+    optimizer, groups, base_lrs = build_optimizer(model, tp, constrained)
     state = TrainState(update_norm_sum={g: 0.0 for g in groups})
-    resume_from = None
-    if root is not None:
-        found = [ckpt.latest_valid(root, fingerprint) if main else None]
-        broadcast_object_list(found)
-        resume_from = found[0]
-    if resume_from is not None:
-        ckpt.load_model_state(resume_from, model)
-        optimizer.load_state_dict(ckpt.read_optimizer(resume_from))
-        saved = ckpt.read_json(resume_from / "trainer.json")
-        if saved["data"] != data_position(seed, saved["state"]["step"], global_batch, seq_len):
-            raise ckpt.CheckpointError(f"{resume_from}: data position {saved['data']} does not match this run")
-        state = TrainState(**saved["state"])
-        if main:
-            print(f"{desc}: resuming from {resume_from} (step {state.step}/{tp.max_steps})", flush=True)
-    elif root is not None and main:
-        others = [p.name for p in checkpoint_base.iterdir() if p.is_dir() and p.name != fingerprint] \
-            if checkpoint_base.exists() else []
-        note = f" (checkpoints of other configurations left untouched: {', '.join(others)})" if others else ""
-        print(f"{desc}: no checkpoint for run {fingerprint}, starting at step 0{note}", flush=True)
+    resumed = find_checkpoint(accelerator, root, fingerprint, desc)
+    if resumed is not None:
+        state, position = load_checkpoint(resumed, model, optimizer)
+        if position != data_position(seed, state.step, global_batch, seq_len):
+            raise ckpt.CheckpointError(f"{resumed}: data position {position} does not match this run")
+        if accelerator.is_main_process:
+            print(f"{desc}: resuming from {resumed} (step {state.step}/{tp.max_steps})", flush=True)
     state.runs += 1
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if resumed is not None and not ckpt.read_rng(resumed, accelerator.process_index):
+        print(f"WARNING: {resumed} has no RNG state for process {accelerator.process_index} (process count "
+              "changed); its RNG streams continue from the seeding of this run", file=sys.stderr, flush=True)
+    return Run(tp, accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, groups, base_lrs, state,
+               seed, seq_len, global_batch, fingerprint, root, precision, desc,
+               wall_at_start=state.wall_seconds, steps_at_start=state.step)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    if resume_from is not None and not ckpt.read_rng(resume_from, rank):
-        print(f"WARNING: {resume_from} has no RNG state for process {rank} (process count changed); "
-              "its RNG streams continue from the seeding of this run", file=sys.stderr, flush=True)
-    val_ids = validation_windows(val_data, tp.eval_batches * global_batch)
-    group_params = {g: [p for _, p in members] for g, members in groups.items()}
 
-    def evaluate() -> float:
-        raw_model.eval()
-        batches = [val_ids[i:i + tp.batch_size] for i in range(0, len(val_ids), tp.batch_size)][rank::procs]
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            for ids in batches:
-                batch = torch.from_numpy(val_data.batch(ids)).to(accelerator.device)
-                total[0] += lm_loss(raw_model, batch).double() * batch[:, 1:].numel()
-                total[1] += batch[:, 1:].numel()
-        total = accelerator.reduce(total, reduction="sum")
-        return float(total[0] / total[1])
+def train_step(run: Run, train_data) -> dict | None:
+    """One optimizer step on the step's fixed slice of the data stream; the log row if this step is logged
+    (mean loss over processes, grad norm, the per-group update norms measured from the weights)."""
+    tp, acc, state = run.tp, run.accelerator, run.state
+    step = state.step
+    factor = lr_at(step, tp.max_steps, 1.0, tp.warmup_ratio, tp.min_lr_ratio)
+    for group, base in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base * factor
+    run.model.train()
+    loss_sum = torch.zeros((), device=acc.device)
+    for micro in range(tp.grad_accum):
+        start = step * run.global_batch + (micro * acc.num_processes + acc.process_index) * tp.batch_size
+        batch = torch.from_numpy(train_data.batch(train_data.sequence_ids(run.seed, start, tp.batch_size)))
+        with contextlib.nullcontext() if micro == tp.grad_accum - 1 else acc.no_sync(run.model):
+            loss = lm_loss(run.model, batch.to(acc.device))
+            acc.backward(loss / tp.grad_accum)
+        loss_sum += loss.detach()
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
+    logged = (step + 1) % tp.log_interval == 0 or step + 1 == tp.max_steps
+    params = {g: [p for _, p in members] for g, members in run.groups.items()}
+    before = {g: [p.detach().clone() for p in ps] for g, ps in params.items()} if logged else {}
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    if not logged:
+        return None
+    norms = update_norms(before, params)
+    for g, n in norms.items():
+        state.update_norm_sum[g] += n
+    return {"step": state.step, "loss": float(acc.reduce(loss_sum / tp.grad_accum, reduction="mean")),
+            "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            **{f"update_norm_{g}": n for g, n in norms.items()}}
 
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            staging = ckpt.begin(root, state.step)
-        accelerator.wait_for_everyone()
-        staging = ckpt.staging_path(root, state.step)
-        ckpt.write_rng(staging, rank)
-        if main:
-            ckpt.write_model(staging / "model.safetensors", raw_model)
-            ckpt.write_optimizer(staging, optimizer.state_dict())
-            ckpt.write_json(staging / "trainer.json", {
-                "state": dataclasses.asdict(state), "fingerprint": fingerprint,
-                "data": data_position(seed, state.step, global_batch, seq_len),
-                "schedule": {"kind": "linear warmup + cosine", "total_steps": tp.max_steps, "base_lrs": base_lrs,
-                             "warmup_ratio": tp.warmup_ratio, "min_lr_ratio": tp.min_lr_ratio,
-                             "next_lr_factor": lr_at(state.step, tp.max_steps, 1.0, tp.warmup_ratio,
-                                                     tp.min_lr_ratio)}})
-        accelerator.wait_for_everyone()
-        if main:
-            ckpt.finalize(root, state.step, fingerprint, tp.keep_checkpoints)
 
-    def check_moving() -> None:
-        frozen = {g: s for g, s in state.update_norm_sum.items() if s < tp.min_update_norm}
-        if frozen and state.log:
-            raise FrozenParametersError(
-                f"{desc}: parameter groups {sorted(frozen)} have moved a total of "
-                f"{', '.join(f'{s:.3g}' for s in frozen.values())} (sum of per-step update norms) after "
-                f"{state.step} steps, below train.min_update_norm={tp.min_update_norm}: the weights are not "
-                "training (updates rounding to zero?)")
+def update_norms(before: dict[str, list[torch.Tensor]], params: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Per group, the norm of the step's actual change of the weights (snapshot - weights, in place)."""
+    norms = {}
+    for g, snapshot in before.items():
+        torch._foreach_sub_(snapshot, [p.detach() for p in params[g]])
+        norms[g] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(snapshot))))
+    return norms
 
-    run_t0 = time.time()
-    wall_at_start = state.wall_seconds
-    steps_at_start = state.step
-    stop_reason = None
-    bar = tqdm(total=tp.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, **({} if main else {"disable": True}))
-    with StopRequests(enabled=root is not None) as stops:
+
+def validate(run: Run, val_data, val_ids: np.ndarray) -> float:
+    """Mean validation NLL per token over the fixed windows, split across processes and summed."""
+    acc, tp = run.accelerator, run.tp
+    run.raw_model.eval()
+    batches = [val_ids[i:i + tp.batch_size] for i in range(0, len(val_ids), tp.batch_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    with torch.no_grad(), acc.autocast():
+        for ids in batches[acc.process_index::acc.num_processes]:
+            batch = torch.from_numpy(val_data.batch(ids)).to(acc.device)
+            total[0] += lm_loss(run.raw_model, batch).double() * batch[:, 1:].numel()
+            total[1] += batch[:, 1:].numel()
+    total = acc.reduce(total, reduction="sum")
+    return float(total[0] / total[1])
+
+
+def record_validation(run: Run, val_loss: float, export_best, bar) -> None:
+    """Log the validation loss, fail a frozen run, keep the best model (exported by export_best)."""
+    state = run.state
+    state.val_log.append({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    check_moving(state, run.tp.min_update_norm, run.desc)
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step = val_loss, state.step
+        if export_best is not None and run.root is not None and run.main:
+            with staged_dir(run.root / "best") as out:
+                export_best(run.raw_model, out)
+                ckpt.write_json(out / "best.json", {"step": state.step, "val_loss": val_loss})
+    if run.main:
+        bar.write(f"{run.desc}: step {state.step}/{run.tp.max_steps} val_loss {val_loss:.4f} "
+                  f"(ppl {math.exp(val_loss):.2f})")
+
+
+def check_moving(state: TrainState, min_update_norm: float, desc: str) -> None:
+    frozen = {g: s for g, s in state.update_norm_sum.items() if s < min_update_norm}
+    if frozen and state.log:
+        raise FrozenParametersError(
+            f"{desc}: parameter groups {sorted(frozen)} have moved a total of "
+            f"{', '.join(f'{s:.3g}' for s in frozen.values())} (sum of per-step update norms) after "
+            f"{state.step} steps, below train.min_update_norm={min_update_norm}: the weights are not "
+            "training (updates rounding to zero?)")
+
+
+def stop_reason(run: Run, stops) -> str | None:
+    """Why to stop at this step boundary (a stop request, a per-run step or wall-clock limit), agreed by every
+    process so all stop at the same step."""
+    tp = run.tp
+    reason = None
+    if stops.received:
+        reason = f"signal {stops.received}"
+    elif tp.max_steps_per_run and run.state.step - run.steps_at_start >= tp.max_steps_per_run:
+        reason = f"max_steps_per_run={tp.max_steps_per_run} reached"
+    elif tp.wall_clock_limit_s and time.time() - run.started >= tp.wall_clock_limit_s:
+        reason = f"wall_clock_limit_s={tp.wall_clock_limit_s} reached"
+    if run.accelerator.num_processes > 1:
+        acc = run.accelerator
+        stopping = acc.reduce(torch.tensor(float(reason is not None), device=acc.device), reduction="sum")
+        if float(stopping) > 0 and reason is None:
+            reason = "another process stopped"
+    return reason
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every process writes its RNG state, the main one the model, optimizer and trainer state; then the
+    checkpoint is checksummed and renamed into place (pipeline/checkpoints.py)."""
+    acc, state, tp = run.accelerator, run.state, run.tp
+    state.wall_seconds = run.wall_seconds()
+    acc.wait_for_everyone()
+    if run.main:
+        ckpt.begin(run.root, state.step)
+    acc.wait_for_everyone()
+    staging = ckpt.staging_path(run.root, state.step)
+    ckpt.write_rng(staging, acc.process_index)
+    if run.main:
+        ckpt.write_model(staging / "model.safetensors", run.raw_model)
+        ckpt.write_optimizer(staging, run.optimizer.state_dict())
+        ckpt.write_json(staging / "trainer.json", {
+            "state": dataclasses.asdict(state), "fingerprint": run.fingerprint,
+            "data": data_position(run.seed, state.step, run.global_batch, run.seq_len),
+            "schedule": {"kind": "linear warmup + cosine", "total_steps": tp.max_steps, "base_lrs": run.base_lrs,
+                         "warmup_ratio": tp.warmup_ratio, "min_lr_ratio": tp.min_lr_ratio,
+                         "next_lr_factor": lr_at(state.step, tp.max_steps, 1.0, tp.warmup_ratio,
+                                                 tp.min_lr_ratio)}})
+    acc.wait_for_everyone()
+    if run.main:
+        ckpt.finalize(run.root, state.step, run.fingerprint, tp.keep_checkpoints)
+
+
+def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constrained: Sequence[nn.Parameter] = (),
+          checkpoint_base: Path | None = None, identity: dict | None = None, desc: str = "train",
+          export_best: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
+    """Train `model` (fp32 parameters) in place for tp.max_steps optimizer steps, resuming from the newest
+    valid checkpoint under checkpoint_base/<fingerprint> if there is one. Without checkpoint_base the run
+    neither checkpoints nor stops early."""
+    run = start_run(model, tp, train_data.seq_len, seed=seed, constrained=constrained,
+                    checkpoint_base=checkpoint_base, identity=identity, desc=desc)
+    state = run.state
+    val_ids = validation_windows(val_data, tp.eval_batches * run.global_batch)
+    reason = None
+    bar = tqdm(total=tp.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, disable=not run.main)
+    with StopRequests(enabled=run.root is not None) as stops:
         while state.step < tp.max_steps:
-            step = state.step
             t0 = time.perf_counter()
-            factor = lr_at(step, tp.max_steps, 1.0, tp.warmup_ratio, tp.min_lr_ratio)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            model.train()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in range(tp.grad_accum):
-                start = step * global_batch + (micro * procs + rank) * tp.batch_size
-                batch = torch.from_numpy(train_data.batch(train_data.sequence_ids(seed, start, tp.batch_size)))
-                last = micro == tp.grad_accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = lm_loss(model, batch.to(accelerator.device))
-                    accelerator.backward(loss / tp.grad_accum)
-                loss_sum += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
-            logged = (step + 1) % tp.log_interval == 0 or step + 1 == tp.max_steps
-            before = {g: [p.detach().clone() for p in ps] for g, ps in group_params.items()} if logged else {}
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            if logged:
-                norms = {}
-                for g, snapshot in before.items():   # snapshot := snapshot - weights, then one norm per group
-                    torch._foreach_sub_(snapshot, [p.detach() for p in group_params[g]])
-                    norms[g] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(snapshot))))
-                loss_mean = float(accelerator.reduce(loss_sum / tp.grad_accum, reduction="mean"))
+            row = train_step(run, train_data)
             seconds = time.perf_counter() - t0
             state.step_seconds += seconds
-            state.wall_seconds = wall_at_start + time.time() - run_t0
-            if logged:
-                for g, n in norms.items():
-                    state.update_norm_sum[g] += n
-                tokens_per_s = global_batch * seq_len / seconds
-                state.log.append({"step": state.step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
-                                  "grad_norm": float(grad_norm), **{f"update_norm_{g}": n for g, n in norms.items()},
-                                  "tokens_per_s": tokens_per_s, "elapsed_s": round(state.wall_seconds, 3)})
-                bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            if row is not None:
+                tokens_per_s = run.global_batch * run.seq_len / seconds
+                state.log.append({**row, "tokens_per_s": tokens_per_s, "elapsed_s": round(run.wall_seconds(), 3)})
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
-
             if state.step % tp.eval_interval == 0 or state.step == tp.max_steps:
-                val_loss = evaluate()
-                state.val_log.append({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-                check_moving()
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss, state.best_step = val_loss, state.step
-                    if export_best is not None and root is not None and main:
-                        with staged_dir(root / "best") as out:
-                            export_best(raw_model, out)
-                            ckpt.write_json(out / "best.json", {"step": state.step, "val_loss": val_loss})
-                if main:
-                    bar.write(f"{desc}: step {state.step}/{tp.max_steps} val_loss {val_loss:.4f} "
-                              f"(ppl {math.exp(val_loss):.2f})")
-
-            if root is None:
+                record_validation(run, validate(run, val_data, val_ids), export_best, bar)
+            if run.root is None:
                 continue
-            if stops.received:
-                stop_reason = f"signal {stops.received}"
-            elif tp.max_steps_per_run and state.step - steps_at_start >= tp.max_steps_per_run:
-                stop_reason = f"max_steps_per_run={tp.max_steps_per_run} reached"
-            elif tp.wall_clock_limit_s and time.time() - run_t0 >= tp.wall_clock_limit_s:
-                stop_reason = f"wall_clock_limit_s={tp.wall_clock_limit_s} reached"
-            if procs > 1:   # every process stops at the same step
-                stopping = accelerator.reduce(torch.tensor(float(stop_reason is not None),
-                                                           device=accelerator.device), reduction="sum")
-                if float(stopping) > 0 and stop_reason is None:
-                    stop_reason = "another process stopped"
+            reason = stop_reason(run, stops)
             finished = state.step == tp.max_steps
-            if state.step % tp.checkpoint_interval == 0 or finished or stop_reason:
-                state.wall_seconds = wall_at_start + time.time() - run_t0
-                save_checkpoint()
-            if stop_reason and not finished:
+            if state.step % tp.checkpoint_interval == 0 or finished or reason:
+                save_checkpoint(run)
+            if reason and not finished:
                 break
     bar.close()
-    state.wall_seconds = wall_at_start + time.time() - run_t0
+    state.wall_seconds = run.wall_seconds()
     completed = state.step == tp.max_steps
     if completed:
-        check_moving()
-    accelerator.wait_for_everyone()
-    raw_model.eval()
-    return TrainResult(completed=completed, stop_reason=None if completed else stop_reason, state=state,
-                       model=raw_model, is_main_process=main, num_processes=procs, global_batch=global_batch,
-                       fingerprint=fingerprint, checkpoint_root=root,
-                       groups={g: [n for n, _ in members] for g, members in groups.items()},
-                       log_columns=columns, precision=precision, val_windows=len(val_ids))
+        check_moving(state, tp.min_update_norm, desc)
+    run.accelerator.wait_for_everyone()
+    run.raw_model.eval()
+    return TrainResult(completed=completed, stop_reason=None if completed else reason, state=state,
+                       model=run.raw_model, is_main_process=run.main, num_processes=run.accelerator.num_processes,
+                       global_batch=run.global_batch, fingerprint=run.fingerprint, checkpoint_root=run.root,
+                       groups={g: [n for n, _ in members] for g, members in run.groups.items()},
+                       log_columns=run.columns, precision=run.precision, val_windows=len(val_ids))
 
 
 def data_position(seed: int, step: int, global_batch: int, seq_len: int) -> dict:
@@ -410,9 +494,6 @@ def update_norms_from(model, reference, groups: dict[str, list[str]]) -> dict[st
             sq = sum(float((params[n].detach().cpu().double() - ref[n].detach().double()).pow(2).sum()) for n in names)
             out[g] = math.sqrt(sq)
     return out
-
-
-TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")   # vary between identical runs: run records, never DVC outputs
 
 
 def split_log(columns: list[str], rows: list[dict]) -> tuple[list[str], list[dict], list[dict]]:

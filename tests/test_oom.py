@@ -89,7 +89,8 @@ def test_resume_with_half_the_micro_batch_continues_the_run(smoke_workspace, tmp
 
     m_split = json.loads((split / "outputs/train/monotonic-s0/metrics.json").read_text())
     m_whole = json.loads((whole / "outputs/train/monotonic-s0/metrics.json").read_text())
-    assert m_split["runs"] == 2 and m_split["fingerprint"] == m_whole["fingerprint"]
+    runs = json.loads((split / "outputs/runs/train-monotonic-s0.json").read_text())["runs"]
+    assert runs == 2 and m_split["fingerprint"] == m_whole["fingerprint"]
     assert m_split["data_order_sha256"] == m_whole["data_order_sha256"]
     loss_split = [float(r["loss"]) for r in read_csv(split / "outputs/train/monotonic-s0/log.csv")]
     loss_whole = [float(r["loss"]) for r in read_csv(whole / "outputs/train/monotonic-s0/log.csv")]
