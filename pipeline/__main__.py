@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import params as params_mod
 from .arms import ARM_NAMES, TRAINED_ARMS
+from .hub import HubCacheError
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=_OneLineHelpFormatter,
                                      epilog="Switch every setting at once: python -m pipeline profile cluster "
-                                            "(profiles/: embedded = params.yaml default, smoke, cluster).")
+                                            "(profiles/: embedded = params.yaml default, smoke, rehearsal, cluster).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name, (_, help_text, arm_choices) in STAGES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
+    sp.add_argument("--params", default="params.yaml")
+    sp = sub.add_parser("fetch", help="download what the params need into the HF hub cache (network; login node)")
     sp.add_argument("--params", default="params.yaml")
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
     sp.add_argument("name")
@@ -72,13 +75,21 @@ def main(argv=None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
             return 0
+        if args.command == "fetch":
+            from .fetch import run as fetch
+
+            return fetch(params)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
-    return module.run(params, args) or 0
+    try:
+        return module.run(params, args) or 0
+    except HubCacheError as exc:   # a pinned hub file missing or damaged: found before any compute
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def switch_profile(name: str, target: str) -> int:
