@@ -335,7 +335,6 @@ def _check_consistency(p: Params) -> None:
     if abs(sum(fr.values()) - 1.0) > 1e-6:
         raise ParamsError("data.fractions", fr, f"fractions summing to 1 (they sum to {sum(fr.values()):.6g})")
 
-    _check_data_files(p.data)
     if p.data.source == "hf" and p.tokenizer.source != "model":
         raise ParamsError("tokenizer.source", p.tokenizer.source, "'model' when data.source is 'hf'")
     if p.model.source == "hf":
@@ -343,6 +342,7 @@ def _check_consistency(p: Params) -> None:
             raise ParamsError("tokenizer.source", p.tokenizer.source, "'model' when model.source is 'hf'")
     elif p.tokenizer.source != "train_bpe":
         raise ParamsError("tokenizer.source", p.tokenizer.source, "'train_bpe' when model.source is 'scratch'")
+    _check_data_files(p.data)
     if p.model.source == "scratch":
         if p.model.hidden_size % p.model.num_heads:
             raise ParamsError("model.num_heads", p.model.num_heads,

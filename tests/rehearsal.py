@@ -110,6 +110,14 @@ def build(cache_dir: Path, params: P.Params | None = None) -> P.Params:
     return params
 
 
+def copy_cache(cache_dir: Path, dest: Path) -> Path:
+    """A private copy of a cache (snapshot links are relative, so they point into the copy)."""
+    import shutil
+
+    shutil.copytree(cache_dir, dest, symlinks=True)
+    return dest
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)

@@ -15,11 +15,17 @@ from ..paths import DATA_DIR
 from ..provenance import provenance, record_run
 
 
-def build(params, out_dir) -> tuple[dict, dict]:
-    """Write outputs/data into out_dir; returns the manifest and what was measured (for the run record)."""
-    p = params.data
+def resolve_inputs(params) -> tuple:
+    """The model's tokenizer directory (None: trained here) and the hf source's files, verified."""
     tokenizer_dir = hub.model_dir(params.model, weights=False) if params.tokenizer.source == "model" else None
-    files = D.resolve_data_files(p) if p.source == "hf" else {}
+    return tokenizer_dir, D.resolve_data_files(params.data) if params.data.source == "hf" else {}
+
+
+def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
+    """Write outputs/data into out_dir from resolve_inputs(params); returns the manifest and what was
+    measured (for the run record)."""
+    p = params.data
+    tokenizer_dir, files = inputs
     splits = D.load_splits(p, {name: path for name, (path, _) in files.items()})
     for split, split_docs in splits.items():
         D.write_docs(out_dir / "docs" / f"{split}.jsonl", split_docs)
@@ -57,8 +63,9 @@ def build(params, out_dir) -> tuple[dict, dict]:
 
 def run(params, args) -> int:
     t0 = time.time()
+    inputs = resolve_inputs(params)
     with staged_dir(DATA_DIR) as out_dir:
-        manifest, measured = build(params, out_dir)
+        manifest, measured = build(params, out_dir, inputs)
     record_run("data", manifest["provenance"], seconds=round(time.time() - t0, 2), **measured)
     rows = ", ".join(f"{s} {v['documents']} docs / {v['tokens']} tok" for s, v in manifest["splits"].items())
     print(f"data: {manifest['documents']} documents -> {rows}; vocab {manifest['vocab_size']}; tokenized "
