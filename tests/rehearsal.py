@@ -118,6 +118,26 @@ def copy_cache(cache_dir: Path, dest: Path) -> Path:
     return dest
 
 
+try:
+    import pytest
+except ImportError:      # the script runs without the test dependencies
+    pytest = None
+else:
+    @pytest.fixture(scope="session")
+    def rehearsal_cache(tmp_path_factory) -> Path:
+        """profiles/rehearsal.yaml's model and dataset in a hub cache. Read-only: copy before changing it."""
+        cache = tmp_path_factory.mktemp("scratch") / "hf" / "hub"
+        build(cache)
+        return cache
+
+    @pytest.fixture
+    def scratch(rehearsal_cache, tmp_path, monkeypatch) -> Path:
+        """$SCRATCH for the rehearsal profile, holding a private copy of its hub cache at $SCRATCH/hf/hub."""
+        copy_cache(rehearsal_cache, tmp_path / "scratch" / "hf" / "hub")
+        monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+        return tmp_path / "scratch"
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)

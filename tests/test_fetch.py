@@ -12,27 +12,12 @@ import pytest
 import yaml
 
 import rehearsal
+from rehearsal import rehearsal_cache, scratch  # noqa: F401 (fixtures)
 from conftest import REPO, run_stage
 from pipeline import data as D, hub, params as P
 from pipeline.__main__ import main
 
 CLUSTER = REPO / "profiles" / "cluster.yaml"
-
-
-@pytest.fixture(scope="session")
-def rehearsal_cache(tmp_path_factory) -> Path:
-    """profiles/rehearsal.yaml's model and dataset in a hub cache. Read-only: copy before changing it."""
-    cache = tmp_path_factory.mktemp("scratch") / "hf" / "hub"
-    rehearsal.build(cache)
-    return cache
-
-
-@pytest.fixture
-def scratch(rehearsal_cache, tmp_path, monkeypatch) -> Path:
-    """$SCRATCH for the rehearsal profile, holding a private copy of its hub cache at $SCRATCH/hf/hub."""
-    rehearsal.copy_cache(rehearsal_cache, tmp_path / "scratch" / "hf" / "hub")
-    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
-    return tmp_path / "scratch"
 
 
 @pytest.fixture
