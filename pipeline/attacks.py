@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import TokenSplit
+from .device import eval_autocast, resolve_precision
 
 EXAMPLE_SELECTION_SEED = 20190801   # fixed: the same examples for every arm and seed
 # independent random streams per method, derived from the run seed
@@ -92,9 +93,11 @@ class Scorer:
     """True-loss scoring and one-hot gradients of the continuation NLL, batched, with pass counters.
     Sequences are [N, S]; the last `continuation_tokens` tokens are the only loss targets."""
 
-    def __init__(self, model, continuation_tokens: int, batch_size: int, candidates: torch.Tensor):
+    def __init__(self, model, continuation_tokens: int, batch_size: int, candidates: torch.Tensor,
+                 precision: str = "auto"):
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
+        self.precision = precision    # eval.precision: forward passes in bf16 autocast on CUDA, losses in fp32
         self.embedding = model.get_input_embeddings().weight          # [rows, H]
         self.continuation_tokens = continuation_tokens
         self.batch_size = batch_size
@@ -106,7 +109,9 @@ class Scorer:
     def _continuation_nll(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         c = self.continuation_tokens
         kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids}
-        logits = self.model(**kwargs, logits_to_keep=c + 1).logits[:, :-1].float()   # predict the last c tokens
+        with eval_autocast(self.precision, self.device):
+            logits = self.model(**kwargs, logits_to_keep=c + 1).logits
+        logits = logits[:, :-1].float()   # predict the last c tokens
         targets = ids[:, -c:]
         return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
 
@@ -342,25 +347,28 @@ class AttackSetup:
     opt: Examples
     eval: Examples
     clean_nll: torch.Tensor
+    precision: str                # eval.precision as resolved on the model's device ("bf16" or "fp32")
 
 
 def load_setup(params, arm: str, seed: int, data_dir: str | Path | None = None) -> AttackSetup:
-    from . import arms, paths
+    from . import paths
     from .data import load_tokenizer
+    from .loading import load_arm_model
 
     data_dir = Path(data_dir or paths.DATA_DIR)
     a = params.attack
-    model, meta = arms.load_model(params, arm, seed)
+    model, meta = load_arm_model(params, arm, seed)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     candidates = candidate_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
     opt = attack_examples(data_dir, "attack_opt", a.opt_examples, a.prompt_tokens, a.continuation_tokens)
     evaluation = attack_examples(data_dir, "attack_eval", a.eval_examples, a.prompt_tokens, a.continuation_tokens)
-    clean = Scorer(model, a.continuation_tokens, a.batch_size, candidates).nll(evaluation.tokens, count=False)
-    return AttackSetup(model, meta, tokenizer, candidates, opt, evaluation, clean)
+    precision = resolve_precision(params.eval.precision, next(model.parameters()).device)
+    clean = Scorer(model, a.continuation_tokens, a.batch_size, candidates, precision).nll(evaluation.tokens, count=False)
+    return AttackSetup(model, meta, tokenizer, candidates, opt, evaluation, clean, precision)
 
 
 def _scorer(setup: AttackSetup, a, batch_size: int | None = None) -> Scorer:
-    return Scorer(setup.model, a.continuation_tokens, batch_size or a.batch_size, setup.candidates)
+    return Scorer(setup.model, a.continuation_tokens, batch_size or a.batch_size, setup.candidates, setup.precision)
 
 
 def _uat_result(setup: AttackSetup, a, scorer: Scorer, found: dict) -> dict:
@@ -426,7 +434,7 @@ def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, res
     from .paths import attack_dir, run_name
     from .provenance import provenance, record_run
 
-    prov = provenance(params, name, seed=seed, arm=arm)
+    prov = provenance(params, name, seed=seed, arm=arm, precision=setup.precision)
     result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "provenance": prov})
     write_json(attack_dir(arm, seed) / f"{name}.json", result)
     seconds = round(time.time() - started, 1)

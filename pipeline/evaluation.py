@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .device import eval_autocast
+
 
 def sliding_windows(length: int, context_length: int, stride: int):
     """(begin, end, first_scored) windows over a sequence of `length` tokens; position 0 is never a
@@ -26,8 +28,10 @@ def sliding_windows(length: int, context_length: int, stride: int):
 
 @torch.no_grad()
 def document_nll(model, documents: list[np.ndarray], eos_id: int, context_length: int, stride: int,
-                 batch_size: int, desc: str = "nll", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL (nats) and scored-token count per document."""
+                 batch_size: int, desc: str = "nll", progress: bool = True,
+                 precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL (nats) and scored-token count per document, computed where the model is (forward passes
+    under eval_autocast(precision), the loss in fp32)."""
     device = next(model.parameters()).device
     jobs = []   # (doc index, tokens of the window, number of scored trailing targets)
     for d, doc in enumerate(documents):
@@ -45,7 +49,9 @@ def document_nll(model, documents: list[np.ndarray], eos_id: int, context_length
         for i, (_, w, _) in enumerate(chunk):
             ids[i, : len(w)] = torch.from_numpy(w)
             mask[i, : len(w)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with eval_autocast(precision, device):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits.float()
         token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")
         for i, (d, w, scored) in enumerate(chunk):
             nll[d] += token_nll[i, len(w) - 1 - scored: len(w) - 1].double().sum().item()

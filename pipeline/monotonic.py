@@ -15,6 +15,7 @@ rebuilds the parametrization before loading V, so V can never be silently re-ini
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -187,3 +188,18 @@ def load_parametrized(path: str | Path, expected_variant: str | None = None, dty
                                 f"{len(stale)} modules ({stale[:3]}): the two files come from different models")
     verify(model, variant)
     return model, variant
+
+
+def verify_dir(model_dir: str, variant: str) -> int:
+    """Verify the materialized weights (model.safetensors) of any saved model and, for a parametrized
+    checkpoint, also its V (load_parametrized checks the recorded variant and that W = softplus(V))."""
+    try:
+        report = verify(load_causal_lm(model_dir), variant)
+        if (Path(model_dir) / STATE_FILE).exists():
+            load_parametrized(model_dir, expected_variant=variant)
+            report["parametrized_state_checked"] = True
+    except (MonotonicityError, ValueError, OSError) as exc:
+        print(f"FAILED: {model_dir}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0

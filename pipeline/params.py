@@ -175,6 +175,7 @@ class EvalParams:
     stride: int = at_least(1)
     batch_size: int = at_least(1)
     max_documents: int = nonneg()         # 0 = every test document
+    precision: str = choice("auto", "fp32", "bf16")   # forward passes of evaluation and attacks (losses in fp32)
 
 
 @dataclass(frozen=True)

@@ -292,13 +292,13 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
 
 
 def test_monotonic_arm_with_another_variant_fails_loudly(smoke_workspace, smoke_params, monkeypatch):
-    from pipeline.arms import load_model
+    from pipeline.loading import load_arm_model
 
     monkeypatch.chdir(smoke_workspace)
     other = dataclasses.replace(smoke_params, monotonic=dataclasses.replace(smoke_params.monotonic, variant="mlp_in"))
     with pytest.raises(ValueError, match="variant"):
-        load_model(other, "monotonic_init", 0)
-    model, meta = load_model(smoke_params, "monotonic_init", 0)
+        load_arm_model(other, "monotonic_init", 0)
+    model, meta = load_arm_model(smoke_params, "monotonic_init", 0)
     assert meta["variant"] == smoke_params.monotonic.variant
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import run_stage
 from pipeline import data as D
-from pipeline.arms import load_model
+from pipeline.loading import load_arm_model
 from pipeline.evaluation import document_nll, sliding_windows
 from pipeline.models import tiny_gpt_neox
 
@@ -71,4 +71,4 @@ def test_evaluate_stage_writes_metrics_and_per_document_nll(workspace_copy, smok
 def test_missing_arm_model_is_a_clear_error(smoke_workspace, smoke_params, monkeypatch):
     monkeypatch.chdir(smoke_workspace)
     with pytest.raises(FileNotFoundError, match="baseline"):
-        load_model(smoke_params, "baseline", 0)
+        load_arm_model(smoke_params, "baseline", 0)

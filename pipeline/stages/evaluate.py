@@ -7,7 +7,8 @@ import time
 import numpy as np
 
 from .. import data as D
-from ..arms import load_model
+from ..loading import load_arm_model
+from ..device import resolve_precision
 from ..evaluation import document_nll, perplexity
 from ..io import staged_dir, write_json
 from ..paths import DATA_DIR, eval_dir, run_name
@@ -25,8 +26,9 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
     count = len(test) if e.max_documents == 0 else min(e.max_documents, len(test))
     docs = [test.document(i) for i in range(count)]
     nll, tokens = document_nll(model, docs, test.eos_id, e.context_length, e.stride, e.batch_size,
-                               desc=f"evaluate {arm}")
-    prov = provenance(params, "evaluate", seed=seed, arm=arm)
+                               desc=f"evaluate {arm}", precision=e.precision)
+    device = next(model.parameters()).device
+    prov = provenance(params, "evaluate", seed=seed, arm=arm, precision=resolve_precision(e.precision, device))
     metrics = {"arm": arm, "seed": seed, "perplexity": perplexity(nll, tokens),
                "nll_per_token": float(nll.sum() / tokens.sum()), "tokens": int(tokens.sum()),
                "documents": count, "context_length": e.context_length, "stride": e.stride,
@@ -44,5 +46,5 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
 
 
 def run(params, args) -> int:
-    evaluate(params, args.arm, args.seed, *load_model(params, args.arm, args.seed))
+    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed))
     return 0

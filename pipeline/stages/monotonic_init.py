@@ -8,6 +8,7 @@ from .. import data as D
 from ..evaluation import document_nll, perplexity
 from .. import arms
 from ..io import staged_dir, write_json
+from ..loading import load_arm_model
 from ..monotonic import apply_monotonic, load_parametrized, save_parametrized
 from ..paths import DATA_DIR, METRICS_DIR
 from ..provenance import provenance, record_run
@@ -16,7 +17,7 @@ from ..provenance import provenance, record_run
 def run(params, args) -> int:
     t0 = time.time()
     m = params.monotonic
-    model, _ = arms.load_model(params, "pretrained", None)
+    model, _ = load_arm_model(params, "pretrained", None)
     report = apply_monotonic(model, m.variant, m.init, m.eps)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     prov = provenance(params, "monotonic_init", seed=None)
@@ -29,7 +30,7 @@ def run(params, args) -> int:
     validation = D.TokenSplit(DATA_DIR, "validation")
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
-                              params.eval.batch_size, desc="validation")
+                              params.eval.batch_size, desc="validation", precision=params.eval.precision)
     metrics = {"validation_perplexity": perplexity(nll, count), **spec,
                "verify": {k: v for k, v in report.items() if k != "modules"}, "provenance": prov}
     write_json(METRICS_DIR / "monotonic_init.json", metrics)

@@ -12,6 +12,7 @@ from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
 from ..arms import ARMS
+from ..device import place
 from ..paths import DATA_DIR, METRICS_DIR
 from ..params import TrainParams
 from ..provenance import provenance, record_run
@@ -47,14 +48,14 @@ def run(params, args) -> int:
         model, log, log_columns = result.model, result.state.log, result.log_columns
         origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
     else:
-        model = load_causal_lm(checkpoint)
+        model = place(load_causal_lm(checkpoint))
         origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
                   "local_path": params.model.hf_local_path}
 
     validation = D.TokenSplit(DATA_DIR, "validation")
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
-                              params.eval.batch_size, desc="validation")
+                              params.eval.batch_size, desc="validation", precision=params.eval.precision)
     metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
                "parameters": count_parameters(model), **origin}
     if params.tokenizer.source == "train_bpe":

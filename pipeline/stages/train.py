@@ -24,6 +24,7 @@ from .. import arms
 from .. import data as D
 from ..checkpoints import sha256
 from ..io import staged_dir, write_csv, write_json
+from ..loading import load_arm_model
 from ..models import save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
 from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir
@@ -34,7 +35,7 @@ from ..training import REQUEUE_EXIT_CODE, data_order_sha256, seed_everything, sp
 def load_start_model(params, arm: arms.Arm, seed: int):
     """The arm's starting point: (model, its trainable V tensors if constrained, source dir)."""
     start = arms.get(arm.start)
-    model, _ = arms.load_model(params, start.name, seed, parametrized=True)
+    model, _ = load_arm_model(params, start.name, seed, parametrized=True)
     constrained = constrained_parameters(model) if arm.constrained else []
     if arm.constrained and not constrained:
         raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")

@@ -38,7 +38,7 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dic
         if sources is None:
             sources = {arm: {name: _load_source(params, arm, seed, name, setup.eval.ids)
                              for name in ("uat", "hotflip")} for arm in arms}
-        scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates)
+        scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates, setup.precision)
         out["clean_nll"][target] = setup.clean_nll.mean().item()
         for source in arms:
             uat = sources[source]["uat"]

@@ -1,0 +1,40 @@
+"""The one device policy of every stage that touches a model: CUDA when present (the GPU of this process's
+LOCAL_RANK under a multi-process launch), else the CPU; evaluation and attacks under bf16 autocast on CUDA
+(eval.precision auto), with their losses and candidate comparisons in fp32 and TF32 matmuls allowed.
+The trainer places its model through accelerate, which follows the same rule."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def model_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def place(model):
+    """A loaded model on the policy's device."""
+    return model.to(model_device())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """eval.precision -> "bf16" or "fp32" (auto: bf16 on a CUDA device that supports it)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def eval_autocast(precision: str, device: torch.device):
+    """Forward passes in bf16 autocast when the resolved precision is bf16 (callers compute losses in fp32);
+    yields the resolved precision, which outputs record in their provenance."""
+    resolved = resolve_precision(precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16"):
+        yield resolved

@@ -1,0 +1,33 @@
+"""Loading an arm's saved model by the arm table (pipeline/arms.py): checked against params, verified,
+and placed on the device policy's device."""
+from __future__ import annotations
+
+from . import arms
+from .device import place
+from .models import load_causal_lm, read_meta
+from .monotonic import load_parametrized, verify
+
+
+def load_arm_model(params, name: str, seed: int | None, parametrized: bool = False):
+    """An arm's saved model and its pipeline meta. Constrained arms: the checkpoint's variant must equal
+    params.monotonic.variant and every constrained weight must be non-negative; parametrized=True rebuilds
+    W = softplus(V) with V trainable (the trainer's start), else the plain materialized model (evaluation).
+    Returns (model, meta)."""
+    arm = arms.get(name)
+    model_dir = arm.model_dir(seed)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"no model for arm {name!r} seed {seed} at {model_dir}: run its stage first")
+    meta = read_meta(model_dir)
+    if meta.get("arm", name) != name:
+        raise ValueError(f"{model_dir} holds arm {meta['arm']!r}, expected {name!r}")
+    variant = params.monotonic.variant
+    if arm.constrained and meta.get("variant") != variant:
+        raise ValueError(f"{model_dir} was constrained with variant {meta.get('variant')!r}; params ask for "
+                         f"monotonic.variant {variant!r}: rerun monotonic_init/train")
+    if arm.constrained and parametrized:
+        model, _ = load_parametrized(model_dir, expected_variant=variant)
+        return place(model), meta
+    model = load_causal_lm(model_dir)
+    if arm.constrained:
+        verify(model, variant)
+    return place(model), meta
