@@ -7,7 +7,6 @@ import sys
 
 from . import params as params_mod
 from .arms import ARM_NAMES, TRAINED_ARMS
-from .hub import HubCacheError
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -73,10 +72,8 @@ def main(argv=None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
             return 0
-        if args.command == "fetch":
-            from .fetch import run as fetch
-
-            return fetch(params)
+        if args.command == "fetch":    # by name too: no stage's code depends on the downloader
+            return importlib.import_module("pipeline.fetch").run(params)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:
@@ -85,7 +82,7 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
     try:
         return module.run(params, args) or 0
-    except HubCacheError as exc:   # a pinned hub file missing or damaged: found before any compute
+    except params_mod.InputError as exc:   # e.g. a pinned hub file missing or damaged, found before any compute
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

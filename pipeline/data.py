@@ -181,17 +181,9 @@ def hf_splits(p: DataParams, paths: dict[str, Path]) -> dict[str, list[Document]
     return {"train": train, **_cut(pool, {s: counts[s] for s in HELD_OUT}, p.split_seed)}
 
 
-def resolve_data_files(p: DataParams) -> dict[str, tuple[Path, str]]:
-    """Every file the hf source reads, verified in the hub cache at the pinned commit: name -> (path, hash)."""
-    from . import hub
-
-    repo = hub.dataset_repo(p)
-    return {name: hub.resolve_file(repo, name) for name in (*p.hf_train_files, *p.hf_heldout_files)}
-
-
 def load_splits(p: DataParams, paths: dict[str, Path] | None = None) -> dict[str, list[Document]]:
-    """The five document splits: the embedded corpus cut by fractions, or the hf files (`paths`, from
-    resolve_data_files)."""
+    """The five document splits: the embedded corpus cut by fractions, or the hf files (`paths`: repository
+    path -> local file, from hub.data_files)."""
     if p.source == "embedded":
         return split_documents(embedded_documents(p.min_chars, p.max_documents), p.fractions, p.split_seed)
     return hf_splits(p, paths)

@@ -17,12 +17,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .params import InputError
+
 FETCH_COMMAND = "python -m pipeline fetch"
 FETCH_HINT = f"run `{FETCH_COMMAND}` on a login node with network (it stores the pinned files in the cache)"
 READ_CHUNK = 1 << 24
 
 
-class HubCacheError(RuntimeError):
+class HubCacheError(InputError):
     """A pinned file that is not in the HF hub cache, or not intact there."""
 
 
@@ -119,6 +121,12 @@ def resolve_file(repo: Repo, path: str) -> tuple[Path, str]:
     if not link.is_symlink() and not link.exists():
         raise MissingFromCache(f"{repo}: '{path}' is not in the HF hub cache (looked for {link}); {FETCH_HINT}")
     return link, verify(link)
+
+
+def data_files(d) -> dict[str, tuple[Path, str]]:
+    """Every file the hf data source reads, verified at the pinned commit: repository path -> (path, hash)."""
+    repo = dataset_repo(d)
+    return {name: resolve_file(repo, name) for name in (*d.hf_train_files, *d.hf_heldout_files)}
 
 
 def snapshot_files(repo: Repo) -> list[str]:

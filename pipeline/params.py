@@ -47,6 +47,11 @@ class ParamsError(ValueError):
         super().__init__(f"params: invalid value for '{key}': {value!r}; allowed: {allowed}")
 
 
+class InputError(RuntimeError):
+    """An input the params name (a pinned file in the HF hub cache) is missing or damaged: a stage finds
+    it before computing, and the CLI reports it in one message (exit 2) with what fixes it."""
+
+
 # --- field declarations -----------------------------------------------------------------------
 
 def _spec(allowed: str, check, default=dataclasses.MISSING):

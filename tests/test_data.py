@@ -267,7 +267,7 @@ def pile_cache(tmp_path_factory):
 
 
 def read_pile(data) -> dict[str, list[D.Document]]:
-    return D.load_splits(data, {name: path for name, (path, _) in D.resolve_data_files(data).items()})
+    return D.load_splits(data, {name: path for name, (path, _) in hub.data_files(data).items()})
 
 
 def test_held_out_splits_never_come_from_a_train_shard(pile_cache):

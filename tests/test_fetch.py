@@ -105,7 +105,7 @@ def test_populated_cache_loads_with_the_network_off(scratch, rehearsal_params, m
     assert model.config.vocab_size == rehearsal.padded_rows(len(tokenizer)) > len(tokenizer)   # Pythia's rule
     assert model.config.use_parallel_residual and not model.config.tie_word_embeddings
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.25
-    files = D.resolve_data_files(rehearsal_params.data)
+    files = hub.data_files(rehearsal_params.data)
     assert list(files) == [*rehearsal_params.data.hf_train_files, *rehearsal_params.data.hf_heldout_files]
     for name, (path, digest) in files.items():
         assert path.resolve().name == digest == hub.content_hash(path, "lfs"), name
@@ -133,10 +133,10 @@ def test_the_pinned_commit_is_used_with_and_without_data_files(scratch, rehearsa
     add_other_commit(scratch, data_repo, other)
     add_other_commit(scratch, model_repo, other)
     splits = D.load_splits(rehearsal_params.data,
-                           {n: p for n, (p, _) in D.resolve_data_files(rehearsal_params.data).items()})
+                           {n: p for n, (p, _) in hub.data_files(rehearsal_params.data).items()})
     assert not any("moved on" in d.text for docs in splits.values() for d in docs)
     assert all(f"/snapshots/{rehearsal_params.data.hf_revision}/" in str(p)
-               for p, _ in D.resolve_data_files(rehearsal_params.data).values())
+               for p, _ in hub.data_files(rehearsal_params.data).values())
     model_dir = hub.model_dir(rehearsal_params.model)
     assert model_dir.name == rehearsal_params.model.hf_revision
     assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 2

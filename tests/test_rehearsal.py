@@ -35,7 +35,7 @@ def test_rehearsal_stages_run_offline_from_the_fixture(scratch, tmp_path, monkey
 
     data_dir = ws / "outputs" / "data"
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    files = D.resolve_data_files(params.data)
+    files = hub.data_files(params.data)
     assert manifest["source"] == f"{params.data.hf_dataset}@{params.data.hf_revision}"
     assert manifest["files"] == {name: digest for name, (_, digest) in files.items()}
     run_record = json.loads((ws / "outputs" / "runs" / "data.json").read_text())

@@ -18,7 +18,7 @@ from ..provenance import provenance, record_run
 def resolve_inputs(params) -> tuple:
     """The model's tokenizer directory (None: trained here) and the hf source's files, verified."""
     tokenizer_dir = hub.model_dir(params.model, weights=False) if params.tokenizer.source == "model" else None
-    return tokenizer_dir, D.resolve_data_files(params.data) if params.data.source == "hf" else {}
+    return tokenizer_dir, hub.data_files(params.data) if params.data.source == "hf" else {}
 
 
 def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
