@@ -1,5 +1,10 @@
 """Corpus, document-level splits, tokenizer and packed token storage.
 
+Sources: the embedded corpus (CPython's own English text), cut into five splits by a seeded permutation; or
+files of a hub dataset in the Pile-uncopyrighted layout (hub.data_files: verified in the HF hub cache at a
+pinned commit), where train comes from the named train shards and every held-out split from the held-out
+files (the Pile's val/test), see hf_splits.
+
 Layout under a data directory:
   docs/{split}.jsonl            one document per line: {"id", "source", "text"}
   tokenizer/                    a transformers tokenizer (embedded BPE, or the model's own)

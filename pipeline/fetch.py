@@ -35,10 +35,9 @@ def needs(params) -> list[Need]:
 
 def stored(need: Need) -> dict[str, str]:
     """Repository path -> content hash of what the cache holds for a need, every file verified."""
-    if need.files:
-        return {name: hub.resolve_file(need.repo, name)[1] for name in need.files}
-    hub.resolve_snapshot(need.repo, hub.MODEL_REQUIRED)
-    return {name: hub.verify(need.repo.snapshot / name) for name in hub.snapshot_files(need.repo)}
+    names = need.files or (*hub.MODEL_REQUIRED,
+                           *(n for n in hub.snapshot_files(need.repo) if n not in hub.MODEL_REQUIRED))
+    return {name: hub.resolve_file(need.repo, name)[1] for name in names}
 
 
 def download(need: Need, force: tuple[str, ...] = ()) -> None:
@@ -104,8 +103,9 @@ def run(params) -> int:
         try:
             hashes = fetch_one(need, online)
         except hub.HubCacheError as exc:
-            print(f"error: {exc}" + ("" if online else "\n(HF_HUB_OFFLINE=1: unset it on a machine with network)"),
-                  file=sys.stderr)
+            hint = ("is every named file in the repository at that commit?" if online
+                    else "HF_HUB_OFFLINE=1: run with HF_HUB_OFFLINE=0 on a machine with network")
+            print(f"error: {exc}\n({hint})", file=sys.stderr)
             return 1
         print(f"{need.repo}: {len(hashes)} files verified in {need.repo.snapshot}")
         for name, digest in hashes.items():
