@@ -20,6 +20,7 @@ STAGES = {
     "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", ARM_NAMES),
     "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)",
                ARM_NAMES),
+    "benchmarks": ("benchmarks", "zero-shot tasks through lm-evaluation-harness on the arm(s) of one seed", ARM_NAMES),
     "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", None),
     "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", None),
 }
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if arm_choices:
-            sp.add_argument("--arm", required=True, choices=arm_choices, nargs="+" if name == "assess" else None)
+            sp.add_argument("--arm", required=True, choices=arm_choices,
+                            nargs="+" if name in ("assess", "benchmarks") else None)
             sp.add_argument("--seed", required=True, type=int)
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)

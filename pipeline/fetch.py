@@ -1,7 +1,9 @@
 """`python -m pipeline fetch`: the only step that uses the network, run once on a login node.
 
 It stores exactly what the params need in the HF hub cache (pipeline/hub.py): the model at its pinned commit
-(when model.hf_local_path does not name a baked checkpoint) and the named data files at theirs. Every file
+(when model.hf_local_path does not name a baked checkpoint), the named data files at theirs, and the dataset of
+every lm-eval harness task in benchmarks.tasks at its pinned commit (into the default hub cache, where the
+benchmarks stage reads it). Every file
 is then verified: its content against the blob name, and (online) its size and hash against the hub's own
 record of the pinned commit. It prints what is stored and where. With HF_HUB_OFFLINE=1 it downloads
 nothing and only verifies what the cache holds.
@@ -20,23 +22,40 @@ MODEL_PATTERNS = ("*.json", "*.txt", "*.safetensors")   # config, tokenizer, wei
 class Need:
     repo: hub.Repo
     files: tuple[str, ...] = ()         # exact repository paths, or
-    patterns: tuple[str, ...] = ()      # glob patterns (the model's files at its commit)
+    patterns: tuple[str, ...] = ()      # glob patterns (every matching file at the commit),
+    required: tuple[str, ...] = ()      # of which these must be there
 
 
 def needs(params) -> list[Need]:
     out = []
     if params.model.source == "hf" and not params.model.hf_local_path:
-        out.append(Need(hub.model_repo(params.model), patterns=MODEL_PATTERNS))
+        out.append(Need(hub.model_repo(params.model), patterns=MODEL_PATTERNS, required=hub.MODEL_REQUIRED))
     if params.data.source == "hf":
         out.append(Need(hub.dataset_repo(params.data), files=(*params.data.hf_train_files,
                                                                  *params.data.hf_heldout_files)))
-    return out
+    return out + benchmark_needs(params.benchmarks)
+
+
+def benchmark_needs(b) -> list[Need]:
+    """The harness tasks' datasets (the local task needs none), each whole at its pinned commit."""
+    from . import benchmarks as B
+
+    tasks = [t for t in b.tasks if t != B.LOCAL_TASK]
+    if not tasks:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    manager, cache = TaskManager(), hub.cache_dir(None, "HF_HUB_CACHE")
+    return [Need(hub.Repo("dataset", B.dataset_of(t, manager), b.dataset_revisions[t], cache), patterns=("*",))
+            for t in tasks]
 
 
 def stored(need: Need) -> dict[str, str]:
     """Repository path -> content hash of what the cache holds for a need, every file verified."""
-    names = need.files or (*hub.MODEL_REQUIRED,
-                           *(n for n in hub.snapshot_files(need.repo) if n not in hub.MODEL_REQUIRED))
+    names = need.files or (*need.required, *(n for n in hub.snapshot_files(need.repo) if n not in need.required))
+    if not names:
+        raise hub.MissingFromCache(f"{need.repo}: nothing in the HF hub cache (looked in {need.repo.snapshot}); "
+                                   f"{hub.FETCH_HINT}")
     return {name: hub.resolve_file(need.repo, name)[1] for name in names}
 
 

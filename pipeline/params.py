@@ -214,10 +214,23 @@ class AttackParams:
 
 
 @dataclass(frozen=True)
+class BenchmarksParams:
+    tasks: list = anything()              # lm-eval task names; "pipeline_lastword" is the local task
+    num_fewshot: int = nonneg()
+    limit: int = nonneg()                 # items per task (0 = all)
+    batch_size: int = at_least(1)
+    local_items: int = nonneg()           # pipeline_lastword items the data stage writes (0 = every fitting one)
+    bootstrap_iters: int = nonneg()       # the harness's own stderr bootstrap (0 = none)
+    dataset_revisions: dict = anything()  # harness task -> pinned dataset commit (fetched by `pipeline fetch`)
+
+
+@dataclass(frozen=True)
 class AggregateParams:
     bootstrap_samples: int = at_least(100)
     confidence: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
     seed: int = nonneg()
+    equivalence_margin_nats: float = positive()   # TOST margin for paired differences in nats/token
+    power: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)   # for the report's detectable difference
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,7 @@ class Params:
     train: TrainParams = anything()
     eval: EvalParams = anything()
     attack: AttackParams = anything()
+    benchmarks: BenchmarksParams = anything()
     aggregate: AggregateParams = anything()
 
     def to_dict(self) -> dict:
@@ -381,6 +395,8 @@ def _check_consistency(p: Params) -> None:
         raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
                           f"at most (prompt_tokens - flips + 1) x topk ({pool})")
 
+    _check_benchmarks(p.benchmarks)
+
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():
         if arm not in TRAINED_ARMS:
@@ -414,6 +430,22 @@ def _check_data_files(d: DataParams) -> None:
         raise ParamsError("data.max_documents", d.max_documents,
                           f"at least {len(SPLITS)} when data.source is 'hf' (the documents read: train from the "
                           "train shards, the held-out splits from the held-out files)")
+
+
+LOCAL_BENCHMARK = "pipeline_lastword"   # pipeline/benchmarks.py LOCAL_TASK (kept torch- and harness-free here)
+def _check_benchmarks(b: BenchmarksParams) -> None:
+    if not b.tasks or not all(isinstance(t, str) and t for t in b.tasks) or len(set(b.tasks)) != len(b.tasks):
+        raise ParamsError("benchmarks.tasks", b.tasks, f"a non-empty list of distinct lm-eval task names "
+                          f"({LOCAL_BENCHMARK!r} is the local task)")
+    for task in b.tasks:
+        if task != LOCAL_BENCHMARK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
+            raise ParamsError(f"benchmarks.dataset_revisions.{task}", b.dataset_revisions.get(task),
+                              "the 40-hex commit of the task's dataset on the HF hub (every harness task's data is "
+                              "pinned, fetched by `python -m pipeline fetch` and read offline)")
+    extra = set(b.dataset_revisions) - set(b.tasks)
+    if extra:
+        raise ParamsError("benchmarks.dataset_revisions", b.dataset_revisions,
+                          f"revisions only for tasks in benchmarks.tasks (not {sorted(extra)})")
 
 
 def validate(raw: dict) -> Params:

@@ -33,5 +33,11 @@ def attack_dir(arm: str, seed: int) -> Path:
     return OUT / "attacks" / run_name(arm, seed)
 
 
+def benchmark_dir(label: str) -> Path:
+    """label: run_name(arm, seed) for a trained arm; the arm's name for an untrained one (its model and so its
+    zero-shot scores are the same for every seed)."""
+    return OUT / "benchmarks" / label
+
+
 def transfer_dir(seed: int) -> Path:
     return OUT / "transfer" / f"s{seed}"

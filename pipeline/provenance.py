@@ -10,15 +10,16 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from .io import write_json
+from .io import atomic_write_text
 
-PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy", "dvc")
+PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy", "dvc", "lm_eval")
 RUNS_DIR_ENV = "PIPELINE_RUNS_DIR"     # SLURM jobs point it at the run directory (job workspaces are deleted)
 DEFAULT_RUNS_DIR = Path("outputs") / "runs"
 
@@ -81,6 +82,6 @@ def run_facts() -> dict:
 def record_run(name: str, prov: dict, **measured) -> Path:
     """Write runs_dir()/<name>.json: the output's stable provenance, the run's facts and what it measured
     (seconds, tokens/s, ...). Overwrites the record of an earlier run of the same step."""
-    path = runs_dir() / f"{name}.json"
-    write_json(path, {"provenance": prov, **run_facts(), **measured})
+    path = runs_dir() / f"{name}.json"   # informational: anything not JSON-native is written as its str()
+    atomic_write_text(path, json.dumps({"provenance": prov, **run_facts(), **measured}, indent=2, default=str) + "\n")
     return path

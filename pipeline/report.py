@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from .arms import ARM_NAMES as ARMS
-from .arms import TRAINED_ARMS
+from .arms import ARM_TABLE, TRAINED_ARMS
 from .params import MONOTONICITY_SCOPE
+from .stats import verdict
 
 ATTACK_NAMES = {"uat": "UAT", "hotflip": "HotFlip"}
 
@@ -20,63 +21,158 @@ def _pct(e: dict) -> str:
     return f"{100 * e['mean']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
 
 
+def _name(attack: str) -> str:
+    return ATTACK_NAMES.get(attack, attack)
+
+
 def main_table(summary: dict) -> str:
-    head = ("| arm | perplexity | UAT +NLL (nats/tok) | UAT rel. | UAT success | HotFlip +NLL (nats/tok) "
-            "| HotFlip rel. | HotFlip success | random (HotFlip budget) +NLL | greedy (HotFlip budget) +NLL |")
+    attacks, controls = summary["attacks"], summary["control_methods"]
+    head = ("| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL (nats/tok) | {_name(a)} rel. | {_name(a)} success"
+                                                 for a in attacks)
+            + "".join(f" | {c} ({_name(a)} budget) +NLL" for a in attacks for c in controls) + " |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm in ARMS:
         e = summary["arms"][arm]
-        rows.append(" | ".join([
-            f"| {arm}", _ci(e["perplexity"], "{:.2f}"),
-            _ci(e["uat"]["abs_increase"]), _pct(e["uat"]["rel_increase"]), _pct(e["uat"]["success_abs"]),
-            _ci(e["hotflip"]["abs_increase"]), _pct(e["hotflip"]["rel_increase"]),
-            _pct(e["hotflip"]["success_abs"]),
-            _ci(e["hotflip_random"]["abs_increase"]), _ci(e["hotflip_greedy"]["abs_increase"]) + " |"]))
+        cells = [_ci(e["perplexity"], "{:.2f}")]
+        for a in attacks:
+            cells += [_ci(e[a]["abs_increase"]), _pct(e[a]["rel_increase"]), _pct(e[a]["success_abs"])]
+        cells += [_ci(e[f"{a}_{c}"]["abs_increase"]) for a in attacks for c in controls]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def _verdict(c: dict, less: str, more: str) -> str:
-    if c["high"] < 0:
-        return less
-    if c["low"] > 0:
-        return more
-    return "no difference resolved at this confidence"
+def metric_label(metric: str) -> str:
+    if metric == "test_nll_per_token":
+        return "test NLL"
+    source, field = metric.split(".")
+    return {"abs_increase": f"{_name(source)} +NLL", "clean_nll": "clean NLL, attacked examples"}.get(
+        field, f"{_name(source)} {field}")
+
+
+def _p(x: float) -> str:
+    return f"= {x:.2g}" if x >= 0.001 else "< 0.001"
+
+
+def judgement(c: dict, alpha: float, less: str, more: str) -> str:
+    """The wording of a paired comparison, following its Holm-adjusted difference and TOST p-values."""
+    m = c["margin"]
+    word = verdict(c["p_holm"], c["p_equivalence_holm"], alpha)
+    direction = less if c["difference"]["mean"] < 0 else more
+    return {"different": f"different: {direction}",
+            "different, within the margin": f"different: {direction}, but by less than the +/-{m:g} margin",
+            "equivalent": f"equivalent within +/-{m:g} nats/token",
+            "not resolved": f"not resolved (neither different nor equivalent within +/-{m:g})"}[word]
+
+
+def _stats(c: dict, conf: int) -> str:
+    d = c["difference"]
+    return (f"{d['mean']:+.3f} nats/token ({conf}% CI [{d['low']:+.3f}, {d['high']:+.3f}], p {_p(c['p_value'])}, "
+            f"Holm p {_p(c['p_holm'])}; TOST Holm p {_p(c['p_equivalence_holm'])})")
 
 
 def comparison_sentences(summary: dict) -> list[str]:
-    conf = round(100 * summary["confidence"])
+    conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
     arms = summary["arms"]
+    by_pair: dict[tuple, dict] = {}
+    for c in summary["comparisons"]:
+        by_pair.setdefault((c["arm_a"], c["arm_b"]), {})[c["metric"]] = c
     out = []
-    for key, comp in summary["comparisons"].items():
-        a, b = key.split("_vs_")
+    for (a, b), comp in by_pair.items():
         ppl_a, ppl_b = arms[a]["perplexity"]["mean"], arms[b]["perplexity"]["mean"]
         t = comp["test_nll_per_token"]
         out.append(f"- **{a} vs {b}, clean quality:** perplexity {ppl_a:.2f} vs {ppl_b:.2f} "
-                   f"({ppl_a / ppl_b:.2f}x); per-document NLL difference {t['mean_difference']:+.3f} nats/token "
-                   f"({conf}% CI [{t['low']:+.3f}, {t['high']:+.3f}], p = {t['p_value']:.3g}, "
-                   f"{t['n_pairs']} documents x seeds): "
-                   f"{_verdict(t, f'{a} predicts better', f'{a} predicts worse')}.")
-        for attack, name in ATTACK_NAMES.items():
-            d = comp[f"{attack}_abs_increase"]
-            clean = comp[f"{attack}_clean_nll"]
-            out.append(f"  - {name}: NLL increase {arms[a][attack]['abs_increase']['mean']:.3f} vs "
-                       f"{arms[b][attack]['abs_increase']['mean']:.3f} nats/token, paired difference "
-                       f"{d['mean_difference']:+.3f} ({conf}% CI [{d['low']:+.3f}, {d['high']:+.3f}], "
-                       f"p = {d['p_value']:.3g}, {d['n_pairs']} examples x seeds): "
-                       f"{_verdict(d, f'{a} is less vulnerable', f'{a} is more vulnerable')}; "
-                       f"clean NLL on the same examples differs by {clean['mean_difference']:+.3f} nats/token.")
+                   f"({ppl_a / ppl_b:.2f}x); test NLL difference {_stats(t, conf)} over "
+                   f"{t['difference']['n_documents']} documents: "
+                   f"{judgement(t, alpha, f'{a} predicts better', f'{a} predicts worse')}.")
+        for metric, d in comp.items():
+            source, field = (metric.split(".") + [""])[:2]
+            n = f"{d['difference']['n_examples']} examples in {d['difference']['n_documents']} documents"
+            if field == "abs_increase":
+                out.append(f"  - {_name(source)}: NLL increase {arms[a][source]['abs_increase']['mean']:.3f} vs "
+                           f"{arms[b][source]['abs_increase']['mean']:.3f} nats/token, paired difference "
+                           f"{_stats(d, conf)} over {n}: "
+                           f"{judgement(d, alpha, f'{a} is less vulnerable', f'{a} is more vulnerable')}.")
+            elif field == "clean_nll":
+                out.append(f"  - Clean NLL of the attacked examples ({_name(source)}'s): difference "
+                           f"{_stats(d, conf)} over {n}: "
+                           f"{judgement(d, alpha, f'{a} predicts them better', f'{a} predicts them worse')}.")
     return out
 
 
 def control_sentences(summary: dict) -> list[str]:
-    out = []
-    for arm, per_attack in summary["gradient_vs_random"].items():
-        parts = []
-        for attack, c in per_attack.items():
-            parts.append(f"{ATTACK_NAMES[attack]} {c['mean_difference']:+.3f} nats/token over random "
-                         f"(CI [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.3g})")
-        out.append(f"- {arm}: " + "; ".join(parts) + ".")
-    return out
+    conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
+    by_arm: dict[str, list] = {}
+    for c in summary["controls"]:
+        attack = c["metric"].split(".")[0]
+        by_arm.setdefault(c["arm_a"], []).append(
+            f"{_name(attack)} over random {_stats(c, conf)}: "
+            + judgement(c, alpha, "random substitution is stronger", "the gradient attack is stronger"))
+    return [f"- {arm}: " + "; ".join(parts) + "." for arm, parts in by_arm.items()]
+
+
+def seed_sentence(seeds: list) -> str:
+    trained = ", ".join(a.name for a in ARM_TABLE if a.trained)
+    untrained = ", ".join(a.name for a in ARM_TABLE if not a.trained)
+    if len(seeds) == 1:
+        return ("One seed: the intervals cover example/document sampling only; seed-to-seed variation "
+                "(recovery data order, attack randomness) is not estimated.")
+    return (f"What a seed varies: for {trained}, the recovery-training data order and the attacks' random "
+            f"streams; for {untrained}, only the attacks' random streams (the model is one and the same, so its "
+            f"clean NLL does not vary by seed). Examples and test documents are the same for every arm and seed. "
+            f"With {len(seeds)} seeds the seed part of the variance has {len(seeds) - 1} degrees of freedom: "
+            "where it dominates, intervals are wide by construction (t with "
+            f"{len(seeds) - 1} df), not by accident.")
+
+
+def methods(summary: dict) -> list[str]:
+    conf, m = round(100 * summary["confidence"]), summary["equivalence_margin_nats"]
+    return [
+        f"Estimates are means over examples (clustered by source document) and seeds with {conf}% intervals for "
+        "the crossed design: the document variance comes from a cluster bootstrap "
+        f"({summary['bootstrap_samples']} replicates; the same resampled documents for every arm, seed and metric), "
+        "the seed variance from the spread of per-seed means less the example x seed noise it contains, each scaled "
+        "by its own t quantile (documents: documents - 1 df, seeds: seeds - 1 df). A paired comparison "
+        "applies this to the per-example differences (seed s of one arm with seed s of the other); its p-value is "
+        "the t test with the interval's effective df, so p < 0.05 exactly when the interval excludes 0.",
+        seed_sentence(summary["seeds"]),
+        f"Family: all {summary['family_size']} paired tests below (arm comparisons on test NLL, attack NLL "
+        "increase and clean NLL of the attacked examples, and every gradient attack against its random control). "
+        "Holm's step-down correction controls the family-wise error at "
+        f"{100 - conf}%; both raw and Holm-adjusted p-values are shown. Equivalence: two one-sided tests (TOST) "
+        f"against the margin +/-{m:g} nats/token declared in params (aggregate.equivalence_margin_nats), Holm over "
+        "the same family. Wording: \"different\" when the Holm-adjusted difference test rejects, "
+        f"\"equivalent within +/-{m:g}\" when the Holm-adjusted TOST rejects, otherwise \"not resolved\". "
+        "results.json also holds, per comparison, an exact sign-flip test over documents (seed-averaged), which "
+        "conditions on the seeds run.", ""]
+
+
+def power_table(summary: dict) -> list[str]:
+    """The smallest paired difference each comparison could detect, with its assumptions."""
+    alpha = 1 - summary["confidence"]
+    metrics = list(dict.fromkeys(c["metric"] for c in summary["comparisons"]))
+    pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in summary["comparisons"]))
+    cell = {(c["arm_a"], c["arm_b"], c["metric"]): c["detectable"] for c in summary["comparisons"]}
+    rows = ["| comparison | " + " | ".join(map(metric_label, metrics)) + " |", "|---" * (len(metrics) + 1) + "|"]
+    rows += [f"| {a} vs {b} | " + " | ".join(f"{cell[(a, b, m)]:.3f}" for m in metrics) + " |" for a, b in pairs]
+    return [f"Smallest paired difference (nats/token) detected with {100 * summary['power']:.0f}% power by a "
+            f"two-sided test at alpha = {alpha:g} (unadjusted; under Holm the first of {summary['family_size']} "
+            "tests runs at alpha / family size, which needs more), computed as (t(1 - alpha/2) + t(power)) x SE with "
+            "the SE and effective df observed in this run, assuming the difference is normal with that SE under "
+            "the alternative and the seed and document variances stay as observed.", "", *rows, ""]
+
+
+def benchmark_table(benchmarks: dict, conf: int) -> list[str]:
+    """Zero-shot accuracy per task and arm, and monotonic - baseline (items crossed with seeds)."""
+    head = "| task | items | " + " | ".join(ARMS) + " | monotonic - baseline |"
+    rows = [head, "|" + "---|" * (len(ARMS) + 3)]
+    for task, b in benchmarks.items():
+        d = b["monotonic_vs_baseline"]["difference"]
+        rows.append(f"| {task} | {b['items']} | " + " | ".join(_pct(b["acc"][arm]) for arm in ARMS)
+                    + f" | {100 * d['mean']:+.1f} pts [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
+    return ["Accuracy through lm-evaluation-harness (its task definitions and scoring; `pipeline_lastword`: the "
+            "LAMBADA-style last word of test-split passages, defined here in the harness's format), mean over seeds "
+            f"with {conf}% intervals over items crossed with seeds (not in the family of tests above).", "", *rows,
+            ""]
 
 
 def transfer_table(matrix: dict) -> str:
@@ -87,7 +183,6 @@ def transfer_table(matrix: dict) -> str:
 
 
 def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
-    conf = round(100 * summary["confidence"])
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
              "",
@@ -95,9 +190,7 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
              f"torch {prov['packages']['torch']}, transformers {prov['packages']['transformers']}. The code that ran "
              "is pinned by its file hashes in dvc.lock; commit, host, device and wall times of each step are in its "
              "run record (outputs/runs/), outside the hashed outputs.",
-             f"Estimates are means with {conf}% bootstrap CIs ({summary['bootstrap_samples']} resamples over seeds, "
-             "then examples within seeds); p-values are paired sign-flip permutation tests over all example x seed "
-             "pairs, which ignore seed clustering, so a CI that resamples seeds can include 0 while p is small.",
+             *methods(summary),
              f"Success: NLL increase on the continuation >= {th['abs_nats']} nats/token (absolute) or "
              f">= {100 * th['relative']:.0f}% (relative).",
              f"Scope of monotonicity: {MONOTONICITY_SCOPE}.", ""]
@@ -109,9 +202,11 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     lines += ["## Main table", "", main_table(summary), "",
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",
-              *control_sentences(summary), ""]
-    for attack, name in ATTACK_NAMES.items():
-        lines += [f"## Transfer: {name} NLL increase (nats/token, mean over seeds)", "",
+              *control_sentences(summary), "",
+              "## Power", "", *power_table(summary),
+              "## Zero-shot benchmarks", "", *benchmark_table(summary["benchmarks"], round(100 * summary["confidence"]))]
+    for attack in summary["attacks"]:
+        lines += [f"## Transfer: {_name(attack)} NLL increase (nats/token, mean over seeds)", "",
                   transfer_table(summary["transfer_abs_increase"][attack]), ""]
     lines += ["## Training", "",
               "Update norms: distance of each parameter group from its starting point after training "
@@ -148,26 +243,27 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
         ax.legend()
     files.append(_save(fig, out_dir / "training_curves.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, attack in zip(axes, ATTACK_NAMES):
+    attacks = summary["attacks"]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
         for arm in ARMS:
             for seed in summary["seeds"]:
                 ppl = summary["arms"][arm]["perplexity_per_seed"][seed]
                 rate = runs[arm][seed][attack]["summary"]["success_rate_abs"]
                 ax.scatter(ppl, rate, color=colors[arm], label=arm if seed == summary["seeds"][0] else None)
         ax.set(xscale="log", xlabel="test perplexity", ylabel="success rate (absolute threshold)",
-               title=f"{ATTACK_NAMES[attack]}: perplexity vs attack success")
+               title=f"{_name(attack)}: perplexity vs attack success")
         ax.legend()
     files.append(_save(fig, out_dir / "perplexity_vs_success.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, attack in zip(axes, ATTACK_NAMES):
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
         data = [np.concatenate([[r["abs_increase"] for r in runs[arm][s][attack]["examples"]]
                                 for s in summary["seeds"]]) for arm in ARMS]
         ax.violinplot(data, showmedians=True)
         ax.axhline(params.attack.success_threshold_nats, color="k", ls="--", lw=0.8, label="success threshold")
         ax.set_xticks(range(1, len(ARMS) + 1), ARMS, rotation=15)
-        ax.set(ylabel="NLL increase (nats/token)", title=f"{ATTACK_NAMES[attack]}: per-example NLL increase")
+        ax.set(ylabel="NLL increase (nats/token)", title=f"{_name(attack)}: per-example NLL increase")
         ax.legend()
     files.append(_save(fig, out_dir / "nll_increase_distributions.png"))
     return files

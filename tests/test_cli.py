@@ -35,7 +35,7 @@ def test_help_lists_every_stage_on_one_line():
 
 def test_stage_order_and_arguments():
     assert list(STAGES) == ["data", "pretrain", "monotonic_init", "train", "evaluate", "uat", "hotflip",
-                            "controls", "assess", "transfer", "aggregate"]
+                            "controls", "assess", "benchmarks", "transfer", "aggregate"]
     parser = build_parser()
     args = parser.parse_args(["train", "--arm", "monotonic", "--seed", "3"])
     assert (args.command, args.arm, args.seed, args.params) == ("train", "monotonic", 3, "params.yaml")
@@ -43,6 +43,8 @@ def test_stage_order_and_arguments():
     assert parser.parse_args(["assess", "--arm", "pretrained", "monotonic_init", "--seed", "0"]).arm == [
         "pretrained", "monotonic_init"]
     assert parser.parse_args(["verify", "d", "--variant", "gated_all"]).variant == "gated_all"
+    with pytest.raises(SystemExit):     # only the trained arms are trained
+        parser.parse_args(["train", "--arm", "pretrained", "--seed", "0"])
 
 
 @pytest.mark.parametrize("argv", [[], ["fly"], ["train", "--arm", "baseline"], ["train", "--seed", "0"],

@@ -249,3 +249,26 @@ def test_fetch_needs_exactly_what_the_profile_reads(monkeypatch, tmp_path):
                                                                    "fedc38a16eea3bd36a96b906d78d11d2ce18ed79")
     assert "*.safetensors" in model_need.patterns and "*.bin" not in model_need.patterns
     assert fetch.needs(P.load(REPO / "params.yaml")) == []
+
+
+@pytest.mark.slow   # lm-eval's task registry takes ~15 s to build
+def test_fetch_covers_pinned_benchmark_datasets(tmp_path, monkeypatch, capsys):
+    """A harness task's dataset (piqa -> baber/piqa) at its pinned commit, in the default hub cache where the
+    benchmarks stage looks: missing -> an error naming the snapshot; present and intact -> verified."""
+    from huggingface_hub import constants
+
+    revision = "2e8ac2dffd59bac8c3c6714948f4c551a0848bb0"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["benchmarks"].update(tasks=["pipeline_lastword", "piqa"], dataset_revisions={"piqa": revision})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    assert main(["fetch", "--params", str(params_file)]) == 1
+    snapshot = tmp_path / "hub" / "datasets--baber--piqa" / "snapshots" / revision
+    assert str(snapshot) in capsys.readouterr().err
+    repo = hub.Repo("dataset", "baber/piqa", revision, tmp_path / "hub")
+    rehearsal.add_file(repo, "data/train-00000.parquet", b"not really parquet")
+    rehearsal.add_file(repo, "README.md", b"# piqa\n")
+    assert main(["fetch", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"2 files verified in {snapshot}" in out and "data/train-00000.parquet" in out

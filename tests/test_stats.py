@@ -1,56 +1,265 @@
+"""pipeline/stats.py and the aggregate/report layers above it, on synthetic data with known truth."""
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
-from pipeline.stats import hierarchical_bootstrap, paired_comparison, sign_flip_p_value
+from pipeline import params as params_mod
+from pipeline import report
+from pipeline.arms import ARM_NAMES, TRAINED_ARMS
+from pipeline.stages import aggregate
+from pipeline.stats import (Clusters, Estimate, crossed_estimate, document_of, equivalence_p, holm,
+                            paired_comparison, sign_flip_p_value, t_cdf, t_quantile, two_sided_p, verdict)
+
+# The simulated design mirrors the embedded run: 32 attack examples drawn from 20 documents (every document
+# at least once), 3 seeds; document and example effects are shared by every seed (and by both arms of a
+# paired comparison), seeds add a main effect (recovery training) and example x seed noise (attack randomness).
+N_EXAMPLES, N_DOCS, N_SEEDS, TRUTH = 32, 20, 3, 1.0
+SETTINGS = {   # sd of: document, example, seed main effect, example x seed noise
+    "documents dominate (trained arm)": (0.3, 0.5, 0.1, 0.3),
+    "seeds dominate": (0.1, 0.1, 0.3, 0.2),
+    "one model, attack noise only (untrained arm)": (0.3, 0.5, 0.0, 0.3),
+}
 
 
-def test_bootstrap_ci_covers_true_mean_and_narrows_with_data():
-    rng = np.random.default_rng(0)
-    covered, widths = 0, {}
-    for n in (20, 400):
-        for trial in range(20):
-            data = [rng.normal(1.0, 1.0, n) for _ in range(3)]
-            est = hierarchical_bootstrap(data, n_boot=300, confidence=0.95, rng=rng)
-            covered += est.low <= 1.0 <= est.high
-            widths.setdefault(n, []).append(est.high - est.low)
-    assert covered >= 34   # ~95% of 40, with slack
-    assert np.mean(widths[400]) < 0.5 * np.mean(widths[20])
+def _design(rng):
+    docs = np.concatenate([np.arange(N_DOCS), rng.integers(0, N_DOCS, N_EXAMPLES - N_DOCS)])
+    return [f"attack_eval:{d}:{i}" for i, d in enumerate(docs)], docs
 
 
-def test_seed_level_variation_widens_the_interval():
+def _draw(rng, sds, docs):
+    sd_doc, sd_ex, sd_seed, sd_noise = sds
+    return (TRUTH + rng.normal(0, sd_doc, N_DOCS)[docs] + rng.normal(0, sd_ex, N_EXAMPLES)
+            + rng.normal(0, sd_seed, (N_SEEDS, 1)) + rng.normal(0, sd_noise, (N_SEEDS, N_EXAMPLES)))
+
+
+def _nested_bootstrap_ci(per_seed, n_boot, rng):
+    """The old estimator: resample seeds, then examples independently inside each seed (percentile CI)."""
+    chosen = rng.integers(0, len(per_seed), (n_boot, len(per_seed)))
+    stats = np.mean([np.stack(per_seed)[chosen[:, k, None], rng.integers(0, N_EXAMPLES, (n_boot, N_EXAMPLES))]
+                     .mean(axis=1) for k in range(len(per_seed))], axis=0)
+    return np.quantile(stats, [0.025, 0.975])
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_crossed_intervals_cover_the_truth_and_the_nested_bootstrap_does_not(setting):
+    rng = np.random.default_rng(11)
+    covered = old_covered = 0
+    reps, old_reps = 1000, 300
+    for rep in range(reps):
+        ids, docs = _design(rng)
+        y = _draw(rng, SETTINGS[setting], docs)
+        est = crossed_estimate(y, Clusters.draw(ids, docs.astype(str), 1000, rng), 0.95)
+        covered += est.low <= TRUTH <= est.high
+        if rep < old_reps:
+            low, high = _nested_bootstrap_ci(list(y), 500, rng)
+            old_covered += low <= TRUTH <= high
+    assert 0.93 <= covered / reps <= 0.97, covered / reps
+    assert old_covered / old_reps < 0.85, old_covered / old_reps
+
+
+def test_paired_difference_interval_covers_the_true_difference():
+    """Two arms on the same examples: shared document/example effects cancel in the difference, each arm
+    has its own seed effects and noise; the interval of a - b covers the true 0.2 at the nominal rate."""
+    rng = np.random.default_rng(12)
+    covered, reps = 0, 600
+    for _ in range(reps):
+        ids, docs = _design(rng)
+        clusters = Clusters.draw(ids, docs.astype(str), 1000, rng)
+        shared = _draw(rng, (0.3, 0.5, 0.0, 0.0), docs)
+        a = shared + 0.2 + rng.normal(0, 0.15, N_EXAMPLES) + _draw(rng, (0.0, 0.0, 0.1, 0.2), docs) - TRUTH
+        b = shared + _draw(rng, (0.0, 0.0, 0.1, 0.2), docs) - TRUTH
+        c = paired_comparison("a", "b", "m", a, b, clusters, 0.95, 0.05, 0.8, rng)
+        covered += c.difference.low <= 0.2 <= c.difference.high
+    assert 0.93 <= covered / reps <= 0.97, covered / reps
+
+
+def test_t_distribution_matches_tables():
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-5)
+    assert t_quantile(0.975, 19) == pytest.approx(2.093024, abs=1e-5)
+    assert t_quantile(0.8, 5) == pytest.approx(0.919544, abs=1e-5)
+    assert t_quantile(0.975, math.inf) == pytest.approx(1.959964, abs=1e-5)
+    assert t_cdf(-2.0, 3) == pytest.approx(0.069663, abs=1e-5)
+
+
+def test_clusters_group_examples_by_document_and_share_draws():
+    ids = ["attack_eval:2:40", "attack_eval:2:980", "attack_eval:3:60"]
+    assert document_of(ids[1]) == "attack_eval:2"
+    clusters = Clusters.draw(ids, [document_of(i) for i in ids], 50, np.random.default_rng(0))
+    assert clusters.n_documents == 2 and list(clusters.index) == [0, 0, 1]
+    assert np.all(clusters.counts.sum(axis=1) == 2)
+    with pytest.raises(ValueError, match="need >= 2"):
+        Clusters.draw(ids[:2], ["d", "d"], 10, np.random.default_rng(0))
+
+
+def test_seed_variance_counts_only_where_seeds_differ():
     rng = np.random.default_rng(1)
-    same = [rng.normal(0, 1, 200) for _ in range(3)]
-    shifted = [x + off for x, off in zip(same, (-2.0, 0.0, 2.0))]
-    narrow = hierarchical_bootstrap(same, 500, 0.95, np.random.default_rng(2))
-    wide = hierarchical_bootstrap(shifted, 500, 0.95, np.random.default_rng(2))
+    ids = [f"s:{i}:0" for i in range(30)]
+    clusters = Clusters.draw(ids, [document_of(i) for i in ids], 1000, rng)
+    same = np.tile(rng.normal(0, 1, 30), (3, 1))            # one model: every seed identical
+    shifted = same + np.array([[-1.0], [0.0], [1.0]])
+    narrow, wide = crossed_estimate(same, clusters, 0.95), crossed_estimate(shifted, clusters, 0.95)
+    assert narrow.se_seeds == 0 and narrow.df == pytest.approx(29, rel=0.01)
+    assert wide.se_seeds == pytest.approx(math.sqrt(1 / 3)) and wide.df < 3
     assert (wide.high - wide.low) > 5 * (narrow.high - narrow.low)
 
 
-def test_weighted_estimate_is_token_weighted_ratio():
-    nll = [np.array([10.0, 1.0])]
-    tokens = [np.array([10.0, 1.0])]
-    est = hierarchical_bootstrap(nll, 100, 0.95, np.random.default_rng(0), weights=tokens)
-    assert est.mean == pytest.approx(1.0)
-    est = hierarchical_bootstrap([np.array([20.0, 1.0])], 100, 0.95, np.random.default_rng(0),
-                                 weights=[np.array([10.0, 1.0])])
+def test_token_weighted_estimate_is_the_ratio_of_sums():
+    ids = ["s:0:0", "s:1:0"]
+    clusters = Clusters.draw(ids, ids, 100, np.random.default_rng(0))
+    est = crossed_estimate(np.array([[2.0, 1.0]]), clusters, 0.95, weights=np.array([10.0, 1.0]))
     assert est.mean == pytest.approx(21 / 11)
 
 
-def test_paired_comparison_detects_shift_and_not_noise():
-    rng = np.random.default_rng(3)
-    base = [rng.normal(0, 1, 60) for _ in range(2)]
-    shifted = [b + 0.5 + rng.normal(0, 0.1, 60) for b in base]
-    c = paired_comparison(shifted, base, 1000, 0.95, np.random.default_rng(4))
-    assert c.low > 0 and c.p_value < 0.01 and c.n_pairs == 120 and c.n_seeds == 2
-    null = [b + rng.normal(0, 0.1, 60) for b in base]
-    c0 = paired_comparison(null, base, 1000, 0.95, np.random.default_rng(4))
-    assert c0.low < 0 < c0.high and c0.p_value > 0.01
+def test_p_value_rejects_exactly_when_the_interval_excludes_zero():
+    rng = np.random.default_rng(2)
+    ids = [f"s:{i}:0" for i in range(12)]
+    clusters = Clusters.draw(ids, ids, 500, rng)
+    for shift in np.linspace(0, 0.8, 30):
+        d = crossed_estimate(rng.normal(shift, 1, (3, 12)) + rng.normal(0, 0.3, (3, 1)), clusters, 0.95)
+        assert (two_sided_p(d) < 0.05) == (d.low > 0 or d.high < 0)
+
+
+def _estimate(mean, se, df=20.0):
+    return Estimate(mean, mean - 2 * se, mean + 2 * se, se, df, se, 0.0, 3, 32, 20)
+
+
+def test_tost_rejects_exactly_when_the_90_interval_is_inside_the_margin():
+    for mean, se in [(0.0, 0.01), (0.03, 0.01), (0.045, 0.01), (0.0, 0.04), (-0.06, 0.005)]:
+        est = _estimate(mean, se)
+        half = t_quantile(0.95, est.df) * se
+        inside = -0.05 < mean - half and mean + half < 0.05
+        assert (equivalence_p(est, 0.05) < 0.05) == inside
+
+
+def test_holm_step_down():
+    assert np.allclose(holm([0.01, 0.04, 0.03, 0.2]), [0.04, 0.09, 0.09, 0.2])
+    assert np.allclose(holm([0.5, 0.5]), [1.0, 1.0])
+
+
+def test_document_sign_flip_is_exact_and_sees_documents_not_rows():
+    ids = [f"s:{d}:{k}" for d in range(3) for k in range(10)]
+    clusters = Clusters.draw(ids, [document_of(i) for i in ids], 10, np.random.default_rng(0))
+    diff = np.ones((3, 30))     # 90 positive rows, but only 3 documents: p = 2 / 2^3
+    assert sign_flip_p_value(diff, clusters, 100, np.random.default_rng(0)) == pytest.approx(0.25)
 
 
 def test_paired_comparison_refuses_misaligned_examples():
+    clusters = Clusters.draw(["s:0:0", "s:1:0", "s:2:0"], ["0", "1", "2"], 10, np.random.default_rng(0))
     with pytest.raises(ValueError, match="not aligned"):
-        paired_comparison([np.zeros(3)], [np.zeros(4)], 100, 0.95, np.random.default_rng(0))
+        paired_comparison("a", "b", "m", np.zeros((1, 3)), np.zeros((1, 4)), clusters, 0.95, 0.05, 0.8,
+                          np.random.default_rng(0))
 
 
-def test_sign_flip_p_value_is_one_for_zero_mean():
-    assert sign_flip_p_value(np.array([1.0, -1.0]), 100, np.random.default_rng(0)) == 1.0
+def _comparison(mean, se, margin=0.05):
+    """A comparison record as the report reads it, with the Holm p-values equal to the raw ones."""
+    est = _estimate(mean, se)
+    p, q = two_sided_p(est), equivalence_p(est, margin)
+    return {"difference": est.to_dict(), "margin": margin, "p_value": p, "p_holm": p,
+            "p_equivalence": q, "p_equivalence_holm": q}
+
+
+@pytest.mark.parametrize("mean, se, word, expected", [
+    (0.002, 0.01, "equivalent", "equivalent within +/-0.05 nats/token"),
+    (-0.3, 0.02, "different", "different: A is less vulnerable"),
+    (0.03, 0.005, "different, within the margin",
+     "different: A is more vulnerable, but by less than the +/-0.05 margin"),
+    (0.04, 0.04, "not resolved", "not resolved (neither different nor equivalent within +/-0.05)"),
+])
+def test_report_equivalence_wording_follows_tost(mean, se, word, expected):
+    c = _comparison(mean, se)
+    assert verdict(c["p_holm"], c["p_equivalence_holm"], 0.05) == word
+    assert report.judgement(c, 0.05, "A is less vulnerable", "A is more vulnerable") == expected
+
+
+def test_report_wording_uses_the_holm_adjusted_p_values():
+    c = _comparison(0.002, 0.01) | {"p_equivalence_holm": 0.2}    # TOST passes raw, fails after Holm
+    assert report.judgement(c, 0.05, "less", "more").startswith("not resolved")
+
+
+# --- aggregate over synthetic per-example records of the crossed design ---------------------------
+
+def _loaded(seeds, rng):
+    ids = [f"attack_eval:{d}:{k}" for d in range(6) for k in range(2)]
+    docs = [f"test:{d}" for d in range(5)]
+    example = rng.normal(1.0, 0.3, len(ids))                 # shared by every arm and seed
+
+    def attack(shift):
+        inc = example * 0.1 + shift + rng.normal(0, 0.02, len(ids))
+        rows = [{"id": i, "clean_nll": 3 + e, "abs_increase": float(x), "rel_increase": float(x) / 3,
+                 "success_abs": float(x > 0.5), "success_rel": float(x > 0.45)} for i, e, x in zip(ids, example, inc)]
+        return {"examples": rows, "summary": {"success_rate_abs": 0.0}, "provenance": {"params_hash": "h"}}
+
+    runs = {arm: {} for arm in ARM_NAMES}
+    for s in seeds:
+        for k, arm in enumerate(ARM_NAMES):
+            runs[arm][s] = {
+                "eval": {"perplexity": 50.0 + k, "provenance": {"params_hash": "h"}},
+                "per_doc": {"doc_ids": docs, "nll": list(400.0 + 10 * np.arange(5) + k), "tokens": [100.0] * 5},
+                "uat": attack(0.01 * k), "hotflip": attack(0.05 * k),
+                "controls": {c: {a: attack(0.0) for a in ("uat", "hotflip")} for c in ("random", "greedy")}
+                | {"provenance": {"params_hash": "h"}}}
+            if arm in TRAINED_ARMS:
+                runs[arm][s]["train"] = {"overrides": {}, "validation_perplexity": 50.0, "steps": 10,
+                                         "tokens_seen": 1000, "update_norm_total": {"W": 1.0}}
+    transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
+                    for a in ("uat", "hotflip")} for s in seeds}
+    return {"runs": runs, "transfer": transfer}
+
+
+def _params(seeds):
+    p = params_mod.load(params_mod.profile_path("smoke"))
+    return dataclasses.replace(p, seeds=seeds)
+
+
+def test_aggregate_summary_and_report_on_a_crossed_design():
+    seeds = [0, 1, 2]
+    params = _params(seeds)
+    summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
+    family = summary["comparisons"] + summary["controls"]
+    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 4 * 2   # clean NLL once per example set
+    assert all(c["p_holm"] >= c["p_value"] for c in family)
+    nll = summary["arms"]["baseline"]["test_nll_per_token"]
+    assert nll["mean"] == pytest.approx(4.21) and nll["n_documents"] == 5 and nll["se_seeds"] == 0
+    hotflip = next(c for c in summary["comparisons"] if (c["arm_a"], c["arm_b"], c["metric"])
+                   == ("monotonic", "baseline", "hotflip.abs_increase"))
+    assert hotflip["difference"]["mean"] == pytest.approx(0.1, abs=0.02)
+    assert hotflip["difference"]["n_documents"] == 6 and hotflip["p_holm"] < 0.05
+    text = report.markdown(summary, params, {"params_hash": "h", "packages": {"torch": "t", "transformers": "t"}},
+                           [])
+    assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
+    assert f"Family: all {len(family)} paired tests" in text
+
+
+def test_aggregate_refuses_examples_that_differ_between_seeds():
+    seeds = [0, 1]
+    loaded = _loaded(seeds, np.random.default_rng(0))
+    loaded["runs"]["monotonic"][1]["uat"]["examples"][0]["id"] = "attack_eval:99:0"
+    with pytest.raises(ValueError, match="must cross the same examples"):
+        aggregate.summarize(_params(seeds), loaded)
+
+
+def test_every_arm_and_seed_resamples_the_same_documents():
+    seeds = [0, 1, 2]
+    design = aggregate.Design(_loaded(seeds, np.random.default_rng(0)), seeds, 100, np.random.default_rng(0))
+    for metric in aggregate.ARM_METRICS:
+        drawn = {id(design.values(metric, arm)[1]) for arm in ARM_NAMES}
+        assert len(drawn) == 1, metric.name
+    assert design.values(aggregate.Metric("uat", "abs_increase"), "baseline")[1] is \
+        design.values(aggregate.Metric("hotflip", "abs_increase", "random"), "monotonic")[1]
+
+
+def test_report_says_what_a_seed_varies():
+    assert "not estimated" in report.seed_sentence([0])
+    text = report.seed_sentence([0, 1, 2])
+    assert "for baseline, monotonic, the recovery-training data order" in text
+    assert "for pretrained, monotonic_init, only the attacks' random streams" in text and "2 degrees" in text
+
+
+@pytest.mark.parametrize("key, value", [("equivalence_margin_nats", 0), ("power", 1.0)])
+def test_bad_aggregate_params_fail_with_key_and_value(key, value):
+    raw = dataclasses.asdict(_params([0]))
+    raw["aggregate"][key] = value
+    with pytest.raises(params_mod.ParamsError, match=f"aggregate.{key}"):
+        params_mod.validate(raw)

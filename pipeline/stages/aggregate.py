@@ -1,23 +1,29 @@
-"""Stage `aggregate`: every arm x seed x metric into results.json, multi-seed estimates with bootstrap
-CIs, paired per-example tests between arms, a Markdown report computed from the numbers, PNG plots."""
+"""Stage `aggregate`: every arm x seed x metric into results.json; estimates and paired comparisons for the
+crossed design (the same examples and documents for every arm and seed; pipeline/stats.py) as typed records
+(arm estimates, paired comparisons with Holm over the report's family, transfer cells); a Markdown report
+computed from the numbers; PNG plots."""
 from __future__ import annotations
 
 import csv
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import paths, report
 from ..arms import ARM_NAMES as ARMS
+from ..arms import ARMS as ARMS_BY_NAME
 from ..arms import TRAINED_ARMS
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..provenance import provenance, record_run
-from ..stats import hierarchical_bootstrap, paired_comparison
+from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
 ATTACKS = ("uat", "hotflip")
 CONTROLS = ("random", "greedy")
+ATTACK_FIELDS = ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")
+CONTROL_FIELDS = ("abs_increase", "success_abs")
 COMPARISONS = (("monotonic", "baseline"), ("monotonic_init", "pretrained"), ("baseline", "pretrained"),
                ("monotonic", "pretrained"))
 
@@ -31,13 +37,6 @@ def _require(path: Path) -> dict:
 def _read_csv(path: Path) -> list[dict]:
     with open(path) as fh:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
-
-
-def _examples(result: dict, field: str, ids: list[str] | None = None) -> np.ndarray:
-    rows = result["examples"]
-    if ids is not None and [r["id"] for r in rows] != ids:
-        raise ValueError("attack examples are not aligned across arms/seeds (different example ids)")
-    return np.array([float(r[field]) for r in rows])
 
 
 def load_runs(params) -> dict:
@@ -56,96 +55,214 @@ def load_runs(params) -> dict:
                 run["val_log"] = _read_csv(tdir / "val_log.csv")
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
-    return {"runs": runs, "transfer": transfer}
+    benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS_BY_NAME[arm].trained
+                                                           else arm) / "metrics.json")["tasks"]
+                        for seed in params.seeds} for arm in ARMS}
+    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-example quantity: `field` of the attack `source` (a control's run of it if `control`), or the
+    test split's per-document NLL per token (source "per_doc", token-weighted)."""
+    source: str
+    field: str
+    control: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "test_nll_per_token" if self.source == "per_doc" else \
+            f"{self.source}{'_' + self.control if self.control else ''}.{self.field}"
+
+
+TEST_NLL = Metric("per_doc", "nll")
+ARM_METRICS = (TEST_NLL, *(Metric(a, f) for a in ATTACKS for f in ATTACK_FIELDS),
+               *(Metric(a, f, c) for a in ATTACKS for c in CONTROLS for f in CONTROL_FIELDS))
+COMPARED_METRICS = (TEST_NLL, *(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "clean_nll") for a in ATTACKS))
+RATE_FIELDS = ("success_abs", "success_rel")     # proportions: intervals clipped to [0, 1]
+
+
+@dataclass(frozen=True)
+class ArmEstimate:
+    arm: str
+    metric: str
+    estimate: Estimate
+
+
+@dataclass(frozen=True)
+class TransferCell:
+    attack: str
+    source: str
+    target: str
+    per_seed: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.per_seed))
+
+
+class Design:
+    """The crossed design of a loaded run: a metric's values as seeds x examples, aligned on the same examples
+    for every arm and seed (else it fails), and one table of document draws per example set."""
+
+    def __init__(self, loaded: dict, seeds, n_boot: int, rng: np.random.Generator):
+        self.runs, self.seeds, self.n_boot, self.rng = loaded["runs"], list(seeds), n_boot, rng
+        self._clusters: dict[tuple, Clusters] = {}
+
+    def _rows(self, metric: Metric, arm: str, seed) -> tuple[list[str], list[float], np.ndarray | None]:
+        run = self.runs[arm][seed]
+        if metric.source == "per_doc":
+            pd = run["per_doc"]
+            tokens = np.asarray(pd["tokens"], dtype=np.float64)
+            return pd["doc_ids"], list(np.asarray(pd["nll"], dtype=np.float64) / tokens), tokens
+        result = run[metric.source] if metric.control is None else run["controls"][metric.control][metric.source]
+        return [r["id"] for r in result["examples"]], [float(r[metric.field]) for r in result["examples"]], None
+
+    def values(self, metric: Metric, arm: str) -> tuple[np.ndarray, Clusters, np.ndarray | None]:
+        ids = weights = None
+        out = []
+        for seed in self.seeds:
+            row_ids, row, w = self._rows(metric, arm, seed)
+            if ids is None:
+                ids, weights = row_ids, w
+            elif row_ids != ids or (w is not None and not np.array_equal(w, weights)):
+                raise ValueError(f"{metric.name} of {arm}: seed {seed} has other examples than seed "
+                                 f"{self.seeds[0]}: the design must cross the same examples with every seed")
+            out.append(row)
+        return np.asarray(out), self.clusters(ids, metric.source == "per_doc"), weights
+
+    def clusters(self, ids: list[str], documents_are_examples: bool) -> Clusters:
+        key = tuple(ids)
+        if key not in self._clusters:
+            docs = ids if documents_are_examples else [document_of(i) for i in ids]
+            self._clusters[key] = Clusters.draw(ids, docs, self.n_boot, self.rng)
+        return self._clusters[key]
+
+
+def clip_rate(est: Estimate) -> Estimate:
+    """A proportion's interval, clipped to [0, 1]."""
+    return replace(est, low=max(est.low, 0.0), high=min(est.high, 1.0))
+
+
+def arm_estimates(design: Design, confidence: float) -> list[ArmEstimate]:
+    out = []
+    for arm in ARMS:
+        for metric in ARM_METRICS:
+            values, clusters, weights = design.values(metric, arm)
+            est = crossed_estimate(values, clusters, confidence, weights)
+            if metric.field in RATE_FIELDS:
+                est = clip_rate(est)
+            out.append(ArmEstimate(arm, metric.name, est))
+    return out
+
+
+def _paired(design: Design, agg, a: tuple[str, Metric], b: tuple[str, Metric], labels: tuple[str, str],
+            metric: str) -> PairedComparison:
+    (va, clusters, weights), (vb, clusters_b, weights_b) = design.values(a[1], a[0]), design.values(b[1], b[0])
+    if clusters_b is not clusters or (weights is not None and not np.array_equal(weights, weights_b)):
+        raise ValueError(f"{labels[0]} and {labels[1]} on {metric} are not on the same examples")
+    return paired_comparison(*labels, metric, va, vb, clusters, agg.confidence, agg.equivalence_margin_nats,
+                             agg.power, design.rng, weights)
+
+
+def compared_metrics(design: Design) -> list[Metric]:
+    """COMPARED_METRICS less the repeats of clean NLL: attacks on the same examples share it (one test)."""
+    out, seen = [], set()
+    for m in COMPARED_METRICS:
+        if m.field == "clean_nll":
+            ids = design.values(m, ARMS[0])[1].ids
+            if ids in seen:
+                continue
+            seen.add(ids)
+        out.append(m)
+    return out
+
+
+def arm_comparisons(design: Design, agg) -> list[PairedComparison]:
+    metrics = compared_metrics(design)
+    return [_paired(design, agg, (a, m), (b, m), (a, b), m.name) for a, b in COMPARISONS for m in metrics]
+
+
+def control_comparisons(design: Design, agg) -> list[PairedComparison]:
+    """Each gradient attack against its random-substitution control at the same budget, per arm."""
+    return [_paired(design, agg, (arm, Metric(attack, "abs_increase")),
+                    (arm, Metric(attack, "abs_increase", "random")), (arm, f"{arm} random"),
+                    f"{attack}.abs_increase") for arm in ARMS for attack in ATTACKS]
+
+
+def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
+    """Holm over the family, separately for the difference tests and for the equivalence tests."""
+    p_holm = holm([c.p_value for c in family])
+    p_eq_holm = holm([c.p_equivalence for c in family])
+    return [replace(c, p_holm=float(p), p_equivalence_holm=float(q)) for c, p, q in zip(family, p_holm, p_eq_holm)]
+
+
+def transfer_cells(loaded: dict, seeds) -> list[TransferCell]:
+    return [TransferCell(attack, src, dst, tuple(loaded["transfer"][s][attack]["abs_increase"][src][dst]
+                                                 for s in seeds))
+            for attack in ATTACKS for src in ARMS for dst in ARMS]
+
+
+def benchmark_summary(loaded: dict, seeds, agg, rng: np.random.Generator) -> dict:
+    """Per task: each arm's accuracy (items crossed with seeds: an untrained arm's scores are the same for
+    every seed) and monotonic - baseline paired by item and seed, each item its own cluster."""
+    bench = loaded["benchmarks"]
+    out = {}
+    for task in bench[ARMS[0]][seeds[0]]:
+        acc = {arm: np.array([[item["acc"] for item in bench[arm][s][task]["items"]] for s in seeds]) for arm in ARMS}
+        ids = [f"{task}:{item['doc_id']}" for item in bench[ARMS[0]][seeds[0]][task]["items"]]
+        clusters = Clusters.draw(ids, ids, agg.bootstrap_samples, rng)
+        diff = paired_comparison("monotonic", "baseline", f"{task}.acc", acc["monotonic"], acc["baseline"], clusters,
+                                 agg.confidence, agg.equivalence_margin_nats, agg.power, rng)
+        out[task] = {"acc": {arm: clip_rate(crossed_estimate(a, clusters, agg.confidence)).to_dict()
+                             for arm, a in acc.items()},
+                     "monotonic_vs_baseline": diff.to_dict(), "items": len(ids)}
+    return out
+
+
+def _arm_entry(arm: str, estimates: list[ArmEstimate], runs: dict, seeds) -> dict:
+    est = {e.metric: e.estimate for e in estimates if e.arm == arm}
+    nll = est[TEST_NLL.name]
+    entry = {"test_nll_per_token": nll.to_dict(),
+             "perplexity": {"mean": math.exp(nll.mean), "low": math.exp(nll.low), "high": math.exp(nll.high),
+                            "n_seeds": nll.n_seeds, "n_documents": nll.n_documents},
+             "perplexity_per_seed": {s: runs[arm][s]["eval"]["perplexity"] for s in seeds}}
+    for name, e in est.items():
+        if name != TEST_NLL.name:
+            group, field = name.split(".")
+            entry.setdefault(group, {})[field] = e.to_dict()
+    for attack in ATTACKS:
+        entry[attack]["per_seed"] = {s: runs[arm][s][attack]["summary"] for s in seeds}
+    if ARMS_BY_NAME[arm].trained:
+        entry["train"] = {s: {k: v for k, v in runs[arm][s]["train"].items() if k != "provenance"} for s in seeds}
+    return entry
 
 
 def summarize(params, loaded: dict) -> dict:
     agg = params.aggregate
-    rng = np.random.default_rng(agg.seed)
     runs, seeds = loaded["runs"], params.seeds
-    boot = dict(n_boot=agg.bootstrap_samples, confidence=agg.confidence, rng=rng)
-
-    doc_ids = {seed: runs["pretrained"][seed]["per_doc"]["doc_ids"] for seed in seeds}
-    example_ids = {(a, seed): [r["id"] for r in runs["pretrained"][seed][a]["examples"]] for a in ATTACKS
-                   for seed in seeds}
-
-    def doc_nll(arm):   # per-document (nll sum, tokens), aligned on the test split's documents
-        out = []
-        for seed in seeds:
-            pd = runs[arm][seed]["per_doc"]
-            if pd["doc_ids"] != doc_ids[seed]:
-                raise ValueError(f"per-document NLL of {arm} seed {seed} is not aligned with the test split")
-            out.append((np.asarray(pd["nll"], float), np.asarray(pd["tokens"], float)))
-        return out
-
-    def attack_field(arm, attack, field, control=None):
-        res = []
-        for seed in seeds:
-            r = runs[arm][seed][attack] if control is None else runs[arm][seed]["controls"][control][attack]
-            res.append(_examples(r, field, example_ids[(attack, seed)]))
-        return res
-
-    arms = {}
-    for arm in ARMS:
-        nll = doc_nll(arm)
-        nll_est = hierarchical_bootstrap([n for n, _ in nll], weights=[t for _, t in nll], **boot)
-        entry = {
-            "perplexity": {"mean": math.exp(nll_est.mean), "low": math.exp(nll_est.low),
-                           "high": math.exp(nll_est.high), "n_seeds": nll_est.n_seeds,
-                           "n_documents": nll_est.n_examples},
-            "perplexity_per_seed": {s: runs[arm][s]["eval"]["perplexity"] for s in seeds},
-        }
-        for attack in ATTACKS:
-            entry[attack] = {field: hierarchical_bootstrap(attack_field(arm, attack, field), **boot).to_dict()
-                             for field in ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")}
-            entry[attack]["per_seed"] = {s: runs[arm][s][attack]["summary"] for s in seeds}
-            for control in CONTROLS:
-                entry[f"{attack}_{control}"] = {
-                    field: hierarchical_bootstrap(attack_field(arm, attack, field, control), **boot).to_dict()
-                    for field in ("abs_increase", "success_abs")}
-        if arm in TRAINED_ARMS:
-            entry["train"] = {s: {k: v for k, v in runs[arm][s]["train"].items() if k != "provenance"} for s in seeds}
-        arms[arm] = entry
-
-    comparisons = {}
-    for a, b in COMPARISONS:
-        na, nb = doc_nll(a), doc_nll(b)
-        per_tok_a = [n / t for n, t in na]
-        per_tok_b = [n / t for n, t in nb]
-        comparisons[f"{a}_vs_{b}"] = {
-            "test_nll_per_token": paired_comparison(per_tok_a, per_tok_b, **boot).to_dict(),
-            **{f"{attack}_abs_increase": paired_comparison(attack_field(a, attack, "abs_increase"),
-                                                           attack_field(b, attack, "abs_increase"), **boot).to_dict()
-               for attack in ATTACKS},
-            **{f"{attack}_clean_nll": paired_comparison(attack_field(a, attack, "clean_nll"),
-                                                        attack_field(b, attack, "clean_nll"), **boot).to_dict()
-               for attack in ATTACKS},
-        }
-    gradient_vs_random = {
-        arm: {attack: paired_comparison(attack_field(arm, attack, "abs_increase"),
-                                        attack_field(arm, attack, "abs_increase", "random"), **boot).to_dict()
-              for attack in ATTACKS}
-        for arm in ARMS}
-
+    design = Design(loaded, seeds, agg.bootstrap_samples, np.random.default_rng(agg.seed))
+    estimates = arm_estimates(design, agg.confidence)
+    between_arms = arm_comparisons(design, agg)
+    family = with_holm(between_arms + control_comparisons(design, agg))
+    n_arm = len(between_arms)
     transfer = {}
-    for attack in ATTACKS:
-        matrix = {}
-        for src in ARMS:
-            matrix[src] = {}
-            for dst in ARMS:
-                vals = [loaded["transfer"][s][attack]["abs_increase"][src][dst] for s in seeds]
-                matrix[src][dst] = float(np.mean(vals))
-        transfer[attack] = matrix
-
+    for cell in transfer_cells(loaded, seeds):
+        transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
     overrides = {arm: {s: runs[arm][s]["train"].get("overrides") or {} for s in seeds} for arm in TRAINED_ARMS}
-    return {"arms": arms, "comparisons": comparisons, "gradient_vs_random": gradient_vs_random,
+    return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
+            "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
+            "comparisons": [c.to_dict() for c in family[:n_arm]],
+            "controls": [c.to_dict() for c in family[n_arm:]],
+            "family_size": len(family), "attacks": list(ATTACKS), "control_methods": list(CONTROLS),
             "transfer_abs_increase": transfer, "arm_overrides": overrides,
             "seeds": list(seeds), "confidence": agg.confidence, "bootstrap_samples": agg.bootstrap_samples,
+            "equivalence_margin_nats": agg.equivalence_margin_nats, "power": agg.power,
             "thresholds": {"abs_nats": params.attack.success_threshold_nats,
                            "relative": params.attack.success_threshold_relative},
             "variant": params.monotonic.variant, "init": params.monotonic.init,
             "input_params_hashes": sorted({runs[a][s][k]["provenance"]["params_hash"] for a in ARMS for s in seeds
-                                           for k in ("eval", "uat", "hotflip", "controls")})}
+                                           for k in ("eval", *ATTACKS, "controls")})}
 
 
 def flat_metrics(summary: dict) -> dict:
@@ -167,8 +284,8 @@ def run(params, args) -> int:
     per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log")}
                      for seed, run in seeds.items()} for arm, seeds in loaded["runs"].items()}
     with staged_dir(paths.REPORT_DIR) as out:
-        write_json(out / "results.json", {"summary": summary, "runs": per_run,
-                                          "transfer": loaded["transfer"], "provenance": prov})
+        write_json(out / "results.json", {"summary": summary, "runs": per_run, "transfer": loaded["transfer"],
+                                          "benchmarks": loaded["benchmarks"], "provenance": prov})
         write_json(out / "metrics.json", {**flat_metrics(summary), "provenance": prov})
         plot_files = report.plots(loaded, summary, out / "plots", params)
         text = report.markdown(summary, params, prov, [p.relative_to(out).as_posix() for p in plot_files])

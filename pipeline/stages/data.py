@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .. import benchmarks as B
 from .. import data as D
 from .. import hub
 from ..params import SPLITS
@@ -35,6 +36,10 @@ def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
     else:
         tokenizer = D.load_tokenizer(tokenizer_dir)
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    # the local benchmark task's items (LAMBADA-style) from the test split, fitting the evaluation context
+    items = B.lastword_items([d.text for d in splits["test"]], tokenizer, params.eval.context_length,
+                             params.benchmarks.local_items)
+    B.write_items(out_dir / "benchmarks" / B.ITEMS_FILE, items)
 
     dtype = D.token_dtype(len(tokenizer))
     processes, t0 = D.available_cpus(), time.time()
@@ -53,6 +58,7 @@ def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "special_token_ids": sorted(set(tokenizer.all_special_ids)),
+        "benchmark_items": {B.LOCAL_TASK: len(items)},
         "provenance": provenance(params, "data"),
     }
     write_json(out_dir / "manifest.json", manifest)

@@ -1,0 +1,178 @@
+"""Zero-shot benchmarks through EleutherAI's lm-evaluation-harness (`lm-eval`), its own task definitions and
+scoring, on an arm's saved model.
+
+Two kinds of task:
+  - the harness's registered tasks (lambada_openai, piqa, ...), read offline from the HF cache at the dataset
+    revisions pinned in params (benchmarks.dataset_revisions), fetched once by `python -m pipeline fetch`;
+  - LOCAL_TASK, a LAMBADA-style last-word task defined here in the harness's YAML format over a JSON Lines
+    file the data stage writes from the test split (context: a passage; target: its final word), so the
+    embedded default exercises the same harness code path with no download.
+
+The per-item log-likelihoods the harness computes equal `continuation_logprob` (the pipeline's own scorer)
+on the same items (tests/test_benchmarks.py)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+LOCAL_TASK = "pipeline_lastword"
+ITEMS_FILE = "lastword.jsonl"
+LAST_WORD = re.compile(r"(?s)^(.*\S) ([A-Za-z]{2,})[^\w\s]*$")   # a passage ending in " word" (+ punctuation)
+# what the harness's results hold that varies between identical runs (time, host, environment, paths)
+VOLATILE_RESULT_KEYS = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "pretty_env_info",
+                        "git_hash", "upper_git_hash", "config", "configs")   # configs: paths of the YAML files
+
+
+def lastword_items(texts: list[str], tokenizer, max_tokens: int, limit: int, min_words: int = 12) -> list[dict]:
+    """LAMBADA-style items from documents, in document order: every paragraph of at least `min_words` words
+    whose last word (2+ letters, before trailing punctuation) is the target, the text before it the context;
+    only those whose context and target fit in `max_tokens` tokens (no truncation), at most `limit` (0: all)."""
+    items = []
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            match = LAST_WORD.match(paragraph.strip())
+            if not match or len(paragraph.split()) < min_words:
+                continue
+            context, target = match.group(1), match.group(2)
+            if len(tokenizer(context + " " + target, add_special_tokens=False)["input_ids"]) > max_tokens:
+                continue
+            items.append({"context": context, "target": target})
+            if len(items) == limit:
+                return items
+    return items
+
+
+def write_items(path: Path, items: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(item, sort_keys=True) + "\n" for item in items))
+
+
+def local_task_yaml(items_file: Path) -> str:
+    """The harness task definition of LOCAL_TASK over an items file (as lambada_openai: log-likelihood of
+    " target" after the context; acc = the target is the greedy continuation; perplexity over items)."""
+    return "\n".join([
+        f"task: {LOCAL_TASK}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(Path(items_file).resolve()))}",
+        "output_type: loglikelihood",
+        "test_split: test",
+        'doc_to_text: "{{context}}"',
+        "doc_to_target: \"{{' ' + target}}\"",
+        "metric_list:",
+        "  - metric: perplexity",
+        "    aggregation: perplexity",
+        "    higher_is_better: false",
+        "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "metadata:",
+        "  version: 1.0",
+        ""])
+
+
+def task_specs(tasks: list[str], revisions: dict, task_dir: Path):
+    """(TaskManager, the task list for simple_evaluate): the local task by name from task_dir, each harness
+    task as its own registered config with the pinned dataset revision added to its dataset_kwargs."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = TaskManager(include_path=str(task_dir))
+    specs = []
+    for task in tasks:
+        if task == LOCAL_TASK:
+            specs.append(task)
+            continue
+        entry = manager.task_index.get(task)
+        if entry is None or entry.yaml_path is None:
+            raise ValueError(f"benchmarks.tasks: {task!r} is not a task defined by a YAML file in lm-eval")
+        config = load_yaml(entry.yaml_path, resolve_func=True)
+        config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}), "revision": revisions[task]}
+        specs.append(config)
+    return manager, specs
+
+
+def dataset_of(task: str, manager) -> str:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(manager.task_index[task].yaml_path, resolve_func=False)["dataset_path"]
+
+
+def run_harness(model, tokenizer, tasks: list[str], *, revisions: dict, task_dir: Path, num_fewshot: int,
+                limit: int, batch_size: int, bootstrap_iters: int, seed: int) -> dict:
+    """simple_evaluate on an already loaded model (where it is: the device policy placed it), per-item
+    samples logged, every random seed of the harness set. Returns the harness's results dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager, specs = task_specs(tasks, revisions, task_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    return simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit or None,
+                           task_manager=manager, log_samples=True, bootstrap_iters=bootstrap_iters,
+                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                           fewshot_random_seed=seed)
+
+
+def stable_results(results: dict) -> tuple[dict, dict]:
+    """(the harness's results minus what varies between identical runs, the volatile part) — the first goes
+    into the hashed output, the second into the run record."""
+    stable = {k: v for k, v in results.items() if k not in VOLATILE_RESULT_KEYS}
+    stable["samples"] = {task: [{k: v for k, v in row.items() if k not in ("doc", "arguments")} for row in rows]
+                         for task, rows in results.get("samples", {}).items()}
+    return stable, {k: results[k] for k in VOLATILE_RESULT_KEYS if k in results}
+
+
+def flat_metrics(results: dict) -> dict:
+    """{task: {metric: value}} with the harness's "metric,filter" keys kept as they are, plus per-item scores
+    for the report's bootstrap: {task: {"items": [{doc_id, acc, loglikelihood (single-request tasks)}]}}."""
+    out = {}
+    for task, metrics in results["results"].items():
+        row = {k: v for k, v in metrics.items() if k not in ("name", "alias") and isinstance(v, (int, float))}
+        row["items"] = [item_scores(s) for s in results.get("samples", {}).get(task, [])]
+        out[task] = row
+    return out
+
+
+def item_scores(sample: dict) -> dict:
+    scores = {"doc_id": int(sample["doc_id"]), "acc": float(sample["acc"])}
+    if len(sample["filtered_resps"]) == 1:      # a log-likelihood task: one (log-likelihood, is greedy) request
+        scores["loglikelihood"] = float(sample["filtered_resps"][0][0])
+    return scores
+
+
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """The pipeline's own scorer: log P(continuation | context) summed over the continuation's tokens, and
+    whether every continuation token is the greedy prediction. Tokenized as the harness does: the pair is
+    encoded whole and split where the context's own encoding ends (trailing spaces move to the continuation)."""
+    import torch
+
+    spaces = len(context) - len(context.rstrip())
+    context, continuation = context[: len(context) - spaces], context[len(context) - spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([whole], device=model.device)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, n_context:]
+    picked = logprobs[n_context - 1:].gather(1, targets.unsqueeze(1)).squeeze(1)
+    greedy = bool((logprobs[n_context - 1:].argmax(dim=-1) == targets).all())
+    return float(picked.sum()), greedy
+
+
+def missing_datasets(tasks: list[str], revisions: dict, task_dir: Path, hub_cache: Path) -> list[str]:
+    """For each harness task whose dataset snapshot at the pinned revision is absent from the HF hub cache:
+    what is missing and where it was looked for (checked before any model is loaded)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir))
+    missing = []
+    for task in tasks:
+        if task == LOCAL_TASK:
+            continue
+        dataset = dataset_of(task, manager)
+        snapshot = Path(hub_cache) / f"datasets--{dataset.replace('/', '--')}" / "snapshots" / revisions[task]
+        if not snapshot.is_dir():
+            missing.append(f"{task}: dataset {dataset} at revision {revisions[task]} (looked in {snapshot})")
+    return missing

@@ -1,0 +1,71 @@
+"""Stage `benchmarks`: zero-shot tasks through lm-evaluation-harness (pipeline/benchmarks.py) on the saved
+models of the given arms of one seed, each loaded once where the device policy puts it. Writes per arm
+benchmarks/<arm>-s<seed>/results.json (the harness's results minus what varies between runs: timings,
+environment, the paths of its YAML files) and metrics.json (per task: the harness's metrics and per-item
+scores for the report's bootstrap), both with provenance; the harness's volatile part goes to the run record.
+dvc.yaml runs it once for the untrained arms (their models serve every seed: benchmarks/<arm>/, with the
+first seed's harness seeds) and per seed for the trained ones (benchmarks/<arm>-s<seed>/)."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import benchmarks as B
+from ..arms import ARMS
+from ..data import load_tokenizer
+from ..io import staged_dir, write_json
+from ..loading import load_arm_model
+from ..paths import DATA_DIR, benchmark_dir, run_name
+from ..provenance import provenance, record_run
+
+FETCH_HINT = "on a machine with network: python -m pipeline fetch (it downloads what params.yaml pins)"
+
+
+def prepare_tasks(params, task_dir: Path) -> None:
+    """The local task's YAML over the data stage's items; fails before any compute when a harness task's
+    dataset is not in the HF cache at its pinned revision."""
+    from huggingface_hub import constants
+
+    b = params.benchmarks
+    if B.LOCAL_TASK in b.tasks:
+        items = DATA_DIR / "benchmarks" / B.ITEMS_FILE
+        if not items.is_file():
+            raise FileNotFoundError(f"{items} is missing: run the data stage first (dvc repro data)")
+        (task_dir / f"{B.LOCAL_TASK}.yaml").write_text(B.local_task_yaml(items))
+    missing = B.missing_datasets(b.tasks, b.dataset_revisions, task_dir, Path(constants.HF_HUB_CACHE))
+    if missing:
+        raise FileNotFoundError("benchmark datasets missing offline:\n  " + "\n  ".join(missing) + f"\n{FETCH_HINT}")
+
+
+def benchmark_arm(params, arm: str, seed: int, task_dir: Path) -> dict:
+    b = params.benchmarks
+    t0 = time.time()
+    model, meta = load_arm_model(params, arm, seed)
+    results = B.run_harness(model, load_tokenizer(DATA_DIR / "tokenizer"), b.tasks, revisions=b.dataset_revisions,
+                            task_dir=task_dir, num_fewshot=b.num_fewshot, limit=b.limit, batch_size=b.batch_size,
+                            bootstrap_iters=b.bootstrap_iters, seed=seed)
+    stable, volatile = B.stable_results(results)
+    prov = provenance(params, "benchmarks", seed=seed, arm=arm, task_versions=stable.get("versions", {}))
+    metrics = {"arm": arm, "seed": seed, "tasks": B.flat_metrics(stable), "model_meta": meta, "provenance": prov}
+    label = run_name(arm, seed) if ARMS[arm].trained else arm
+    with staged_dir(benchmark_dir(label)) as out:
+        write_json(out / "results.json", {**stable, "provenance": prov})
+        write_json(out / "metrics.json", metrics)
+    record_run(f"benchmarks-{label}", prov, seconds=round(time.time() - t0, 1), harness=volatile)
+    return metrics
+
+
+def run(params, args) -> int:
+    with tempfile.TemporaryDirectory(prefix="pipeline-tasks-") as task_dir:
+        try:
+            prepare_tasks(params, Path(task_dir))
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for arm in args.arm:
+            metrics = benchmark_arm(params, arm, args.seed, Path(task_dir))
+            rows = ", ".join(f"{task} acc {m.get('acc,none', float('nan')):.3f}" for task, m in metrics["tasks"].items())
+            print(f"benchmarks {arm} s{args.seed}: {rows}")
+    return 0
