@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=_OneLineHelpFormatter,
                                      epilog="Switch every setting at once: python -m pipeline profile cluster "
-                                            "(profiles/: embedded = params.yaml default, smoke, cluster).")
+                                            "(profiles/: embedded = params.yaml default, smoke, rehearsal, cluster).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name, (_, help_text, arm_choices) in STAGES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
     sp.add_argument("--params", default="params.yaml")
-    # tools (preflight, verify) are imported by name, like the stages: a stage's code deps are its own
+    # tools (preflight, fetch, verify) are imported by name, like the stages: a stage's code deps are its own
     # module's imports and this file's (tests/test_pipeline_dvc.py), never a tool's
     preflight = importlib.import_module("pipeline.preflight")
     sp = sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU")
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
     sp.add_argument("--mfu", type=float, help=f"achieved fraction of the dense peak (default {preflight.MFU_DEFAULT})")
     sp.add_argument("--resources", default=str(preflight.RESOURCES))
+    sp = sub.add_parser("fetch", help="download what the params need into the HF hub cache (network; login node)")
+    sp.add_argument("--params", default="params.yaml")
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
     sp.add_argument("name")
     sp.add_argument("--params", default="params.yaml")
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "preflight":
             return importlib.import_module("pipeline.preflight").run(params, args)
+        if args.command == "fetch":
+            return importlib.import_module("pipeline.fetch").run(params)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
     except params_mod.ParamsError as exc:
@@ -91,6 +95,9 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
     try:
         return module.run(params, args) or 0
+    except params_mod.InputError as exc:   # e.g. a pinned hub file missing or damaged, found before any compute
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         message = oom.advice(exc, args.command, params)
         if message is None:

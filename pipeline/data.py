@@ -1,5 +1,10 @@
 """Corpus, document-level splits, tokenizer and packed token storage.
 
+Sources: the embedded corpus (CPython's own English text), cut into five splits by a seeded permutation; or
+files of a hub dataset in the Pile-uncopyrighted layout (hub.data_files: verified in the HF hub cache at a
+pinned commit), where train comes from the named train shards and every held-out split from the held-out
+files (the Pile's val/test), see hf_splits.
+
 Layout under a data directory:
   docs/{split}.jsonl            one document per line: {"id", "source", "text"}
   tokenizer/                    a transformers tokenizer (embedded BPE, or the model's own)
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import SPLITS, DataParams
+from .params import HELD_OUT, SPLITS, DataParams
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -117,57 +122,104 @@ def _stdlib_modules(stdlib: Path) -> list[Path]:
     return sorted(found)
 
 
-def hf_documents(p: DataParams) -> list[Document]:
-    """A `datasets` corpus at a pinned revision, read offline from a local or scratch cache."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+def read_jsonl(path: Path, name: str):
+    """(line number, parsed object) of a .jsonl or .jsonl.zst file, streamed: a shard is never held in
+    memory. `name` (the repository path) says whether it is compressed; `path` may be a hub blob."""
+    import io
 
-    kwargs = {"split": p.hf_split, "cache_dir": p.hf_cache_dir}
-    if p.hf_data_files:
-        kwargs["data_files"] = p.hf_data_files
-    else:
-        kwargs["revision"] = p.hf_revision
-    ds = datasets.load_dataset(p.hf_dataset, **kwargs)
-    if p.hf_text_field not in ds.column_names:
-        raise ValueError(f"data.hf_text_field '{p.hf_text_field}' not among the dataset's columns {ds.column_names}")
-    docs, seen = [], set()
-    for i, row in enumerate(ds):
-        if p.max_documents and len(docs) >= p.max_documents:
-            break
-        text = row[p.hf_text_field]
-        if text is None:
-            continue
+    with open(path, "rb") as raw:
+        if name.endswith(".zst"):
+            import zstandard
+
+            stream = io.TextIOWrapper(zstandard.ZstdDecompressor(max_window_size=2 ** 31).stream_reader(raw),
+                                      encoding="utf-8")
+        else:
+            stream = io.TextIOWrapper(raw, encoding="utf-8")
+        for i, line in enumerate(stream):
+            if line.strip():
+                yield i, json.loads(line)
+
+
+def file_documents(p: DataParams, name: str, path: Path, seen: set):
+    """Documents of one repository file in file order: cleaned, at least min_chars, texts not in `seen`
+    (updated). Id "<file>:<line>"; source: the Pile's subset name when the row has one."""
+    for i, row in read_jsonl(path, name):
+        text = row.get(p.hf_text_field) if isinstance(row, dict) else None
         if not isinstance(text, str):
-            raise ValueError(f"data.hf_text_field '{p.hf_text_field}' of row {i} is a {type(text).__name__}, not text")
+            raise ValueError(f"{name} line {i + 1}: data.hf_text_field '{p.hf_text_field}' is "
+                             f"{'missing' if text is None else 'a ' + type(text).__name__}, not text")
         text = _clean(text)
         key = hashlib.sha1(text.encode()).digest()
         if len(text) >= p.min_chars and key not in seen:
             seen.add(key)
-            docs.append(Document(f"{p.hf_dataset}:{i}", p.hf_dataset, text))
-    return docs
+            meta = row.get("meta")
+            source = meta.get("pile_set_name") if isinstance(meta, dict) else None
+            yield Document(f"{name}:{i}", source or p.hf_dataset, text)
 
 
-def load_documents(p: DataParams) -> list[Document]:
-    return embedded_documents(p.min_chars, p.max_documents) if p.source == "embedded" else hf_documents(p)
+def _take(p: DataParams, files: dict[str, Path], count: int, seen: set, key: str) -> list[Document]:
+    """The first `count` documents of the files, in order."""
+    docs = []
+    for name, path in files.items():
+        for doc in file_documents(p, name, path, seen):
+            docs.append(doc)
+            if len(docs) == count:
+                return docs
+    raise ValueError(f"{key} ({', '.join(files)}) hold only {len(docs)} usable documents (at least "
+                     f"{p.min_chars} characters, not repeated); {count} needed: name more files there or lower "
+                     "data.max_documents")
+
+
+def hf_splits(p: DataParams, paths: dict[str, Path]) -> dict[str, list[Document]]:
+    """Train: the first documents of the named train shards, in order. Held-out: an equal share of the
+    first documents of each held-out file (the Pile's val/test: text Pythia never trained on), pooled and
+    cut into validation, test, attack_opt and attack_eval by a permutation seeded with split_seed.
+    Counts: split_counts(max_documents, fractions). A text seen in a train shard is never held out."""
+    counts = split_counts(p.max_documents, p.fractions)
+    seen: set = set()
+    train = _take(p, {f: paths[f] for f in p.hf_train_files}, counts["train"], seen, "data.hf_train_files")
+    need, n_files = sum(counts[s] for s in HELD_OUT), len(p.hf_heldout_files)
+    pool = []
+    for j, name in enumerate(p.hf_heldout_files):
+        share = need // n_files + (j < need % n_files)
+        pool += _take(p, {name: paths[name]}, share, seen, "data.hf_heldout_files") if share else []
+    return {"train": train, **_cut(pool, {s: counts[s] for s in HELD_OUT}, p.split_seed)}
+
+
+def load_splits(p: DataParams, paths: dict[str, Path] | None = None) -> dict[str, list[Document]]:
+    """The five document splits: the embedded corpus cut by fractions, or the hf files (`paths`: repository
+    path -> local file, from hub.data_files)."""
+    if p.source == "embedded":
+        return split_documents(embedded_documents(p.min_chars, p.max_documents), p.fractions, p.split_seed)
+    return hf_splits(p, paths)
 
 
 # --- splitting ----------------------------------------------------------------------------------
+
+def split_counts(n: int, fractions: dict) -> dict[str, int]:
+    """Documents per split out of n: every held-out split at least one, train the remainder."""
+    counts = {s: max(1, int(n * fractions[s])) for s in HELD_OUT}
+    train = n - sum(counts.values())
+    if train < 1:
+        raise ValueError(f"{n} documents leave none for train with fractions {fractions}")
+    return {"train": train, **counts}
+
+
+def _cut(docs: list[Document], counts: dict[str, int], seed: int) -> dict[str, list[Document]]:
+    order = np.random.default_rng(seed).permutation(len(docs))
+    out, start = {}, 0
+    for split, n in counts.items():
+        out[split] = [docs[i] for i in order[start: start + n]]
+        start += n
+    return out
+
 
 def split_documents(docs: list[Document], fractions: dict, seed: int) -> dict[str, list[Document]]:
     """Disjoint by document, seeded: a permutation of documents cut by the fractions.
     Every held-out split gets at least one document; train takes the remainder."""
     if len(docs) < len(SPLITS):
         raise ValueError(f"only {len(docs)} documents: too few to make {len(SPLITS)} disjoint splits")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    counts = {s: max(1, int(len(docs) * fractions[s])) for s in SPLITS if s != "train"}
-    counts["train"] = len(docs) - sum(counts.values())
-    if counts["train"] < 1:
-        raise ValueError(f"{len(docs)} documents leave none for train with fractions {fractions}")
-    out, start = {}, 0
-    for split in SPLITS:
-        out[split] = [docs[i] for i in order[start: start + counts[split]]]
-        start += counts[split]
-    return out
+    return _cut(docs, split_counts(len(docs), fractions), seed)
 
 
 def split_hash(docs: list[Document]) -> str:
@@ -221,16 +273,56 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def tokenize_split(tokenizer, docs: list[Document], dtype) -> tuple[np.ndarray, np.ndarray]:
-    ids = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+TOKENIZE_CHUNK = 256   # documents per task: the unit of work handed to a tokenizing process
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a SLURM job's allocation), not the machine's count."""
+    return len(os.sched_getaffinity(0))
+
+
+def _encode(tokenizer, dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the texts, each followed by EOS, as one flat array; and the per-text lengths."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    for x, end in zip(ids, ends):
+        flat[end - len(x) - 1: end - 1] = x
+        flat[end - 1] = tokenizer.eos_token_id
+    return flat, lengths
+
+
+_WORKER: tuple = ()
+
+
+def _init_worker(tokenizer, dtype) -> None:
+    global _WORKER
+    _WORKER = (tokenizer, dtype)
+
+
+def _encode_in_worker(texts: list[str]):
+    return _encode(*_WORKER, texts)
+
+
+def tokenize_split(tokenizer, docs: list[Document], dtype, processes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Flat token ids (each document followed by EOS) and the document offsets into them. Chunks of
+    documents are encoded by `processes` forked workers, in order: the result does not depend on it."""
+    texts = [d.text for d in docs]
+    chunks = [texts[i: i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
+    if processes > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # the workers are the parallelism
+        with multiprocessing.get_context("fork").Pool(min(processes, len(chunks)), _init_worker,
+                                                      (tokenizer, dtype)) as pool:
+            parts = pool.map(_encode_in_worker, chunks, chunksize=1)
+    else:
+        parts = [_encode(tokenizer, dtype, chunk) for chunk in chunks]
+    flat = np.concatenate([f for f, _ in parts]) if parts else np.empty(0, dtype=dtype)
+    lengths = np.concatenate([n for _, n in parts]) if parts else np.empty(0, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.empty(int(offsets[-1]), dtype=dtype)
-    for i, x in enumerate(ids):
-        flat[offsets[i]: offsets[i + 1] - 1] = x
-        flat[offsets[i + 1] - 1] = eos
-    return flat, offsets
+    return flat.astype(dtype, copy=False), offsets
 
 
 def write_tokens(data_dir: Path, split: str, flat: np.ndarray, offsets: np.ndarray) -> None:

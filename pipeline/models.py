@@ -12,13 +12,14 @@ META_FILE = "pipeline_meta.json"
 MONOTONIC_SPEC_FILE = "monotonic.json"
 
 
-def tiny_gpt_neox(p: ModelParams, tokenizer):
+def tiny_gpt_neox(p: ModelParams, tokenizer, vocab_rows: int | None = None):
     """The embedded stand-in for Pythia: a GPT-NeoX built from a small config (Pythia's layout:
-    parallel residual, partial rotary embeddings, untied output head)."""
+    parallel residual, partial rotary embeddings, untied output head), with `vocab_rows` embedding rows
+    (default: one per tokenizer entry; Pythia pads them to a multiple of 128)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
+        vocab_size=vocab_rows or len(tokenizer), hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
         num_attention_heads=p.num_heads, intermediate_size=p.intermediate_size,
         max_position_embeddings=p.max_position_embeddings, hidden_act="gelu",
         use_parallel_residual=True, tie_word_embeddings=False,

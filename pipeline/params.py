@@ -33,6 +33,9 @@ MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only;
                       "are not monotone, so the network is not globally monotone in its input")
 INIT_MODES = ("abs", "clamp")
 SPLITS = ("train", "validation", "test", "attack_opt", "attack_eval")
+HELD_OUT = SPLITS[1:]
+PROFILES = ("embedded", "smoke", "rehearsal", "cluster")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -42,6 +45,11 @@ class ParamsError(ValueError):
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"params: invalid value for '{key}': {value!r}; allowed: {allowed}")
+
+
+class InputError(RuntimeError):
+    """An input the params name (a pinned file in the HF hub cache) is missing or damaged: a stage finds
+    it before computing, and the CLI reports it in one message (exit 2) with what fixes it."""
 
 
 # --- field declarations -----------------------------------------------------------------------
@@ -72,6 +80,11 @@ def unit_interval(closed_high=False, default=dataclasses.MISSING):
                  lambda v: 0 <= v <= 1 if closed_high else 0 <= v < 1, default)
 
 
+def commit(default=dataclasses.MISSING):
+    return _spec("a 40-hex-digit commit id (a branch or tag can move; pin the commit)",
+                 lambda v: COMMIT_RE.fullmatch(v) is not None, default)
+
+
 def anything(default=dataclasses.MISSING):
     return _spec("any value of the declared type", lambda v: True, default)
 
@@ -81,14 +94,16 @@ def anything(default=dataclasses.MISSING):
 @dataclass(frozen=True)
 class DataParams:
     source: str = choice("embedded", "hf")
-    # hf source: a `datasets` corpus read offline from a local or scratch cache, pinned by revision
+    # hf source: files of a hub dataset repo at a pinned commit, read offline from the HF hub cache
+    # (`python -m pipeline fetch` puts them there): train from the named train shards, every held-out
+    # split from the held-out files (pipeline/data.py)
     hf_dataset: str = anything()
-    hf_revision: str = anything()
-    hf_split: str = anything()
+    hf_revision: str = commit()
+    hf_train_files: list = anything()
+    hf_heldout_files: list = anything()
     hf_text_field: str = anything()
-    hf_data_files: typing.Optional[str] = anything()
-    hf_cache_dir: typing.Optional[str] = anything()
-    max_documents: int = nonneg()          # 0 = every document
+    hf_cache_dir: typing.Optional[str] = anything()   # null: HF_HUB_CACHE; $VARS are expanded when used
+    max_documents: int = nonneg()          # documents in all splits; 0 = every document (embedded only)
     min_chars: int = at_least(1)
     split_seed: int = nonneg()
     fractions: dict = anything()
@@ -105,8 +120,9 @@ class TokenizerParams:
 class ModelParams:
     source: str = choice("scratch", "hf")
     hf_name: str = anything()
-    hf_revision: str = anything()
-    hf_local_path: typing.Optional[str] = anything()
+    hf_revision: str = commit()
+    hf_local_path: typing.Optional[str] = anything()   # an explicit checkpoint directory; wins over the cache
+    hf_cache_dir: typing.Optional[str] = anything()    # null: HF_HUB_CACHE; $VARS are expanded when used
     hidden_size: int = at_least(8)
     num_layers: int = at_least(1)
     num_heads: int = at_least(1)
@@ -219,7 +235,7 @@ class AggregateParams:
 
 @dataclass(frozen=True)
 class Params:
-    profile: str = choice("embedded", "cluster", "smoke")
+    profile: str = choice(*PROFILES)
     seeds: list = anything()
     data: DataParams = anything()
     tokenizer: TokenizerParams = anything()
@@ -344,11 +360,9 @@ def _check_consistency(p: Params) -> None:
     if p.model.source == "hf":
         if p.tokenizer.source != "model":
             raise ParamsError("tokenizer.source", p.tokenizer.source, "'model' when model.source is 'hf'")
-        if not p.model.hf_local_path:
-            raise ParamsError("model.hf_local_path", p.model.hf_local_path,
-                              "a local directory holding the pinned checkpoint (nothing downloads)")
     elif p.tokenizer.source != "train_bpe":
         raise ParamsError("tokenizer.source", p.tokenizer.source, "'train_bpe' when model.source is 'scratch'")
+    _check_data_files(p.data)
     if p.model.source == "scratch":
         if p.model.hidden_size % p.model.num_heads:
             raise ParamsError("model.num_heads", p.model.num_heads,
@@ -396,16 +410,35 @@ def _check_consistency(p: Params) -> None:
         p.train_for_arm(arm)   # every overridden value passes the same checks as the section's own
 
 
+def _check_data_files(d: DataParams) -> None:
+    """Repository paths of the hf source: relative, .jsonl or .jsonl.zst, each named once, train and
+    held-out files disjoint (held-out text must never come from a train shard)."""
+    for key in ("hf_train_files", "hf_heldout_files"):
+        files = getattr(d, key)
+        for f in files:
+            if (not isinstance(f, str) or f.startswith("/") or ".." in f.split("/")
+                    or not f.endswith((".jsonl", ".jsonl.zst"))):
+                raise ParamsError(f"data.{key}", files, "a list of relative repository paths ending in .jsonl or "
+                                                        f".jsonl.zst (not {f!r})")
+        if not files or len(set(files)) != len(files):
+            raise ParamsError(f"data.{key}", files, "a non-empty list of distinct repository paths")
+    shared = sorted(set(d.hf_train_files) & set(d.hf_heldout_files))
+    if shared:
+        raise ParamsError("data.hf_heldout_files", d.hf_heldout_files,
+                          f"files disjoint from data.hf_train_files (both name {', '.join(shared)})")
+    if d.source == "hf" and d.max_documents < len(SPLITS):
+        raise ParamsError("data.max_documents", d.max_documents,
+                          f"at least {len(SPLITS)} when data.source is 'hf' (the documents read: train from the "
+                          "train shards, the held-out splits from the held-out files)")
+
+
 LOCAL_BENCHMARK = "pipeline_lastword"   # pipeline/benchmarks.py LOCAL_TASK (kept torch- and harness-free here)
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
 def _check_benchmarks(b: BenchmarksParams) -> None:
     if not b.tasks or not all(isinstance(t, str) and t for t in b.tasks) or len(set(b.tasks)) != len(b.tasks):
         raise ParamsError("benchmarks.tasks", b.tasks, f"a non-empty list of distinct lm-eval task names "
                           f"({LOCAL_BENCHMARK!r} is the local task)")
     for task in b.tasks:
-        if task != LOCAL_BENCHMARK and not COMMIT.match(str(b.dataset_revisions.get(task, ""))):
+        if task != LOCAL_BENCHMARK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
             raise ParamsError(f"benchmarks.dataset_revisions.{task}", b.dataset_revisions.get(task),
                               "the 40-hex commit of the task's dataset on the HF hub (every harness task's data is "
                               "pinned, fetched by `python -m pipeline fetch` and read offline)")

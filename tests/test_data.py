@@ -4,14 +4,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import SMOKE_PARAMS, run_stage
-from pipeline import data as D
+import rehearsal
+from conftest import REPO
+from pipeline import data as D, hub, params as P
 from pipeline.params import SPLITS
 
 FRACTIONS = {"train": 0.8, "validation": 0.05, "test": 0.05, "attack_opt": 0.05, "attack_eval": 0.05}
@@ -133,8 +135,7 @@ def test_stage_outputs_match_manifest(smoke_workspace, smoke_params):
         assert entry["sha256"] == D.split_hash(on_disk[split]), split
         assert entry["tokens"] == len(D.TokenSplit(data_dir(smoke_workspace), split).tokens), split
     # the stage's split is exactly the library's split of the same documents
-    expected = D.split_documents(D.load_documents(smoke_params.data), smoke_params.data.fractions,
-                                 smoke_params.data.split_seed)
+    expected = D.load_splits(smoke_params.data)
     assert {s: D.split_hash(expected[s]) for s in SPLITS} == {s: manifest["splits"][s]["sha256"] for s in SPLITS}
 
 
@@ -248,79 +249,100 @@ def test_packed_sequences_order_and_batches(smoke_workspace, smoke_params):
     assert consecutive[0, -1] == consecutive[1, 0]   # targets of one window are the next window's inputs
 
 
-# --- hf source, offline, on local files written here ---------------------------------------------
+# --- hf source: the Pile-uncopyrighted layout in a hub cache, offline -----------------------------
 
-def long_text(i: int) -> str:
-    return f"Document number {i} talks about topic {i % 7}." + " Some words that make it long enough." * 8
-
-
-def hf_params(smoke_params, tmp_path, builder: str, data_file: Path, **changes):
-    local = {"source": "hf", "hf_dataset": builder, "hf_data_files": str(data_file),
-             "hf_cache_dir": str(tmp_path / "hf_cache"), "hf_text_field": "text", "max_documents": 0}
-    return dataclasses.replace(smoke_params.data, **{**local, **changes})
+CLUSTER = REPO / "profiles" / "cluster.yaml"
 
 
-def write_local_dataset(tmp_path: Path, builder: str, texts: list[str]) -> Path:
-    if builder == "json":
-        path = tmp_path / "corpus.jsonl"
-        path.write_text("".join(json.dumps({"text": t, "meta": i}) + "\n" for i, t in enumerate(texts)))
-    elif builder == "parquet":
-        import datasets
-
-        path = tmp_path / "corpus.parquet"
-        datasets.Dataset.from_dict({"text": texts, "meta": list(range(len(texts)))}).to_parquet(str(path))
-    else:
-        path = tmp_path / "corpus.txt"   # the text builder: one document per line
-        path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
-    return path
+@pytest.fixture(scope="module")
+def pile_cache(tmp_path_factory):
+    """The cluster profile's dataset repository at its pinned commit, made of embedded documents in the
+    Pile layout (train/00..03, val, test), and the cluster params shrunk to read 120 documents from it."""
+    cluster = P.load(CLUSTER)
+    cache = tmp_path_factory.mktemp("hub")
+    repo = hub.Repo("dataset", cluster.data.hf_dataset, cluster.data.hf_revision, cache)
+    files = rehearsal.build_dataset(repo)
+    data = dataclasses.replace(cluster.data, hf_cache_dir=str(cache), max_documents=120)
+    return data, files
 
 
-@pytest.mark.parametrize("builder", ["json", "parquet", "text"])
-def test_hf_source_reads_local_files_offline(smoke_params, tmp_path, builder):
-    texts = [long_text(i) for i in range(30)]
-    texts[5] = texts[3]            # duplicate: kept once
-    texts[8] = "too short"         # under min_chars: dropped
-    path = write_local_dataset(tmp_path, builder, texts)
-    docs = D.hf_documents(hf_params(smoke_params, tmp_path, builder, path))
-    assert [d.text for d in docs] == [t for i, t in enumerate(texts) if i not in (5, 8)]
-    assert docs[0].id == f"{builder}:0" and docs[-1].id == f"{builder}:29" and docs[0].source == builder
-    assert len({d.id for d in docs}) == len(docs)
-
-    capped = D.hf_documents(hf_params(smoke_params, tmp_path, builder, path, max_documents=10))
-    assert capped == docs[:10]
-    splits = D.split_documents(docs, smoke_params.data.fractions, smoke_params.data.split_seed)
-    assert sum(map(len, splits.values())) == len(docs) and all(splits[s] for s in SPLITS)
+def read_pile(data) -> dict[str, list[D.Document]]:
+    return D.load_splits(data, {name: path for name, (path, _) in hub.data_files(data).items()})
 
 
-def test_hf_source_missing_or_non_text_field_is_an_error(smoke_params, tmp_path):
-    path = write_local_dataset(tmp_path, "json", [long_text(i) for i in range(10)])
-    with pytest.raises(ValueError, match="'body'.*columns.*text"):
-        D.hf_documents(hf_params(smoke_params, tmp_path, "json", path, hf_text_field="body"))
-    with pytest.raises(ValueError, match="'meta' of row 0 is a int"):
-        D.hf_documents(hf_params(smoke_params, tmp_path, "json", path, hf_text_field="meta"))
+def test_held_out_splits_never_come_from_a_train_shard(pile_cache):
+    data, files = pile_cache
+    splits = read_pile(data)
+    counts = D.split_counts(120, data.fractions)
+    assert {s: len(splits[s]) for s in SPLITS} == counts == {"train": 108, "validation": 3, "test": 3,
+                                                              "attack_opt": 3, "attack_eval": 3}
+    # train: the first documents of the named shard, in file order
+    assert data.hf_train_files == ["train/00.jsonl.zst"]
+    assert [d.id for d in splits["train"]] == [f"train/00.jsonl.zst:{i}" for i in range(108)]
+    assert [d.text for d in splits["train"]] == [d.text for d in files["train/00.jsonl.zst"][:108]]
+    # held out: only from the Pile's val/test files, an equal share of each, never a train shard's text
+    train_texts = {d.text for name, docs in files.items() if name.startswith("train/") for d in docs}
+    held = [d for s in SPLITS[1:] for d in splits[s]]
+    assert sorted(d.id.split(":")[0] for d in held) == ["test.jsonl.zst"] * 6 + ["val.jsonl.zst"] * 6
+    assert not train_texts & {d.text for d in held}
+    assert len({d.id for d in held}) == len(held) == 12
+    assert {d.source for d in held} == {"stdlib_docstrings"}          # meta.pile_set_name
 
 
-def test_data_stage_on_hf_source(tmp_path):
-    """The whole data stage on a local json corpus, with the model's own tokenizer (as on the cluster)."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    texts = [long_text(i) for i in range(60)]
-    tokenizer_dir = tmp_path / "model_tokenizer"
-    D.train_bpe_tokenizer(texts, vocab_size=300).save_pretrained(str(tokenizer_dir))
-    corpus = write_local_dataset(tmp_path, "json", texts)
-    raw = yaml.safe_load(SMOKE_PARAMS.read_text())
-    raw["data"].update(source="hf", hf_dataset="json", hf_data_files=str(corpus),
-                       hf_cache_dir=str(tmp_path / "hf_cache"), max_documents=40)
-    raw["tokenizer"]["source"] = "model"
-    raw["model"].update(source="hf", hf_local_path=str(tokenizer_dir))
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert run_stage(ws, "data") == 0
+def test_held_out_split_follows_the_split_seed(pile_cache):
+    data, _ = pile_cache
+    splits = read_pile(data)
+    again = read_pile(data)
+    assert {s: D.split_hash(splits[s]) for s in SPLITS} == {s: D.split_hash(again[s]) for s in SPLITS}
+    other = read_pile(dataclasses.replace(data, split_seed=data.split_seed + 1))
+    held = lambda sp: sorted(d.id for s in SPLITS[1:] for d in sp[s])   # noqa: E731
+    assert held(other) == held(splits)                                 # the same pool of held-out documents
+    assert [d.id for d in other["test"]] != [d.id for d in splits["test"]]   # cut differently
+    assert other["train"] == splits["train"]
 
-    manifest = json.loads((data_dir(ws) / "manifest.json").read_text())
-    assert manifest["documents"] == 40
-    on_disk = split_docs_on_disk(ws)
-    assert sorted(int(d.id.split(":")[1]) for docs in on_disk.values() for d in docs) == list(range(40))
-    for split in SPLITS:
-        assert manifest["splits"][split]["sha256"] == D.split_hash(on_disk[split])
-        assert len(D.TokenSplit(data_dir(ws), split)) == len(on_disk[split]) >= 1
-    assert D.load_tokenizer(data_dir(ws) / "tokenizer").get_vocab() == D.load_tokenizer(tokenizer_dir).get_vocab()
+
+def test_too_few_documents_in_the_named_files_is_an_error(pile_cache):
+    data, _ = pile_cache
+    with pytest.raises(ValueError, match=r"data.hf_train_files \(train/00.jsonl.zst\) hold only 125 usable"):
+        read_pile(dataclasses.replace(data, max_documents=1000))
+    with pytest.raises(ValueError, match=r"data.hf_heldout_files \(val.jsonl.zst\) hold only 50 usable"):
+        read_pile(dataclasses.replace(data, max_documents=130, fractions={
+            "train": 0.2, "validation": 0.2, "test": 0.2, "attack_opt": 0.2, "attack_eval": 0.2}))
+
+
+def test_jsonl_rows_without_text_are_an_error(tmp_path, pile_cache):
+    data, _ = pile_cache
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "x" * 300}) + "\n\n" + json.dumps({"body": "y"}) + "\n")
+    with pytest.raises(ValueError, match="rows.jsonl line 3: data.hf_text_field 'text' is missing"):
+        list(D.file_documents(data, "rows.jsonl", path, set()))
+    path.write_text(json.dumps({"text": 5}) + "\n")
+    with pytest.raises(ValueError, match="line 1: .* is a int, not text"):
+        list(D.file_documents(data, "rows.jsonl", path, set()))
+
+
+def test_zst_shards_stream_and_plain_jsonl_read_alike(tmp_path, embedded_docs):
+    docs = embedded_docs[:40]
+    (tmp_path / "a.jsonl.zst").write_bytes(rehearsal.jsonl_zst(docs))
+    (tmp_path / "a.jsonl").write_bytes(__import__("zstandard").ZstdDecompressor().decompress(
+        (tmp_path / "a.jsonl.zst").read_bytes()))
+    rows = list(D.read_jsonl(tmp_path / "a.jsonl.zst", "a.jsonl.zst"))
+    assert rows == list(D.read_jsonl(tmp_path / "a.jsonl", "a.jsonl"))
+    assert [r["text"] for _, r in rows] == [d.text for d in docs]
+
+
+# --- tokenization on several processes -----------------------------------------------------------
+
+def test_tokenization_is_identical_on_one_and_two_processes(embedded_docs, monkeypatch):
+    docs = embedded_docs[:60]
+    tok = D.train_bpe_tokenizer([d.text for d in docs], vocab_size=400)
+    monkeypatch.setattr(D, "TOKENIZE_CHUNK", 7)           # several chunks per process
+    one = D.tokenize_split(tok, docs, np.uint16, processes=1)
+    two = D.tokenize_split(tok, docs, np.uint16, processes=2)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    expected = [tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in docs]
+    assert one[0].tolist() == [t for ids in expected for t in ids]
+    assert np.array_equal(np.diff(one[1]), [len(ids) for ids in expected])
+    empty = D.tokenize_split(tok, [], np.uint16, processes=2)
+    assert len(empty[0]) == 0 and empty[1].tolist() == [0]
+    assert D.available_cpus() == len(os.sched_getaffinity(0)) >= 1

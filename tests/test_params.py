@@ -107,8 +107,8 @@ BAD_CASES = [
      "attack.prompt_tokens", 16, "within eval.context_length"),
     ("hf-data-with-trained-bpe", lambda r: set_key(r, "data.source", "hf"), "tokenizer.source", "train_bpe",
      "'model' when data.source is 'hf'"),
-    ("hf-model-without-local-path", lambda r: set_key(set_key(r, "model.source", "hf"), "tokenizer.source", "model"),
-     "model.hf_local_path", None, "local directory"),
+    ("unpinned-data-revision", lambda r: set_key(r, "data.hf_revision", "main"), "data.hf_revision", "main",
+     "40-hex-digit commit"),
 ]
 
 

@@ -1,4 +1,6 @@
-"""Stage `data`: documents -> disjoint splits -> tokenizer -> packed token ids, in outputs/data."""
+"""Stage `data`: documents -> disjoint splits -> tokenizer -> packed token ids, in outputs/data.
+Every hub file it reads (the model's tokenizer, the hf source's shards) is resolved and verified in the HF
+hub cache before any document is read."""
 from __future__ import annotations
 
 import time
@@ -7,23 +9,32 @@ import numpy as np
 
 from .. import benchmarks as B
 from .. import data as D
+from .. import hub
 from ..params import SPLITS
 from ..io import staged_dir, write_json
 from ..paths import DATA_DIR
 from ..provenance import provenance, record_run
 
 
-def build(params, out_dir) -> dict:
+def resolve_inputs(params) -> tuple:
+    """The model's tokenizer directory (None: trained here) and the hf source's files, verified."""
+    tokenizer_dir = hub.model_dir(params.model, weights=False) if params.tokenizer.source == "model" else None
+    return tokenizer_dir, hub.data_files(params.data) if params.data.source == "hf" else {}
+
+
+def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
+    """Write outputs/data into out_dir from resolve_inputs(params); returns the manifest and what was
+    measured (for the run record)."""
     p = params.data
-    docs = D.load_documents(p)
-    splits = D.split_documents(docs, p.fractions, p.split_seed)
+    tokenizer_dir, files = inputs
+    splits = D.load_splits(p, {name: path for name, (path, _) in files.items()})
     for split, split_docs in splits.items():
         D.write_docs(out_dir / "docs" / f"{split}.jsonl", split_docs)
 
-    if params.tokenizer.source == "train_bpe":
+    if tokenizer_dir is None:
         tokenizer = D.train_bpe_tokenizer([d.text for d in splits["train"]], params.tokenizer.vocab_size)
     else:
-        tokenizer = D.load_tokenizer(params.model.hf_local_path)
+        tokenizer = D.load_tokenizer(tokenizer_dir)
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     # the local benchmark task's items (LAMBADA-style) from the test split, fitting the evaluation context
     items = B.lastword_items([d.text for d in splits["test"]], tokenizer, params.eval.context_length,
@@ -31,16 +42,19 @@ def build(params, out_dir) -> dict:
     B.write_items(out_dir / "benchmarks" / B.ITEMS_FILE, items)
 
     dtype = D.token_dtype(len(tokenizer))
+    processes, t0 = D.available_cpus(), time.time()
     summary = {}
     for split in SPLITS:
-        flat, offsets = D.tokenize_split(tokenizer, splits[split], dtype)
+        flat, offsets = D.tokenize_split(tokenizer, splits[split], dtype, processes)
         D.write_tokens(out_dir, split, flat, offsets)
         summary[split] = {"documents": len(splits[split]), "characters": sum(len(d.text) for d in splits[split]),
                           "tokens": int(len(flat)), "sha256": D.split_hash(splits[split])}
+    seconds = time.time() - t0
+    documents = sum(len(v) for v in splits.values())
     manifest = {
-        "source": ("embedded" if p.source == "embedded"
-                   else f"{p.hf_dataset}:{p.hf_data_files}" if p.hf_data_files else f"{p.hf_dataset}@{p.hf_revision}"),
-        "documents": len(docs), "splits": summary, "split_seed": p.split_seed,
+        "source": "embedded" if p.source == "embedded" else f"{p.hf_dataset}@{p.hf_revision}",
+        **({"files": {name: digest for name, (_, digest) in files.items()}} if files else {}),
+        "documents": documents, "splits": summary, "split_seed": p.split_seed,
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "special_token_ids": sorted(set(tokenizer.all_special_ids)),
@@ -48,14 +62,18 @@ def build(params, out_dir) -> dict:
         "provenance": provenance(params, "data"),
     }
     write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    measured = {"tokenize_processes": processes, "tokenize_seconds": round(seconds, 2),
+                "tokenize_documents_per_s": round(documents / max(seconds, 1e-9), 1)}
+    return manifest, measured
 
 
 def run(params, args) -> int:
     t0 = time.time()
+    inputs = resolve_inputs(params)
     with staged_dir(DATA_DIR) as out_dir:
-        manifest = build(params, out_dir)
-    record_run("data", manifest["provenance"], seconds=round(time.time() - t0, 2))
+        manifest, measured = build(params, out_dir, inputs)
+    record_run("data", manifest["provenance"], seconds=round(time.time() - t0, 2), **measured)
     rows = ", ".join(f"{s} {v['documents']} docs / {v['tokens']} tok" for s, v in manifest["splits"].items())
-    print(f"data: {manifest['documents']} documents -> {rows}; vocab {manifest['vocab_size']}")
+    print(f"data: {manifest['documents']} documents -> {rows}; vocab {manifest['vocab_size']}; tokenized "
+          f"{measured['tokenize_documents_per_s']} documents/s on {measured['tokenize_processes']} processes")
     return 0

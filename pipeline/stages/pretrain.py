@@ -1,11 +1,13 @@
 """Stage `pretrain`: the `pretrained` arm. Embedded: a tiny GPT-NeoX trained from scratch on the train
-split (standing in for Pythia's pretraining). Cluster: the pinned local checkpoint, loaded offline."""
+split (standing in for Pythia's pretraining). Cluster: the pinned checkpoint, loaded offline (model.hf_local_path,
+or the pinned commit's snapshot in the HF hub cache, verified before anything runs)."""
 from __future__ import annotations
 
 import dataclasses
 import time
 
 from .. import data as D
+from .. import hub
 from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
@@ -34,6 +36,7 @@ def pretrain_params(params) -> TrainParams:
 
 def run(params, args) -> int:
     t0 = time.time()
+    checkpoint = hub.model_dir(params.model) if params.model.source == "hf" else None
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     log, log_columns = [], ["step", "loss", "lr"]
     if params.model.source == "scratch":
@@ -45,7 +48,7 @@ def run(params, args) -> int:
         model, log, log_columns = result.model, result.state.log, result.log_columns
         origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
     else:
-        model = place(load_causal_lm(params.model.hf_local_path))
+        model = place(load_causal_lm(checkpoint))
         origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
                   "local_path": params.model.hf_local_path}
 
