@@ -46,7 +46,7 @@ ENV_DIR = ".singularity.d/env"
 BASE_SCRIPT = f"""set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates
+apt-get install -y -q --no-install-recommends python3 python3-venv
 apt-get clean
 python3 -m venv /opt/conda
 /opt/conda/bin/pip install -q --disable-pip-version-check --no-cache-dir /tmp/wheels/torch-*.whl
@@ -196,9 +196,12 @@ def base_root(cache: Path) -> Path:
         if shutil.which(tool) is None:
             raise RehearsalError(f"{tool} not found (apt-get install debootstrap util-linux coreutils)")
     tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if run(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR]).returncode:
-        raise RehearsalError("debootstrap failed")
+    bootstrapped = tmp / ".rehearsal-debootstrapped"
+    if not bootstrapped.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        if run(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR]).returncode:
+            raise RehearsalError("debootstrap failed")
+        bootstrapped.touch()
     wheels = tmp / "tmp" / "wheels"
     # on the host pip's find-links holds the CPU build; inside, `pip install torch` would fetch the CUDA one
     if run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", TORCH, "-d", wheels]).returncode:
@@ -206,7 +209,7 @@ def base_root(cache: Path) -> Path:
     copy_network_config(tmp)
     if in_root(tmp, ["/bin/sh", "-c", BASE_SCRIPT], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}):
         raise RehearsalError("preparing the base root failed")
-    copy_network_config(tmp)          # ca-certificates regenerated the bundle
+    bootstrapped.unlink()
     mark_complete(tmp, root)
     return root
 
