@@ -110,7 +110,9 @@ def render(text: str, arguments: dict[str, str]) -> str:
 
 # docker reference grammar (distribution/reference): name[:tag][@digest]
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?)"
+LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+# the first path element is a registry only with a dot, a port or as localhost (else it is a lowercase component)
+DOMAIN = rf"(?:localhost(?::[0-9]+)?|{LABEL}(?:\.{LABEL})+(?::[0-9]+)?|{LABEL}:[0-9]+)"
 REFERENCE = re.compile(rf"^(?P<name>(?:{DOMAIN}/)?{COMPONENT}(?:/{COMPONENT})*)(?::(?P<tag>[\w][\w.-]{{0,127}}))?"
                        r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$")
 

@@ -1,6 +1,9 @@
 """The Apptainer definition (Apptainer itself cannot run here): it parses into the expected sections
-(spython), its %post passes `bash -n`, its pins agree with requirements.lock and the params profiles, and
-the %test smoke check runs for real against this checkout."""
+(spython), its base reference obeys the docker reference grammar as containers/image reads it, its
+scriptlets parse under the interpreter Apptainer would use, its pins agree with requirements.lock and the
+params profiles, and the %test smoke check runs against this checkout. The slow `container` tests rehearse
+the build for real (container/rehearse.py: a Debian root standing in for the PyTorch image, %post under
+dash, %test, pip check) and run pipeline commands inside the result as `apptainer exec` would."""
 from __future__ import annotations
 
 import os
@@ -13,6 +16,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "container"))
+import rehearse  # noqa: E402
+sys.path.pop(0)
+
 DEFINITION = REPO / "container" / "pipeline.def"
 LOCK = REPO / "requirements.lock"
 
@@ -57,7 +64,7 @@ def definition() -> str:
 def test_definition_parses_into_every_section(definition):
     spython = pytest.importorskip("spython.main.parse.parsers", reason="spython (test dependency) not installed")
     recipe = next(iter(spython.SingularityParser(str(DEFINITION)).recipe.values()))
-    assert re.fullmatch(r"pytorch/pytorch:[\w.-]+@sha256:[0-9a-f]{64}", recipe.fromHeader), recipe.fromHeader
+    assert re.fullmatch(r"pytorch/pytorch@sha256:[0-9a-f]{64}", recipe.fromHeader), recipe.fromHeader
     assert recipe.files == ["src /opt/src"]
     environ = dict(line.split("=", 1) for line in recipe.environ if "=" in line)
     assert environ["HF_HUB_OFFLINE"] == "1" and environ["HF_DATASETS_OFFLINE"] == "1"
@@ -70,26 +77,48 @@ def test_definition_parses_into_every_section(definition):
     assert re.search(r"^Bootstrap: docker$", header, re.M)
 
 
-def test_post_script_is_valid_bash_for_both_build_variants(definition):
-    arguments = build_arguments(definition)
-    assert arguments["WITH_MODEL"] == "1"
+def test_base_reference_is_a_digest_without_a_tag(definition):
+    """containers/image (Apptainer's docker transport) refuses name:tag@digest; the tag lives in %labels."""
+    header, _ = rehearse.parse_definition(definition)
+    reference = rehearse.docker_reference(header["From"])
+    assert reference == {"name": "pytorch/pytorch", "tag": None,
+                         "digest": labels(definition)["base.image.digest"]}
+    assert labels(definition)["base.image.tag"].startswith("pytorch/pytorch:")
+    with pytest.raises(rehearse.RehearsalError, match="both a tag and digest"):
+        rehearse.docker_reference(labels(definition)["base.image.tag"] + "@" + reference["digest"])
+    for valid in ("ubuntu", "nvcr.io/nvidia/pytorch:24.01-py3", "localhost:5000/a/b@sha256:" + "0" * 64):
+        rehearse.docker_reference(valid)
+    for invalid in ("Pytorch/pytorch", "pytorch/pytorch:", "pytorch/pytorch@sha256:xyz", "a//b"):
+        with pytest.raises(rehearse.RehearsalError, match="not a valid docker reference"):
+            rehearse.docker_reference(invalid)
+
+
+def test_scriptlets_parse_under_the_interpreter_apptainer_uses(definition):
+    """Each scriptlet under its interpreter (dash unless `-c` says otherwise), for both build variants.
+    A syntax check only: the rehearsal below runs them."""
+    _, parsed = rehearse.parse_definition(definition)
     for with_model in ("1", "0"):
-        post = render(sections(definition)["post"], {**arguments, "WITH_MODEL": with_model})
-        result = subprocess.run(["bash", "-n"], input=post, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+        arguments = rehearse.build_arguments(parsed, {"WITH_MODEL": with_model})
+        for name in ("post", "test", "runscript"):
+            interp = rehearse.interpreter(parsed[name])
+            assert interp == "/bin/sh", f"%{name} declares {interp}"
+            body = rehearse.render(parsed[name].body, arguments)
+            result = subprocess.run(["dash", "-n"], input=body, capture_output=True, text=True)
+            assert result.returncode == 0, (name, result.stderr)
     assert "pip install -r /opt/requirements.container.txt -c /opt/constraints.container.txt" in definition
 
 
 def test_pins_agree_with_the_lock_file_and_params(definition):
     pins, arguments, label = lock_pins(), build_arguments(definition), labels(definition)
     base = sections(definition)[""]
-    base_torch = re.search(r"From: pytorch/pytorch:([\d.]+)-", base).group(1)
+    base_torch = re.fullmatch(r"pytorch/pytorch:([\d.]+)-.*", label["base.image.tag"]).group(1)
     assert base_torch == pins["torch"], "base image torch differs from requirements.lock"
     assert label["torch.version"] == pins["torch"]
     assert label["transformers.version"] == pins["transformers"]
     assert label["dvc.version"] == pins["dvc"]
-    assert label["base.image"] == re.search(r"^From: (\S+)$", base, re.M).group(1)
-    assert label["model.revision"] == "{{ MODEL_REVISION }}"
+    assert "pytorch/pytorch@" + label["base.image.digest"] == re.search(r"^From: (\S+)$", base, re.M).group(1)
+    assert label["model.revision"] == "{{ MODEL_REVISION }}" and label["source.commit"] == "{{ GIT_COMMIT }}"
+    assert rehearse.TORCH == f"torch=={pins['torch']}"     # the rehearsal's stand-in base has the same torch
 
     for profile in ("params.yaml", "profiles/cluster.yaml", "profiles/embedded.yaml", "profiles/smoke.yaml"):
         model = yaml.safe_load((REPO / profile).read_text())["model"]
