@@ -6,14 +6,18 @@ the build for real (container/rehearse.py: a Debian root standing in for the PyT
 dash, %test, pip check) and run pipeline commands inside the result as `apptainer exec` would."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import pipeline_env, smoke_checkout
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "container"))
@@ -148,3 +152,108 @@ def test_image_smoke_check_runs_against_this_checkout():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok: tiny GPT-NeoX forward" in result.stdout and "constrained modules" in result.stdout
+
+
+# --- the rehearsal: the definition executed as Apptainer would, on a Debian stand-in for the base image ---
+
+def rehearsal_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the container rehearsal needs root (debootstrap, chroot, mount); CI runs as root"
+    missing = [tool for tool in ("debootstrap", "unshare", "chroot", "git") if shutil.which(tool) is None]
+    return f"{', '.join(missing)} not installed (.ci/setup installs debootstrap when root)" if missing else None
+
+
+def rehearsal(test):
+    """slow + container, skipped with the reason where the rehearsal cannot run."""
+    reason = rehearsal_unavailable()
+    for mark in (pytest.mark.slow, pytest.mark.container, pytest.mark.skipif(reason is not None, reason=str(reason))):
+        test = mark(test)
+    return test
+
+
+def rehearse_run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "container" / "rehearse.py"), *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=1800)
+    print(result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def image_root(build: subprocess.CompletedProcess) -> Path:
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    return Path(re.search(r"^rehearsal image(?: \(cached\))?: (\S+)$", build.stdout, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def rehearsal_image() -> Path:
+    """The rehearsal image of the committed tree (WITH_MODEL=0), built or taken from the cache."""
+    return image_root(rehearse_run("build"))
+
+
+@rehearsal
+def test_rehearsal_builds_the_committed_tree_as_apptainer_would(rehearsal_image):
+    """%files, %post under dash, %environment, %test and a clean `pip check` passed (else no image);
+    the labels carry the torch build, the model revision and the commit; /opt/src is the committed tree."""
+    labels_json = json.loads((rehearsal_image / ".singularity.d" / "labels.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert labels_json["source.commit"] == head and labels_json["model.baked"] == "0"
+    assert labels_json["torch.build"].startswith(lock_pins()["torch"])
+    assert labels_json["model.revision"] == build_arguments(DEFINITION.read_text())["MODEL_REVISION"]
+    committed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.split()
+    copied = sorted(str(p.relative_to(rehearsal_image / "opt/src")) for p in (rehearsal_image / "opt/src").rglob("*")
+                    if p.is_file() or p.is_symlink())
+    assert copied == sorted(committed)
+    assert "HF_HUB_OFFLINE=1" in (rehearsal_image / ".singularity.d/env/90-environment.sh").read_text()
+
+
+@rehearsal
+@pytest.mark.parametrize("bashism", ["set -euo pipefail", '[[ -n "$HOME" ]]'])
+def test_rehearsal_fails_when_post_uses_bash_without_declaring_it(tmp_path, bashism):
+    mutated = tmp_path / "pipeline.def"
+    text = DEFINITION.read_text()
+    assert "%post\n    # Every scriptlet" in text and "\n    set -eu\n" in text
+    mutated.write_text(text.replace("\n    set -eu\n", f"\n    {bashism}\n    set -eu\n", 1))
+    result = rehearse_run("--definition", str(mutated), "build")
+    assert result.returncode == 1
+    assert re.search(r"REHEARSAL FAILED: %post failed with exit status \d+ under /bin/sh", result.stderr)
+    assert re.search(r"Illegal option -o pipefail|\[\[: not found", result.stdout + result.stderr)
+    assert "rehearsal image" not in result.stdout
+
+
+def host_run(ws: Path, *argv: str) -> str:
+    result = subprocess.run(argv, cwd=ws, env=pipeline_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@rehearsal
+def test_apptainer_exec_commands_run_inside_the_rehearsal_image_as_on_the_host(rehearsal_image, tmp_path):
+    """README's `apptainer exec --bind ... IMAGE python -m pipeline check-params` and `... IMAGE dvc repro
+    STAGE`, inside the image (workspace and scratch bound, --cleanenv, the image's %environment): the same
+    params verdict as the host, and the smoke profile's first stages produce the host's model byte for byte.
+    The data stage's corpus is the interpreter's standard library, so its outputs equal the host's only
+    where the image's Python is the host's version; pretrain is compared on the image's data."""
+    inside = smoke_checkout(tmp_path / "inside")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def exec_inside(*argv: str) -> str:
+        result = rehearse_run("exec", "--bind", str(inside), "--bind", f"{scratch}:/scratch", "--pwd", str(inside),
+                              "--env", "TQDM_DISABLE=1", "--env", "OMP_NUM_THREADS=1", "--", *argv)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    assert exec_inside("python", "-m", "pipeline", "check-params").splitlines()[-1] == \
+        host_run(inside, sys.executable, "-m", "pipeline", "check-params").splitlines()[-1]
+    assert "Running stage 'pretrain'" in exec_inside("dvc", "repro", "pretrain")
+    host = tmp_path / "host"
+    shutil.copytree(inside, host, symlinks=True, ignore=shutil.ignore_patterns("pretrained", "metrics"))
+    host_run(host, sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "pretrain")
+
+    from test_slurm import comparable
+    model = Path("outputs/models/pretrained")
+    produced = sorted(p.relative_to(inside) for p in (inside / model).rglob("*") if p.is_file())
+    assert model / "model.safetensors" in produced
+    for rel in produced:
+        assert comparable(inside / rel) == comparable(host / rel), rel
+    assert comparable(inside / "outputs/metrics/pretrain.json") == comparable(host / "outputs/metrics/pretrain.json")
