@@ -6,6 +6,7 @@ the build for real (container/rehearse.py: a Debian root standing in for the PyT
 dash, %test, pip check) and run pipeline commands inside the result as `apptainer exec` would."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -141,8 +142,46 @@ def test_drift_is_detected(definition, monkeypatch, tmp_path):
         test_pins_agree_with_the_lock_file_and_params(definition)
 
 
-def test_build_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(REPO / "container" / "build.sh")]).returncode == 0
+FAKE_APPTAINER = r"""#!/bin/bash
+# records what `apptainer build` is given (arguments, environment, the build context's files)
+case $1 in
+    build) { echo "args: $*"; echo "cwd: $PWD"; env | grep '^APPTAINER_'; } > "$FAKE_LOG"
+           (cd src && find . -type f -printf '%P\n' | sort) > "$FAKE_TREE"
+           printf 'image bytes' > "${@: -2:1}" ;;
+    inspect) printf 'org.opencontainers.image.title: monotonic-robustness\ntorch.build: 2.13.0+cu126 (CUDA 12.6)\n' ;;
+esac
+"""
+
+
+def test_build_script_copies_the_committed_tree_and_builds_on_scratch(tmp_path):
+    """build.sh with a recording `apptainer`: the context is exactly the committed tree (not a deleted
+    tracked file's absence, not untracked files), caches on scratch, the commit passed as a build argument,
+    the image's sha256 and labels printed."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    (clone / "README.md").unlink()                     # tracked, deleted in the work tree
+    (clone / "untracked.txt").write_text("not committed\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "apptainer").write_text(FAKE_APPTAINER)
+    (tmp_path / "bin" / "apptainer").chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "SCRATCH": str(tmp_path / "s"),
+           "FAKE_LOG": str(tmp_path / "log"), "FAKE_TREE": str(tmp_path / "tree")}
+    image = tmp_path / "out.sif"
+    result = subprocess.run(["bash", str(clone / "container" / "build.sh"), "--weightless", "--output", str(image)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    committed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=clone, capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert (tmp_path / "tree").read_text().split() == sorted(committed) and "README.md" in committed
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    log = (tmp_path / "log").read_text()
+    assert f"--build-arg WITH_MODEL=0 --build-arg GIT_COMMIT={head} {image} pipeline.def" in log
+    assert f"APPTAINER_CACHEDIR={tmp_path}/s/apptainer/cache" in log and f"APPTAINER_TMPDIR={tmp_path}/s/apptainer/tmp" in log
+    assert f"cwd: {tmp_path}/s/apptainer/tmp/pipeline-build." in log
+    assert "uncommitted changes are NOT in the image" in result.stderr
+    assert f"sha256 {hashlib.sha256(b'image bytes').hexdigest()}" in result.stdout
+    assert "torch.build: 2.13.0+cu126" in result.stdout and "image.title" not in result.stdout
+    assert not (tmp_path / "home").exists() and not list((tmp_path / "s/apptainer/tmp").iterdir())
 
 
 def test_image_smoke_check_runs_against_this_checkout():
