@@ -264,23 +264,32 @@ def build(definition_file: Path | None, overrides: dict[str, str], cache: Path) 
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         run(["cp", "-a", "--reflink=auto", base, tmp], check=True)
-        for line in sections.get("files", Section("", "")).body.splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                src, dst = render(line, arguments).split()
-                run(["cp", "-a", context / src, tmp / dst.lstrip("/")], check=True)
-        post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "APPTAINER_ROOTFS": "/",
-                    "APPTAINER_LABELS": "/.rehearsal-labels", "APPTAINER_ENVIRONMENT": f"/{ENV_DIR}/91-environment.sh"}
-        if "post" in sections:
-            scriptlet(tmp, "post", sections["post"], arguments, post_env, errexit=True)
-        write_metadata(tmp, sections, arguments)
-        if "test" in sections:
-            scriptlet(tmp, "test", sections["test"], arguments, {"HOME": "/root"}, errexit=False)
-        if in_root(tmp, action("exec python -m pip check"), {"HOME": "/root"}):
-            raise RehearsalError("pip check inside the image is not clean")
+        try:
+            assemble(tmp, context, sections, arguments)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         mark_complete(tmp, root)
         prune(cache, keep=root)
         print(f"rehearsal image: {root}")
         return root
+
+
+def assemble(root: Path, context: Path, sections: dict[str, Section], arguments: dict[str, str]) -> None:
+    """%files, %post, %environment and %labels, %test, pip check: on a copy of the base."""
+    for line in sections.get("files", Section("", "")).body.splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            src, dst = render(line, arguments).split()
+            run(["cp", "-a", context / src, root / dst.lstrip("/")], check=True)
+    post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "APPTAINER_ROOTFS": "/",
+                "APPTAINER_LABELS": "/.rehearsal-labels", "APPTAINER_ENVIRONMENT": f"/{ENV_DIR}/91-environment.sh"}
+    if "post" in sections:
+        scriptlet(root, "post", sections["post"], arguments, post_env, errexit=True)
+    write_metadata(root, sections, arguments)
+    if "test" in sections:
+        scriptlet(root, "test", sections["test"], arguments, {"HOME": "/root"}, errexit=False)
+    if in_root(root, action("exec python -m pip check"), {"HOME": "/root"}):
+        raise RehearsalError("pip check inside the image is not clean")
 
 
 def write_metadata(root: Path, sections: dict[str, Section], arguments: dict[str, str]) -> None:
