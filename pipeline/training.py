@@ -15,8 +15,9 @@ CUDA device that supports it). Per logged step the actual update norm of every p
 measured from the weights themselves, and a group whose accumulated update stays below
 train.min_update_norm fails the run (the prior implementation's bf16 rounding froze the weights).
 
-Stopping early: SIGUSR1/SIGTERM or the stop file (pipeline/stopping.py), train.max_steps_per_run and train.wall_clock_limit_s make the loop
-checkpoint at the next step boundary and return completed=False; the stage exits with REQUEUE_EXIT_CODE.
+Stopping early: SIGUSR1/SIGTERM or the stop file (pipeline/stopping.py), train.max_steps_per_run and
+train.wall_clock_limit_s make the loop checkpoint at the next step boundary and return completed=False;
+the stage exits with REQUEUE_EXIT_CODE.
 """
 from __future__ import annotations
 
