@@ -43,11 +43,13 @@ TORCH = "torch==2.13.0"
 # the PyTorch images' PATH (conda's Python first); Apptainer's docker bootstrap keeps it in this file
 DOCKER_PATH = "/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ENV_DIR = ".singularity.d/env"
-BASE_SCRIPT = f"""set -e
+BASE_APT = """set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends python3 python3-venv
 apt-get clean
+"""
+BASE_PYTHON = f"""set -e
 python3 -m venv /opt/conda
 /opt/conda/bin/pip install -q --disable-pip-version-check --no-cache-dir /tmp/wheels/torch-*.whl
 rm -rf /tmp/wheels
@@ -191,7 +193,7 @@ def copy_network_config(root: Path) -> None:
 
 
 def base_root(cache: Path) -> Path:
-    root = cache / f"base-{digest(SUITE, MIRROR, TORCH, BASE_SCRIPT)}"
+    root = cache / f"base-{digest(SUITE, MIRROR, TORCH, BASE_APT, BASE_PYTHON)}"
     if complete(root):
         return root
     for tool in ("debootstrap", "unshare", "chroot"):
@@ -208,9 +210,11 @@ def base_root(cache: Path) -> Path:
     # on the host pip's find-links holds the CPU build; inside, `pip install torch` would fetch the CUDA one
     if run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", TORCH, "-d", wheels]).returncode:
         raise RehearsalError(f"pip download {TORCH} failed")
-    copy_network_config(tmp)
-    if in_root(tmp, ["/bin/sh", "-c", BASE_SCRIPT], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}):
-        raise RehearsalError("preparing the base root failed")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    for script in (BASE_APT, BASE_PYTHON):
+        copy_network_config(tmp)      # again after apt: ca-certificates (a dependency) regenerates the bundle
+        if in_root(tmp, ["/bin/sh", "-c", script], env):
+            raise RehearsalError("preparing the base root failed")
     bootstrapped.unlink()
     mark_complete(tmp, root)
     return root
