@@ -217,6 +217,10 @@ def base_root(cache: Path) -> Path:
             raise RehearsalError("preparing the base root failed")
     bootstrapped.unlink()
     mark_complete(tmp, root)
+    for old in cache.glob("base-*.complete"):      # bases of an older recipe
+        if old.name != f"{root.name}.complete":
+            old.unlink()
+            shutil.rmtree(cache / old.name[:-len(".complete")], ignore_errors=True)
     return root
 
 
