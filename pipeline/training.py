@@ -15,8 +15,9 @@ CUDA device that supports it). Per logged step the actual update norm of every p
 measured from the weights themselves, and a group whose accumulated update stays below
 train.min_update_norm fails the run (the prior implementation's bf16 rounding froze the weights).
 
-Stopping early: SIGUSR1/SIGTERM, train.max_steps_per_run and train.wall_clock_limit_s make the loop
-checkpoint at the next step boundary and return completed=False; the stage exits with REQUEUE_EXIT_CODE.
+Stopping early: SIGUSR1/SIGTERM or the stop file (pipeline/stopping.py), train.max_steps_per_run and
+train.wall_clock_limit_s make the loop checkpoint at the next step boundary and return completed=False;
+the stage exits with REQUEUE_EXIT_CODE.
 """
 from __future__ import annotations
 
@@ -26,9 +27,7 @@ import hashlib
 import json
 import math
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,8 @@ from tqdm import tqdm
 from . import checkpoints as ckpt
 from .params import TrainParams
 from .io import staged_dir
+from .stopping import REQUEUE_EXIT_CODE, StopRequests  # noqa: F401  (REQUEUE_EXIT_CODE: re-exported)
 
-REQUEUE_EXIT_CODE = 75   # "stopped early with resumable state": the SLURM wrapper requeues on it
 GROUPS = ("decay", "no_decay", "constrained")
 # train keys that do not change the weights a run produces; everything else is part of its fingerprint.
 # batch_size and grad_accum only split the global batch (which the fingerprint holds): a run resumes with a
@@ -51,7 +50,6 @@ GROUPS = ("decay", "no_decay", "constrained")
 OPERATIONAL_KEYS = ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
                     "keep_checkpoints", "max_steps_per_run", "wall_clock_limit_s", "min_update_norm", "gradient_checkpointing",
                     "arm_overrides")
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")   # vary between identical runs: run records, never DVC outputs
 
 
@@ -172,29 +170,6 @@ class TrainResult:
     log_columns: list[str]
     precision: str
     val_windows: int
-
-
-class StopRequests:
-    """SIGUSR1/SIGTERM set a flag read at the next step boundary (handlers restored on exit)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        print(f"\ntrain: received {self.received}; checkpointing at the next step boundary", file=sys.stderr,
-              flush=True)
-
-    def __enter__(self):
-        if self.enabled:
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 @dataclass
@@ -393,7 +368,7 @@ def stop_reason(run: Run, stops) -> str | None:
     tp = run.tp
     reason = None
     if stops.received:
-        reason = f"signal {stops.received}"
+        reason = stops.received
     elif tp.max_steps_per_run and run.state.step - run.steps_at_start >= tp.max_steps_per_run:
         reason = f"max_steps_per_run={tp.max_steps_per_run} reached"
     elif tp.wall_clock_limit_s and time.time() - run.started >= tp.wall_clock_limit_s:

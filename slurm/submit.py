@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -40,7 +41,7 @@ DEFAULT_IMAGE = "container/pipeline.sif"
 CHECKPOINTS = "outputs/checkpoints"       # pipeline/paths.py: checkpoint_dir(arm, seed).parent
 UNCHECKED = re.compile(r"(^|/)(dvc\.lock|\.gitignore)$")   # DVC rewrites these; they never change a stage
 SEED_IN_CMD = re.compile(r"--seed[= ](\d+)\b")
-REQUEUE_CODE = re.compile(r"^REQUEUE_EXIT_CODE\s*=\s*(\d+)", re.M)
+STOPPING = Path("pipeline") / "stopping.py"   # REQUEUE_EXIT_CODE, the stop protocol (standard library only)
 JOB_PREFIX = "pl:"
 SIGNAL_LEAD_S = 600                       # slurm/stage.sbatch: #SBATCH --signal=B:USR1@600
 
@@ -242,6 +243,14 @@ def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> lis
     return [f"--{key}={value}" for key, value in options.items()]
 
 
+def requeue_exit_code(workspace: Path) -> int:
+    """REQUEUE_EXIT_CODE of the submitted tree's pipeline/stopping.py (else of this submitter's checkout)."""
+    for path in (workspace / STOPPING, HERE.parent / STOPPING):
+        if path.is_file():
+            return runpy.run_path(str(path))["REQUEUE_EXIT_CODE"]
+    fail(f"{STOPPING} not found in {workspace} or {HERE.parent}")
+
+
 def state_dir_for(workspace: Path) -> Path:
     scratch = Path(os.environ.get("SCRATCH") or Path.home() / "scratch")
     key = hashlib.sha256(str(workspace).encode()).hexdigest()[:8]
@@ -283,12 +292,10 @@ def submit(args) -> int:
     else:
         runs.mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=runs))
-    training = workspace / "pipeline" / "training.py"
-    code = REQUEUE_CODE.search(training.read_text()) if training.exists() else None
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": code.group(1) if code else 75}
+           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace)}
     if any("," in str(v) for v in env.values()):
         fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
     meta = {"workspace": str(workspace), "run_dir": str(run_dir), "mode": args.mode, "jobs": []}

@@ -212,9 +212,9 @@ def wait_for_jobs(env: dict, run_dir: Path, timeout: float, on_poll=None) -> dic
         time.sleep(0.5)
 
 
-def pids_catching(pattern: str, signum: int, under: Path) -> list[int]:
+def pids_catching(pattern: str, signum: int | None, under: Path) -> list[int]:
     """Processes working below `under` whose command line contains `pattern` and that have a handler
-    installed for `signum`."""
+    installed for `signum` (any process when None)."""
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -223,6 +223,7 @@ def pids_catching(pattern: str, signum: int, under: Path) -> list[int]:
             cwd = Path(os.readlink(status.parent / "cwd"))
         except (OSError, StopIteration):
             continue
-        if pattern in cmdline and (int(caught, 16) >> (signum - 1)) & 1 and cwd.is_relative_to(under):
+        handles = signum is None or (int(caught, 16) >> (signum - 1)) & 1
+        if pattern in cmdline and handles and cwd.is_relative_to(under):
             found.append(int(status.parent.name))
     return found

@@ -28,7 +28,7 @@ LOCK_ERRORS = re.compile(r"Unable to acquire lock|is busy|lock .* failed", re.I)
 
 STAGES_PY = '''
 """Tiny stages for the SLURM tests."""
-import hashlib, json, os, signal, sys, time
+import hashlib, json, os, sys, time
 from pathlib import Path
 
 def prep():
@@ -58,13 +58,12 @@ def resumable():
     state = json.loads(ckpt.read_text()) if ckpt.exists() else {"step": 0, "digest": ""}
     if state["step"]:
         print(f"resumed from step {state['step']}", flush=True)
-    stop = []
-    signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+    stop_file = os.environ.get("PIPELINE_STOP_FILE")   # slurm/stage.sbatch writes it on USR1
     while state["step"] < steps:
         state["digest"] = hashlib.sha256((state["digest"] + str(state["step"])).encode()).hexdigest()
         state["step"] += 1
         time.sleep(0.05)
-        if stop:
+        if stop_file and os.path.exists(stop_file):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             ckpt.write_text(json.dumps(state))
             print(f"checkpointed at step {state['step']}", flush=True)
@@ -212,14 +211,14 @@ def test_failing_stage_cancels_its_dependents_with_a_clear_message(synthetic):
     assert not (ws / "dvc.lock").exists()    # nothing half-recorded in the main workspace
 
 
-def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str):
-    """An on_poll callback: once the stage's process has its USR1 handler installed, signal the job's
-    batch shell as `--signal=B:USR1@lead` does, exactly once."""
+def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str, signum=signal.SIGUSR1):
+    """An on_poll callback: once the stage's process runs (with a handler for signum, unless None), signal
+    the job's batch shell as `--signal=B:USR1@lead` does, exactly once."""
     sent = []
 
     def poll(states):
         info = states[stage]
-        if not sent and info["JobState"] == "RUNNING" and pids_catching(pattern, signal.SIGUSR1, run_dir):
+        if not sent and info["JobState"] == "RUNNING" and pids_catching(pattern, signum, run_dir):
             subprocess.run(["scancel", "--batch", "--signal=USR1", info["JobId"]], env=env, check=True)
             sent.append(info["JobId"])
     return poll, sent
@@ -228,13 +227,13 @@ def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str):
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(synthetic, tmp_path):
     ws, state, resources, env = synthetic
     _, run_dir = submit(env, ws, state, resources, "--stage", "resumable")
-    poll, sent = send_usr1_when_caught(env, run_dir, "resumable", "stages.py resumable")
+    poll, sent = send_usr1_when_caught(env, run_dir, "resumable", "stages.py resumable", signum=None)
     states = wait_for_jobs(env, run_dir, timeout=240, on_poll=poll)
-    assert sent, "the stage never ran with its USR1 handler installed"
+    assert sent, "the stage never ran"
     assert states["resumable"]["JobState"] == "COMPLETED", logs_text(run_dir)
     assert states["resumable"]["Restarts"] == "1"
     log = (run_dir / "logs" / "resumable.log").read_text()
-    assert "received SIGUSR1" in log and "forwarding to pid" in log
+    assert "received SIGUSR1" in log and "wrote the stop file" in log
     assert re.search(r"checkpointed at step (\d+)", log) and re.search(r"resumed from step [1-9]", log), log
     assert "REQUEUE: stage 'resumable'" in log and "(restart 1)" in log and "was not requeued" not in log
     assert states["gather"]["JobState"] == "COMPLETED"
@@ -317,7 +316,7 @@ def test_trainer_interrupted_by_usr1_is_requeued_and_bit_identical(smoke_runs, t
     assert sent, log
     assert states["train-baseline@0"]["JobState"] == "COMPLETED" and states["gather"]["JobState"] == "COMPLETED", log
     assert states["train-baseline@0"]["Restarts"] == "1", log
-    assert "forwarding to pid" in log and "REQUEUE: stage 'train-baseline@0'" in log and "(restart 1)" in log
+    assert "wrote the stop file" in log and "REQUEUE: stage 'train-baseline@0'" in log and "(restart 1)" in log
     assert "was not requeued" not in log and re.search(r"resum\w+ from", log), log
 
     model = Path("outputs/train/baseline-s0/model")
@@ -358,12 +357,13 @@ def test_wrapper_and_submitter_agree_with_the_pipeline():
         import submit as submitter
     finally:
         sys.path.pop(0)
-    from pipeline import paths, training
+    from pipeline import paths, stopping
 
     wrapper = (REPO / "slurm" / "stage.sbatch").read_text()
     assert f"#SBATCH --signal=B:USR1@{submitter.SIGNAL_LEAD_S}" in wrapper
     assert "#SBATCH --requeue" in wrapper and "#SBATCH --open-mode=append" in wrapper
-    assert f"PIPELINE_REQUEUE_EXIT_CODE:-{training.REQUEUE_EXIT_CODE}" in wrapper
+    assert f"PIPELINE_REQUEUE_EXIT_CODE:-{stopping.REQUEUE_EXIT_CODE}" in wrapper
+    assert f'export {stopping.STOP_FILE_ENV}="$PIPELINE_CHECKPOINT_DIR/' in wrapper
     assert Path(submitter.CHECKPOINTS) == paths.checkpoint_dir("baseline", 0).parent
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "stage.sbatch")]).returncode == 0
     assert submitter.seconds("1-02:03:04") == 93784 and submitter.seconds("30") == 1800
