@@ -69,7 +69,7 @@ def run(params, args) -> int:
     log_columns, log, timing = split_log(log_columns, log)
     write_csv(METRICS_DIR / "pretrain_log.csv", log_columns, log)
     seconds = round(time.time() - t0, 1)
-    record_run("pretrain", prov, seconds=seconds, timing=timing)
+    record_run("pretrain", prov, model, seconds=seconds, timing=timing)
     print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"
           + (f" (unigram {metrics['unigram_validation_perplexity']:.1f})" if "unigram_validation_perplexity" in metrics else "")
           + f", {seconds} s")
