@@ -12,7 +12,7 @@ from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
 from ..arms import ARMS
-from ..device import place
+from .. import device
 from ..paths import DATA_DIR, METRICS_DIR
 from ..params import TrainParams
 from ..provenance import provenance, record_run
@@ -48,7 +48,7 @@ def run(params, args) -> int:
         model, log, log_columns = result.model, result.state.log, result.log_columns
         origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
     else:
-        model = place(load_causal_lm(checkpoint))
+        model = device.place(load_causal_lm(checkpoint))
         origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
                   "local_path": params.model.hf_local_path}
 
