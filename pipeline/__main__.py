@@ -7,7 +7,7 @@ import sys
 
 from . import oom
 from . import params as params_mod
-from .arms import ARM_NAMES, TRAINED_ARMS
+from .arms import ARM_NAMES, ARMS, TRAINED_ARMS
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if arm_choices:
             sp.add_argument("--arm", required=True, choices=arm_choices,
-                            nargs="+" if name in ("assess", "benchmarks") else None)
+                            nargs="+" if name in ("assess", "benchmarks") else None,
+                            help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices))
             sp.add_argument("--seed", required=True, type=int)
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
