@@ -340,7 +340,6 @@ def test_single_flip_search_reaches_the_oracle(trained_workspace, smoke_params, 
     assert found >= 0.9 * best, (found, best)
 
 
-@pytest.mark.slow
 def test_one_token_trigger_search_reaches_the_oracle(trained_workspace, smoke_params, monkeypatch):
     """One-token UAT at the default budget reaches >= 0.95 of the best one-token trigger's increase of the
     optimisation objective (every candidate scored)."""
@@ -375,7 +374,6 @@ def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind):
     assert resumed == runs[kind, "gradient"]          # results, budgets, curves, correlations: all equal
 
 
-@pytest.mark.slow
 def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs, tmp_path, monkeypatch):
     """attack(): a stop mid-way keeps finished methods' results and the stopped search's state under the
     fingerprint directory; the rerun computes only the rest and writes what an uninterrupted run writes."""
