@@ -359,20 +359,19 @@ def train_fix(c: Context, t, monotonic: bool) -> str:
 
 
 def attack_work(c: Context) -> tuple[float, int]:
-    """FLOPs of evaluate + UAT + HotFlip + controls for one arm (pass counts as pipeline/attacks.py counts
-    them: uat_random_draws, the HotFlip loop), and their peak transient device bytes."""
-    from .attacks import uat_random_draws
+    """FLOPs of evaluate + UAT + HotFlip + controls for one arm (every method at the hard forward cap that
+    pipeline/attacks.py gives it; backward passes for the gradient searches), and their peak transient
+    device bytes."""
+    from .attacks import hotflip_forward_cap, uat_forward_cap
 
     p, s, a = c.params, c.shape, c.params.attack
     u, h = a.uat, a.hotflip
     seq_u, seq_h, scored = u.trigger_length + a.prompt_tokens + a.continuation_tokens, \
         a.prompt_tokens + a.continuation_tokens, a.continuation_tokens + 1
-    search = u.restarts * (1 + u.iterations * u.candidates_per_step) * a.opt_examples       # uat, greedy
-    fwd_u = 2 * search + uat_random_draws(u.restarts, u.iterations, u.candidates_per_step) * a.opt_examples \
-        + 3 * a.eval_examples
+    fwd_u = 3 * uat_forward_cap(u, a.opt_examples) + 3 * a.eval_examples      # gradient, greedy, random
     bwd_u = u.restarts * u.iterations * a.opt_examples
-    fwd_h = 3 * (h.flips * h.candidates_per_flip * a.eval_examples + a.eval_examples) + a.eval_examples
-    bwd_h = h.flips * a.eval_examples
+    fwd_h = 3 * hotflip_forward_cap(h, a.eval_examples) + 4 * a.eval_examples
+    bwd_h = h.steps * a.eval_examples
     f_u, f_h = forward_flops(s, seq_u, scored), forward_flops(s, seq_h, scored)
     flops = (fwd_u * f_u + bwd_u * (2 * f_u + 2 * u.trigger_length * s.head)
              + fwd_h * f_h + bwd_h * (2 * f_h + 2 * a.prompt_tokens * s.head)

@@ -8,6 +8,7 @@ import torch
 from conftest import run_stage
 from pipeline import attacks as A
 from pipeline import device
+from pipeline.stages.attack import load_setup
 
 
 @pytest.mark.parametrize("argv", [["evaluate", "--arm", "monotonic_init", "--seed", "0"],
@@ -35,7 +36,7 @@ def test_bf16_autocast_ranks_attack_candidates_as_fp32(smoke_workspace, smoke_pa
     """The first-order scores of HotFlip/UAT under bf16 autocast (CPU here, as on CUDA) give the same top-k
     pools as fp32 on the tiny model, and true losses agree to bf16 precision."""
     monkeypatch.chdir(smoke_workspace)
-    setup = A.load_setup(smoke_params, "pretrained", 0)
+    setup = load_setup(smoke_params, "pretrained", 0)
     a = smoke_params.attack
     tokens = setup.eval.tokens[:8]
     positions = torch.arange(a.prompt_tokens)
