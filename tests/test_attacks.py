@@ -374,6 +374,7 @@ def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind):
     assert resumed == runs[kind, "gradient"]          # results, budgets, curves, correlations: all equal
 
 
+@pytest.mark.slow
 def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs, tmp_path, monkeypatch):
     """attack(): a stop mid-way keeps finished methods' results and the stopped search's state under the
     fingerprint directory; the rerun computes only the rest and writes what an uninterrupted run writes."""

@@ -58,6 +58,7 @@ def test_harness_log_likelihoods_equal_the_pipelines_own_scorer(workspace_copy, 
     assert "date" in record["harness"] and "seconds" in record
 
 
+@pytest.mark.slow
 def test_missing_task_dataset_fails_before_compute_with_the_fetch_command(workspace_copy, monkeypatch, capsys):
     params_file = workspace_copy / "params.yaml"
     params_file.write_text(params_file.read_text().replace(

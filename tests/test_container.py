@@ -184,6 +184,7 @@ def test_build_script_copies_the_committed_tree_and_builds_on_scratch(tmp_path):
     assert not (tmp_path / "home").exists() and not list((tmp_path / "s/apptainer/tmp").iterdir())
 
 
+@pytest.mark.slow
 def test_image_smoke_check_runs_against_this_checkout():
     """The %test script itself: a tiny forward pass and the monotonic verify, with the project's code."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MODEL_BAKED": "0"}

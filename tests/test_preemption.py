@@ -22,7 +22,7 @@ from conftest import git_commit_all, pipeline_env, smoke_checkout
 from slurm_harness import REPO, job_env, pids_catching, slurm_cluster, submit, wait_for_jobs  # noqa: F401
 from test_slurm import DVC_YAML, STAGES_PY, TEST_RESOURCES, logs_text, new_dvc_project, set_param
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STANDIN = REPO / "tests" / "apptainer_standin.py"
 
 
