@@ -473,3 +473,37 @@ def test_bad_search_params_are_refused_by_the_params_loader(smoke_params, sectio
     raw["attack"][section][key] = value
     with pytest.raises(ParamsError, match=key):
         validate(raw)
+
+
+@pytest.mark.slow
+def test_assess_stopped_by_the_stop_file_requeues_and_resumes_to_the_same_outputs(workspace_copy, tmp_path,
+                                                                                 monkeypatch):
+    """The real stop request (the batch script's stop file, polled at every search step): `assess` exits with
+    the requeue code, and the rerun ends with exactly the outputs of an uninterrupted run."""
+    import shutil
+
+    from pipeline import stopping
+    from pipeline.stopping import REQUEUE_EXIT_CODE, STOP_FILE_ENV
+
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace_copy, reference)
+    assert run_stage(reference, "assess", "--arm", "pretrained", "--seed", "0") == 0
+    stop = tmp_path / "stop-requests" / "job-1"
+    stop.parent.mkdir()
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop))
+    polls, poll = [], stopping.stop_requested
+
+    def file_appears_at_the_sixth_poll():          # the batch script's request, mid-search, at a fixed point
+        polls.append(1)
+        if len(polls) == 6:
+            stop.touch()
+        return poll()
+
+    monkeypatch.setattr(stopping, "stop_requested", file_appears_at_the_sixth_poll)
+    assert run_stage(workspace_copy, "assess", "--arm", "pretrained", "--seed", "0") == REQUEUE_EXIT_CODE
+    assert len(polls) == 6
+    stop.unlink()                                  # stage.sbatch clears it at the start of the next attempt
+    assert run_stage(workspace_copy, "assess", "--arm", "pretrained", "--seed", "0") == 0
+    for name in ("uat", "hotflip", "controls", "diagnostics"):
+        path = f"outputs/attacks/pretrained-s0/{name}.json"
+        assert (workspace_copy / path).read_bytes() == (reference / path).read_bytes(), name
