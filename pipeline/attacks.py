@@ -438,5 +438,5 @@ def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, res
     result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "provenance": prov})
     write_json(attack_dir(arm, seed) / f"{name}.json", result)
     seconds = round(time.time() - started, 1)
-    record_run(f"{name}-{run_name(arm, seed)}", prov, seconds=seconds)
+    record_run(f"{name}-{run_name(arm, seed)}", prov, setup.model, seconds=seconds)
     return seconds

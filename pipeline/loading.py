@@ -2,8 +2,7 @@
 and placed on the device policy's device."""
 from __future__ import annotations
 
-from . import arms
-from .device import place
+from . import arms, device
 from .models import load_causal_lm, read_meta
 from .monotonic import load_parametrized, verify
 
@@ -26,8 +25,8 @@ def load_arm_model(params, name: str, seed: int | None, parametrized: bool = Fal
                          f"monotonic.variant {variant!r}: rerun monotonic_init/train")
     if arm.constrained and parametrized:
         model, _ = load_parametrized(model_dir, expected_variant=variant)
-        return place(model), meta
+        return device.place(model), meta
     model = load_causal_lm(model_dir)
     if arm.constrained:
         verify(model, variant)
-    return place(model), meta
+    return device.place(model), meta

@@ -79,9 +79,12 @@ def run_facts() -> dict:
             "argv": sys.argv}
 
 
-def record_run(name: str, prov: dict, **measured) -> Path:
-    """Write runs_dir()/<name>.json: the output's stable provenance, the run's facts and what it measured
-    (seconds, tokens/s, ...). Overwrites the record of an earlier run of the same step."""
+def record_run(name: str, prov: dict, model=None, **measured) -> Path:
+    """Write runs_dir()/<name>.json: the output's stable provenance, the run's facts, the device the step's
+    model was on (bench/gpu_check.py checks it) and what it measured (seconds, tokens/s, ...). Overwrites the
+    record of an earlier run of the same step."""
+    if model is not None:
+        measured["model_device"] = str(next(model.parameters()).device)
     path = runs_dir() / f"{name}.json"   # informational: anything not JSON-native is written as its str()
     atomic_write_text(path, json.dumps({"provenance": prov, **run_facts(), **measured}, indent=2, default=str) + "\n")
     return path

@@ -55,7 +55,7 @@ def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
     with staged_dir(benchmark_dir(label)) as out:
         write_json(out / "results.json", {**stable, "provenance": prov})
         write_json(out / "metrics.json", metrics)
-    record_run(f"benchmarks-{label}", prov, seconds=round(time.time() - t0, 1), harness=volatile)
+    record_run(f"benchmarks-{label}", prov, model, seconds=round(time.time() - t0, 1), harness=volatile)
     return metrics
 
 

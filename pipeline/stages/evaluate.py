@@ -39,7 +39,7 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
         write_json(out / "metrics.json", metrics)
         write_json(out / "per_doc.json", per_doc)
     seconds = round(time.time() - t0, 1)
-    record_run(f"evaluate-{run_name(arm, seed)}", prov, seconds=seconds)
+    record_run(f"evaluate-{run_name(arm, seed)}", prov, model, seconds=seconds)
     print(f"evaluate {arm} s{seed}: test perplexity {metrics['perplexity']:.2f} "
           f"({metrics['tokens']} tokens, {count} documents), {seconds} s")
     return metrics

@@ -34,7 +34,7 @@ def run(params, args) -> int:
     metrics = {"validation_perplexity": perplexity(nll, count), **spec,
                "verify": {k: v for k, v in report.items() if k != "modules"}, "provenance": prov}
     write_json(METRICS_DIR / "monotonic_init.json", metrics)
-    record_run("monotonic_init", prov, seconds=round(time.time() - t0, 1))
+    record_run("monotonic_init", prov, model, seconds=round(time.time() - t0, 1))
     print(f"monotonic_init: {report['modules_constrained']} modules constrained ({m.variant}, init {m.init}), "
           f"min W {report['min_weight']:.2e}, validation perplexity {metrics['validation_perplexity']:.1f}")
     return 0

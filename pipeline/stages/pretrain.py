@@ -12,7 +12,7 @@ from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
 from ..arms import ARMS
-from ..device import place
+from .. import device
 from ..paths import DATA_DIR, METRICS_DIR
 from ..params import TrainParams
 from ..provenance import provenance, record_run
@@ -48,7 +48,7 @@ def run(params, args) -> int:
         model, log, log_columns = result.model, result.state.log, result.log_columns
         origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
     else:
-        model = place(load_causal_lm(checkpoint))
+        model = device.place(load_causal_lm(checkpoint))
         origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
                   "local_path": params.model.hf_local_path}
 
@@ -69,7 +69,7 @@ def run(params, args) -> int:
     log_columns, log, timing = split_log(log_columns, log)
     write_csv(METRICS_DIR / "pretrain_log.csv", log_columns, log)
     seconds = round(time.time() - t0, 1)
-    record_run("pretrain", prov, seconds=seconds, timing=timing)
+    record_run("pretrain", prov, model, seconds=seconds, timing=timing)
     print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"
           + (f" (unigram {metrics['unigram_validation_perplexity']:.1f})" if "unigram_validation_perplexity" in metrics else "")
           + f", {seconds} s")

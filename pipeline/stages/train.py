@@ -133,7 +133,7 @@ def run(params, args) -> int:
         }
         write_json(out / "metrics.json", metrics)
     tokens_per_s = tokens_seen / state.step_seconds
-    record_run(f"train-{run_name(name, seed)}", prov, seconds=round(state.wall_seconds, 2),
+    record_run(f"train-{run_name(name, seed)}", prov, result.model, seconds=round(state.wall_seconds, 2),
                step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing)
     moved = ", ".join(f"{g} {n:.3g}" for g, n in total_update.items())
     print(f"train {name} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} "
