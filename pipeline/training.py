@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
+import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -204,6 +207,7 @@ class Run:
     root: Path | None               # checkpoint directory; None: no checkpoints, no early stops
     precision: str
     desc: str
+    owner: object = None            # the main process's claim on the run (claim_run), held until it exits
     started: float = field(default_factory=time.time)
     wall_at_start: float = 0.0
     steps_at_start: int = 0
@@ -228,6 +232,27 @@ def build_optimizer(model, tp: TrainParams, constrained: Sequence[nn.Parameter])
         [{"params": [p for _, p in members], "name": g, **settings[g]} for g, members in groups.items()],
         lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2))
     return optimizer, groups, [settings[g]["lr"] for g in groups]
+
+
+def claim_run(root: Path, desc: str):
+    """One process trains a run (writes its checkpoint directory) at a time: an exclusive lock on
+    <root>.owner, which names the holder (SLURM job, host, pid) and is released when the holder exits, however
+    it ends. A second job training the same run (two variations sharing it) waits, then resumes from the
+    first one's checkpoints. Returns the open file, which holds the lock."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(root.parent / f"{root.name}.owner", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        print(f"{desc}: the checkpoint directory {root} is in use by {handle.read().strip() or 'another process'}; "
+              "waiting for it to finish, then resuming from its checkpoints", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"job {os.environ.get('SLURM_JOB_ID', 'none')} on {socket.gethostname()}, pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def find_checkpoint(accelerator, root: Path | None, fingerprint: str, desc: str) -> Path | None:
@@ -275,6 +300,7 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
     model.to(accelerator.device)
     optimizer, groups, base_lrs = build_optimizer(model, tp, constrained)
     state = TrainState(update_norm_sum={g: 0.0 for g in groups})
+    owner = claim_run(root, desc) if root is not None and accelerator.is_main_process else None
     resumed = find_checkpoint(accelerator, root, fingerprint, desc)
     if resumed is not None:
         state, position = load_checkpoint(resumed, model, optimizer)
@@ -289,7 +315,7 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
               "changed); its RNG streams continue from the seeding of this run", file=sys.stderr, flush=True)
     return Run(tp, accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, groups, base_lrs, state,
                seed, seq_len, global_batch, accumulation, fingerprint, root, precision, desc,
-               wall_at_start=state.wall_seconds, steps_at_start=state.step)
+               owner=owner, wall_at_start=state.wall_seconds, steps_at_start=state.step)
 
 
 def train_step(run: Run, train_data) -> dict | None:

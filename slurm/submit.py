@@ -295,7 +295,7 @@ def submit(args) -> int:
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace)}
+           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace), "PIPELINE_DVC_REMOTE": args.remote or ""}
     if any("," in str(v) for v in env.values()):
         fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
     meta = {"workspace": str(workspace), "run_dir": str(run_dir), "mode": args.mode, "jobs": []}
@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     p.add_argument("--state-dir", help="runs and checkpoints (default: $SCRATCH/pipeline-runs/<workspace>-<hash>)")
     p.add_argument("--workspace", default=".", help="the DVC workspace (default: the current git repository)")
     p.add_argument("--force", action="store_true", help="submit stages even when up to date")
+    p.add_argument("--remote", help="the DVC remote the gather job pushes every output to (default: the "
+                   "workspace's default remote, `dvc remote add -d`; none: no push)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     p.add_argument("--sbatch", action="append", default=[], help="an extra sbatch option for every job "
                    "(e.g. --sbatch=--account=abc); repeatable")

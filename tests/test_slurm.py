@@ -395,12 +395,13 @@ def test_container_mode_runs_each_stage_through_apptainer_exec(synthetic, tmp_pa
     states = wait_for_jobs(env, run_dir, timeout=180)
     assert {s: i["JobState"] for s, i in states.items()} == {"prep": "COMPLETED", "gather": "COMPLETED"}, \
         logs_text(run_dir)
-    stage_call, gather_call = calls.read_text().splitlines()
+    stage_call, gather_call, remote_call = calls.read_text().splitlines()   # remote: no DVC remote, no push
     scratch = env["SCRATCH"]
     binds = f"--bind {scratch},{scratch}:/scratch,{ws},{run_dir},{ws}/.dvc/cache,{state}/checkpoints,"
-    for call in (stage_call, gather_call):
+    for call in (stage_call, gather_call, remote_call):
         assert call.startswith(f"exec --nv --cleanenv {binds}"), call
     assert stage_call.endswith(f"--pwd {run_dir}/workspaces/prep {image} dvc repro prep")
     assert gather_call.endswith(f"--pwd {ws} {image} dvc --wait-for-lock repro prep")
+    assert remote_call.endswith(f"--pwd {ws} {image} dvc remote default")
     assert (ws / "prep.txt").read_text() == "prepared\n"
     assert "mode container" in (run_dir / "logs" / "prep.log").read_text()

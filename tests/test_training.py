@@ -240,3 +240,30 @@ def test_grad_accum_not_divisible_by_the_processes_fails_before_compute(smoke_wo
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train.grad_accum" in proc.stderr and "a multiple of the 2 training processes" in proc.stderr
     assert "launch:" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_second_trainer_of_the_same_run_waits_for_the_owner_then_resumes(smoke_workspace, tmp_path):
+    """Two jobs that would train the same run (same fingerprint, one checkpoint directory): the second waits
+    on the first's claim, names it, and resumes from its checkpoints once it is released."""
+    import fcntl
+
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", max_steps=4, eval_interval=4, checkpoint_interval=2)
+    assert run_stage(ws, "train", "--arm", "baseline", "--seed", "0") == 0
+    owner_file = next((ws / "outputs/checkpoints").glob("baseline-s0/*.owner"))
+    assert "pid" in owner_file.read_text()
+    shutil.rmtree(ws / "outputs/train")
+    with open(owner_file, "a+") as held:      # another job holding the run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.seek(0)
+        held.truncate()
+        held.write("job 4242 on node7, pid 1\n")
+        held.flush()
+        proc = train_subprocess(ws)
+        waiting = next(line for line in proc.stdout if "is in use by" in line)
+        assert "job 4242 on node7, pid 1" in waiting and "waiting for it to finish" in waiting
+        assert proc.poll() is None
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out and "step 4/4" in out
+    assert f"pid {proc.pid}" in owner_file.read_text()
