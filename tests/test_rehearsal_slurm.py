@@ -151,15 +151,20 @@ def test_collaborator_pulls_every_result_from_the_remote_after_scratch_is_purged
     cluster, env, store = rehearsal_runs["cluster"], rehearsal_runs["env"], rehearsal_runs["store"]
     gather_log = (rehearsal_runs["run_dir"] / "logs" / "gather.log").read_text()
     assert "pushed every cached output of the run to the DVC remote 'store'" in gather_log, gather_log
-    # what the user commits after the run: dvc.lock and the uncached metrics (DVC's convention)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], cwd=cluster, check=True)
+    # what the user commits after the run: dvc.lock and what git keeps (outputs/report, outputs/metrics)
+    subprocess.run(["git", "add", "-A"], cwd=cluster, check=True)
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results"], cwd=cluster,
                    check=True)
+    shutil.rmtree(cluster / ".dvc" / "cache")                 # scratch purged: the shared cache, runs, checkpoints
+    shutil.rmtree(rehearsal_runs["base"] / "state")
     clone = tmp_path / "collaborator"
     subprocess.run(["git", "clone", "-q", str(cluster), str(clone)], check=True)
     dvc(clone, env, "remote", "add", "-d", "--local", "store", str(store))   # a fresh cache: nothing shared
     dvc(clone, env, "pull")
     assert "up to date" in dvc(clone, env, "status")
-    for rel in ("outputs/report/report.md", "outputs/report/results.json",
-                "outputs/train/baseline-s1/model/model.safetensors"):
+    produced = [p.relative_to(cluster) for p in (cluster / "outputs").rglob("*")
+                if p.is_file() and p.name != ".gitignore"]
+    assert Path("outputs/train/baseline-s1/metrics.json") in produced
+    assert Path("outputs/report/results.json") in produced
+    for rel in produced:
         assert (clone / rel).read_bytes() == (cluster / rel).read_bytes(), rel
