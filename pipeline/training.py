@@ -2,7 +2,8 @@
 
 Built on HF accelerate, so the same code runs on CPU, one GPU, or several processes and nodes
 (the train stage re-launches itself as $PIPELINE_TRAIN_PROCESSES workers: pipeline/launch.py; torchrun
-or `accelerate launch` work too; on CPU ACCELERATE_USE_CPU=true gives gloo). Data-parallel (DDP) only: every process holds the whole model.
+or `accelerate launch` work too; on CPU ACCELERATE_USE_CPU=true gives gloo). Data-parallel (DDP) only:
+every process holds the whole model.
 
 Data: each optimizer step consumes one fixed window of the seeded stream of packed training windows,
 positions [step * G, (step + 1) * G) of PackedSequences.sequence_ids(seed, ...), where the global batch

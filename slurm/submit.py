@@ -4,6 +4,7 @@ from dvc.yaml's DAG, so independent stages (the arms, the seeds) run in parallel
 that records every finished stage in the main workspace's dvc.lock.
 
   python slurm/submit.py submit [--seed S]... [--stage NAME]... [--mode container|host] [--dry-run]
+  python slurm/submit.py submit -S train.lr=3e-4 [--name lr3e-4]   a variation, recorded as a DVC experiment
   python slurm/submit.py status [RUN_DIR]       state of every job of a run (default: the latest run)
   python slurm/submit.py dag                    the DAG as JSON (stages, upstream, up to date)
   python slurm/submit.py check-snapshot RUN_DIR the gather job's check that the workspace did not change
