@@ -1,15 +1,24 @@
-"""Attack throughput, side by side in one process (run from the repository root after the data and pretrain
-stages; embedded workspace by default): candidates scored per second by the gradient attacks (HotFlip and UAT,
-everything included: gradient passes, top-k, candidate construction, re-scoring) and by the bare scorer,
-against the raw batched forward throughput of the same model on sequences of the same length and batch size
-(`model(input_ids).logits`, no loss). Goal: attack candidates/s >= 0.7x raw sequences/s.
-Rounds alternate the runs so machine load hits all of them alike; rates are medians over rounds.
+"""Attack benchmarks (run from the repository root of a workspace holding the data and the arms' models;
+embedded workspace by default). Rates are medians over rounds that alternate the runs.
 
-    python bench/bench_attacks.py [--params params.yaml] [--arm pretrained] [--rounds 3] [--threads N]
+  throughput  candidates scored per second by the gradient attacks (everything included: gradient passes,
+              top-k, candidate construction, re-scoring) and by the bare scorer, against raw batched forward
+              throughput of the same model on sequences of the same length. Goal: >= 0.7x raw.
+  oracle      attack strength against exhaustive search: gradient HotFlip with one flip vs the best single
+              flip over every prompt position x every candidate (first --windows evaluation windows), and
+              one-token UAT vs the best one-token trigger over every candidate (optimisation examples),
+              for each trigger placement and at budget multiples (--scales: topk and candidates scaled).
+  curves      every method of both attacks on each --arm: seconds, forwards used / cap, final NLL increase,
+              and the budget curves at 1/8, 1/4, 1/2 and 1 of the cap (gradient vs greedy vs random)
+
+    python bench/bench_attacks.py throughput [--arm pretrained] [--rounds 3]
+    python bench/bench_attacks.py oracle [--arm baseline --seed 0] [--windows 6] [--scales 1 4]
+    python bench/bench_attacks.py curves [--arm baseline pretrained] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -24,6 +33,7 @@ import torch  # noqa: E402
 from pipeline import attacks as A  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.provenance import device_description  # noqa: E402
+from pipeline.stages import attack as S  # noqa: E402
 
 
 def raw_forward_rate(model, tokens: torch.Tensor, batch_size: int, sequences: int) -> float:
@@ -40,8 +50,7 @@ def raw_forward_rate(model, tokens: torch.Tensor, batch_size: int, sequences: in
 def attack_rate(run, setup, a) -> tuple[float, dict]:
     t0 = time.perf_counter()
     result = run(setup, a, 0, "gradient")
-    seconds = time.perf_counter() - t0
-    return result["summary"]["budget"]["forward_passes"] / seconds, result["summary"]
+    return result["summary"]["budget"]["forward_passes"] / (time.perf_counter() - t0), result["summary"]
 
 
 def scorer_rate(setup, a, sequences: int) -> float:
@@ -52,38 +61,113 @@ def scorer_rate(setup, a, sequences: int) -> float:
     return sequences / (time.perf_counter() - t0)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--arm", default="pretrained")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    params = params_mod.load(args.params)
+def throughput(params, setup, args) -> None:
     a = params.attack
-    setup = A.load_setup(params, args.arm, 0)
     uat_tokens = A.with_trigger(setup.candidates[: a.uat.trigger_length], setup.opt.tokens)
     rates = {k: [] for k in ("raw hotflip-length", "scorer", "hotflip", "raw uat-length", "uat")}
     for _ in range(args.rounds):
         rates["raw hotflip-length"].append(raw_forward_rate(setup.model, setup.eval.tokens, a.batch_size, 1024))
         rates["scorer"].append(scorer_rate(setup, a, 1024))
-        rate, hotflip = attack_rate(A.run_hotflip, setup, a)
+        rate, hotflip = attack_rate(S.run_hotflip, setup, a)
         rates["hotflip"].append(rate)
         rates["raw uat-length"].append(raw_forward_rate(setup.model, uat_tokens, a.uat.batch_size, 1024))
-        rate, uat = attack_rate(A.run_uat, setup, a)
+        rate, uat = attack_rate(S.run_uat, setup, a)
         rates["uat"].append(rate)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"device: {device_description()}; profile {params.profile}, arm {args.arm}, {args.rounds} rounds (medians)")
     print(f"hotflip: {hotflip['budget']['forward_passes']} candidates, {hotflip['budget']['backward_passes']} "
           f"backward; uat: {uat['budget']['forward_passes']} candidates, {uat['budget']['backward_passes']} backward")
     print(f"{'run':<22}{'seq or cand /s':>16}{'vs raw':>10}")
-    print(f"{'raw forward (P+C)':<22}{med['raw hotflip-length']:>16.1f}{1.0:>10.2f}")
-    print(f"{'scorer.nll (P+C)':<22}{med['scorer']:>16.1f}{med['scorer'] / med['raw hotflip-length']:>10.2f}")
-    print(f"{'hotflip candidates':<22}{med['hotflip']:>16.1f}{med['hotflip'] / med['raw hotflip-length']:>10.2f}")
-    print(f"{'raw forward (L+P+C)':<22}{med['raw uat-length']:>16.1f}{1.0:>10.2f}")
-    print(f"{'uat candidates':<22}{med['uat']:>16.1f}{med['uat'] / med['raw uat-length']:>10.2f}")
+    for name, raw in (("scorer", "raw hotflip-length"), ("hotflip", "raw hotflip-length"), ("uat", "raw uat-length")):
+        print(f"{raw:<22}{med[raw]:>16.1f}{1.0:>10.2f}\n{name:<22}{med[name]:>16.1f}{med[name] / med[raw]:>10.2f}")
+
+
+def scaled(a, scale: int, **changes):
+    u, h = a.uat, a.hotflip
+    return dataclasses.replace(
+        a, uat=dataclasses.replace(u, topk=u.topk * scale, candidates_per_step=u.candidates_per_step * scale,
+                                   **changes.get("uat", {})),
+        hotflip=dataclasses.replace(h, topk=h.topk * scale, candidates_per_flip=h.candidates_per_flip * scale,
+                                    **changes.get("hotflip", {})))
+
+
+def oracle(params, setup, args) -> None:
+    a = params.attack
+    setup.eval = A.Examples(setup.eval.ids[:args.windows], setup.eval.tokens[:args.windows], a.prompt_tokens,
+                            a.continuation_tokens)
+    setup.clean_nll = setup.clean_nll[:args.windows]
+    scorer = A.Scorer(setup.model, a.continuation_tokens, 256, setup.candidates, setup.precision)
+    t0 = time.perf_counter()
+    best = A.oracle_single_flip(scorer, setup.eval.tokens, prompt_tokens=a.prompt_tokens, candidates=setup.candidates)
+    best_inc = (best["nll"] - setup.clean_nll).mean().item()
+    print(f"oracle single flip: {args.windows} windows x {a.prompt_tokens} positions x {len(setup.candidates)} "
+          f"candidates = {scorer.forward_passes} forwards, {time.perf_counter() - t0:.0f} s; best mean increase "
+          f"{best_inc:+.4f} nats/token")
+    for scale in args.scales:
+        r = S.run_hotflip(setup, scaled(a, scale, hotflip={"flips": 1}), 0, "gradient")["summary"]
+        print(f"  gradient hotflip, 1 flip, budget x{scale}: {r['abs_increase']:+.4f} = {r['abs_increase'] / best_inc:.2f} "
+              f"of the oracle ({r['budget']['forward_passes']}/{r['budget_limit']['forward_passes']} forwards)")
+    for placement in ("prefix", "before_continuation"):
+        at = A.trigger_offset(placement, a.prompt_tokens)
+        scorer = A.Scorer(setup.model, a.continuation_tokens, 256, setup.candidates, setup.precision)
+        clean = scorer.nll(setup.opt.tokens, count=False).mean().item()
+        t0 = time.perf_counter()
+        top = A.oracle_trigger(scorer, setup.opt.tokens, candidates=setup.candidates, at=at)
+        inc = top["opt_nll"] - clean
+        print(f"oracle one-token trigger ({placement}): {scorer.forward_passes} forwards, "
+              f"{time.perf_counter() - t0:.0f} s; best increase {inc:+.4f} nats/token "
+              f"(optimisation examples), trigger {setup.tokenizer.decode(top['trigger'].tolist())!r}")
+        for scale in args.scales:
+            r = S.run_uat(setup, scaled(a, scale, uat={"trigger_length": 1, "placement": placement}), 0, "gradient")
+            print(f"  gradient uat, 1 token, budget x{scale}: {r['opt_nll'] - clean:+.4f} = "
+                  f"{(r['opt_nll'] - clean) / inc:.2f} of the oracle ({r['summary']['budget']['forward_passes']}/"
+                  f"{r['summary']['budget_limit']['forward_passes']} forwards)")
+
+
+def curves(params, args) -> None:
+    for arm in args.arm:
+        setup = S.load_setup(params, arm, args.seed)
+        results, total = {}, 0.0
+        for kind in S.RUNNERS:
+            for method in ("gradient", "greedy", "random"):
+                t0 = time.perf_counter()
+                results[kind, method] = r = S.RUNNERS[kind](setup, params.attack, args.seed, method)
+                seconds = time.perf_counter() - t0
+                total += seconds
+                s = r["summary"]
+                print(f"{arm} s{args.seed} {kind:<8}{method:<9}{seconds:6.1f} s  {s['budget']['forward_passes']:>6}/"
+                      f"{s['budget_limit']['forward_passes']:<6} forwards  +{s['abs_increase']:.4f} nats/token "
+                      f"(success {s['success_rate_abs']:.0%})")
+        print(f"{arm} s{args.seed}: attacks {total:.1f} s in all")
+        for kind, d in S.diagnostics(results).items():
+            c = d["budget_curves"]
+            fmt = lambda vs: " ".join("   -   " if v is None else f"{v:+.4f}" for v in vs)  # noqa: E731
+            print(f"  {kind} curve ({d['objective']}) at forwards {c['forward_passes']}: gradient {fmt(c['gradient'])} | "
+                  f"greedy {fmt(c['greedy'])} | random {fmt(c['random'])}")
+            g = d["gradient_vs_greedy"]
+            print(f"  {kind} gradient vs greedy at {g['forward_passes']} forwards: {g['gradient']:+.4f} vs "
+                  f"{g['greedy']:+.4f}; first-order rank correlation {d['first_order_rank_correlation']:+.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("throughput", "oracle", "curves"))
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--arm", nargs="+", default=["pretrained"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = params_mod.load(args.params)
+    print(f"device: {device_description()}; profile {params.profile}, arms {', '.join(args.arm)}, seed {args.seed}")
+    if args.mode == "curves":
+        curves(params, args)
+    else:
+        setup = S.load_setup(params, args.arm[0], args.seed)
+        (throughput if args.mode == "throughput" else oracle)(params, setup, args)
     return 0
 
 

@@ -7,7 +7,7 @@ import sys
 
 from . import oom
 from . import params as params_mod
-from .arms import ARM_NAMES, TRAINED_ARMS
+from .arms import ARM_NAMES, ARMS, TRAINED_ARMS
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -16,9 +16,10 @@ STAGES = {
     "monotonic_init": ("monotonic_init", "apply the softplus constraint to the pretrained model (no training)", None),
     "train": ("train", "recovery-train one arm (baseline or monotonic) for one seed", TRAINED_ARMS),
     "evaluate": ("evaluate", "held-out perplexity (sliding window) and per-document NLL of one arm", ARM_NAMES),
-    "uat": ("uat", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", ARM_NAMES),
-    "hotflip": ("hotflip", "iterative HotFlip on the prompt tokens of each attack-evaluation example", ARM_NAMES),
-    "controls": ("controls", "random-substitution and gradient-free greedy controls at the attacks' budget", ARM_NAMES),
+    "uat": ("attack", "universal adversarial trigger search (gradient top-k + true-loss re-scoring)", ARM_NAMES),
+    "hotflip": ("attack", "iterative HotFlip on the prompt tokens of each attack-evaluation example", ARM_NAMES),
+    "controls": ("attack", "greedy and random controls at the attacks' forward cap, gradient-masking diagnostics",
+                 ARM_NAMES),
     "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)",
                ARM_NAMES),
     "benchmarks": ("benchmarks", "zero-shot tasks through lm-evaluation-harness on the arm(s) of one seed", ARM_NAMES),
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if arm_choices:
             sp.add_argument("--arm", required=True, choices=arm_choices,
-                            nargs="+" if name in ("assess", "benchmarks") else None)
+                            nargs="+" if name in ("assess", "benchmarks") else None,
+                            help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices))
             sp.add_argument("--seed", required=True, type=int)
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)

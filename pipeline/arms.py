@@ -39,7 +39,6 @@ ARM_TABLE = (
 ARMS = {arm.name: arm for arm in ARM_TABLE}
 ARM_NAMES = tuple(ARMS)
 TRAINED_ARMS = tuple(a.name for a in ARM_TABLE if a.trained)
-UNTRAINED_ARMS = tuple(a.name for a in ARM_TABLE if not a.trained)
 
 
 def get(name: str) -> Arm:

@@ -1,42 +1,55 @@
-"""Adversarial token attacks on a causal LM: the examples, a shared token-gradient core, UAT (Wallace et
-al. 2019), iterative HotFlip (Ebrahimi et al. 2018), their equal-budget controls, and result summaries.
+"""Adversarial token attacks on a causal LM, as pure algorithms: the examples, a shared token-gradient core,
+UAT (Wallace et al. 2019) and HotFlip (Ebrahimi et al. 2018) as GCG-style searches (Zou et al. 2023), their
+equal-budget controls, exhaustive oracles for tiny models, and result summaries. Setup, I/O and method
+dispatch live in pipeline/stages/attack.py.
 
 Example: a window of prompt_tokens + continuation_tokens tokens cut from one document of a split. Loss is
 the mean NLL of the continuation tokens only (each predicted from everything before it): never a trigger
-token, never a prompt token, never a replaced token.
+token, never a prompt token, never a replaced token. A UAT trigger sits before the prompt (placement
+"prefix") or between prompt and continuation ("before_continuation").
 
-Gradient-guided step (the same for both attacks, as in GCG, Zou et al. 2023): the first-order estimate of
-the loss change for putting token v at position p is (e_v - e_current) . dL/de_p, i.e. the embedding matrix
-times the gradient; take the top-k tokens per editable position, draw a batch of single-token candidates
-from that pool, score every candidate by the true loss and keep the best if it raises the loss.
+Gradient-guided step (the same for both attacks): the first-order estimate of the loss change for putting
+token v at position p is (e_v - e_current) . dL/de_p; the top-k tokens of every editable position form one
+pool, a large batch of single-token changes is drawn from the whole pool without repeats, every one is
+scored by the true loss, and the best is kept if it raises the loss. A search runs until `patience` steps
+in a row bring no improvement, or its hard step cap. HotFlip may revisit positions: at most `flips`
+positions differ from the original at any time (at the edit budget only changed positions are editable).
+Every gradient step also records the rank correlation between the first-order scores of the candidates
+it scored and their true loss changes (a gradient-masking diagnostic).
 
-Controls at the same budget (same number of true-loss candidate evaluations; no backward passes):
-  greedy  the same coordinate search with candidate tokens drawn uniformly from the candidate set;
-  random  best of N random perturbations of the attack's size (L random trigger tokens; F random tokens at F
-          distinct random prompt positions), N chosen so the forward count equals the attack's.
+Controls: greedy is the same search with candidates drawn uniformly from the candidate set (no gradients);
+random is the best of N random perturbations of the attack's size (L random trigger tokens; `flips` random
+tokens at distinct random prompt positions), N giving the gradient attack's hard forward cap.
 
 Budget accounting: "forward_passes" counts sequences scored by the true loss during the search (candidates,
 initial triggers); "backward_passes" counts sequences back-propagated for gradients (each also yields the
-current loss). Scoring the attack-evaluation examples (clean and final attacked) is the same for every method
-and reported separately as "evaluation_forward_passes". All counts follow from params alone, not from the arm.
+current loss). Searches may stop early (patience), so the summary records the passes actually used in
+"budget" and the hard cap, which follows from params alone and is the same for every arm and every method
+of an attack, in "budget_limit". Each search also records its budget curve (best loss increase against
+forward passes), so methods and arms can be compared at any equal forward count.
+
+Resumable searches: the long searches take a keyword-only `should_stop` callable, polled before every step,
+and a `store`; when it fires, the search saves its whole state (tokens, triggers, RNG, pass counters,
+traces) to the store and raises SearchStopped; called again with the same store it resumes and ends
+bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
-import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data import TokenSplit
-from .device import eval_autocast, resolve_precision
+from .device import eval_autocast
 
 EXAMPLE_SELECTION_SEED = 20190801   # fixed: the same examples for every arm and seed
 # independent random streams per method, derived from the run seed
 STREAMS = {"uat": 1, "hotflip": 2, "random_uat": 3, "random_hotflip": 4, "greedy_uat": 5, "greedy_hotflip": 6}
+CURVE_POINTS = 16                   # points of a random control's budget curve
 
 
 # --- examples -----------------------------------------------------------------------------------------
@@ -106,6 +119,12 @@ class Scorer:
         self.forward_passes = 0
         self.backward_passes = 0
 
+    def counters(self) -> list[int]:
+        return [self.forward_passes, self.backward_passes]
+
+    def restore(self, counters: list[int]) -> None:
+        self.forward_passes, self.backward_passes = (int(c) for c in counters)
+
     def _continuation_nll(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         c = self.continuation_tokens
         kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids}
@@ -149,148 +168,273 @@ class Scorer:
         return torch.cat(scores), torch.cat(losses)
 
 
-def with_trigger(trigger: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Prepend one trigger [L] to every example [N, S] -> [N, L + S]."""
-    return torch.cat([trigger.expand(len(tokens), -1), tokens], dim=1)
+def trigger_offset(placement: str, prompt_tokens: int) -> int:
+    """Where a trigger goes in an example: before the prompt, or between prompt and continuation."""
+    return {"prefix": 0, "before_continuation": prompt_tokens}[placement]
+
+
+def with_trigger(trigger: torch.Tensor, tokens: torch.Tensor, at: int = 0) -> torch.Tensor:
+    """Insert one trigger [L] into every example [N, S] before token `at` -> [N, L + S]."""
+    return torch.cat([tokens[:, :at], trigger.expand(len(tokens), -1), tokens[:, at:]], dim=1)
+
+
+def _triggered_batch(triggers: torch.Tensor, tokens: torch.Tensor, at: int) -> torch.Tensor:
+    """Every trigger [K, L] in every example [N, S] -> [K * N, L + S] (trigger-major)."""
+    k, n = len(triggers), len(tokens)
+    rows = tokens.repeat(k, 1)
+    return torch.cat([rows[:, :at], triggers.repeat_interleave(n, dim=0), rows[:, at:]], dim=1)
+
+
+def rank_correlation(predicted: torch.Tensor, actual: torch.Tensor) -> float | None:
+    """Spearman correlation (ranks without tie correction); None for fewer than 3 finite pairs."""
+    keep = torch.isfinite(predicted) & torch.isfinite(actual)
+    if int(keep.sum()) < 3:
+        return None
+    ranks = [v[keep].double().argsort().argsort().double() for v in (predicted, actual)]
+    centred = [r - r.mean() for r in ranks]
+    denom = (centred[0].norm() * centred[1].norm()).item()
+    return float((centred[0] @ centred[1]).item() / denom) if denom > 0 else None
+
+
+# --- resumable search driver ----------------------------------------------------------------------------
+
+class SearchStopped(Exception):
+    """should_stop fired: the search's state is in its store and the next call with that store resumes."""
+
+
+def never() -> bool:
+    return False
+
+
+class StateStore:
+    """One search's resumable state in one file: tensors, numbers, lists and dicts (torch.save, loaded
+    with weights_only=True), written atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=True) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _drive(initial: dict, advance, finished, *, scorer: Scorer, gen: torch.Generator, should_stop,
+           store: StateStore | None) -> dict:
+    """Run advance(state) until finished(state), resuming from the store's state if it holds one; when
+    should_stop() fires, save the state with the RNG and pass counters and raise SearchStopped."""
+    state = store.load() if store is not None else None
+    if state is None:
+        state = initial
+    else:
+        gen.set_state(state.pop("rng"))
+        scorer.restore(state.pop("counters"))
+    while not finished(state):
+        if should_stop():
+            if store is not None:
+                store.save({**state, "rng": gen.get_state(), "counters": scorer.counters()})
+            raise SearchStopped
+        advance(state)
+    return state
+
+
+def _point(state: dict, scorer: Scorer, value: float) -> None:
+    state["curve"].append([scorer.forward_passes, value])
 
 
 # --- UAT -----------------------------------------------------------------------------------------------
 
-def _triggered_batch(triggers: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Every trigger [K, L] on every example [N, S] -> [K * N, L + S] (trigger-major)."""
-    k, n = len(triggers), len(tokens)
-    return torch.cat([triggers.repeat_interleave(n, dim=0), tokens.repeat(k, 1)], dim=1)
+def uat_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor, uat, at: int,
+               gen: torch.Generator, guided: bool, should_stop=never, store: StateStore | None = None) -> dict:
+    """Coordinate search for one trigger that maximises the mean continuation NLL over `tokens`, with
+    the trigger inserted at `at`. `uat`: UATParams (trigger_length, restarts, iterations = the hard step
+    cap per restart, patience, topk, candidates_per_step). Each restart starts from a random trigger.
+    Returns the best restart's trigger and loss, every restart's, the budget curve of the best loss so far
+    (mean over `tokens`) and, when guided, the first-order rank correlation of every step."""
+    positions = torch.arange(at, at + uat.trigger_length)
+
+    def advance(s):
+        if s["trigger"] is None:
+            s["trigger"] = candidates[torch.randint(len(candidates), (uat.trigger_length,), generator=gen)]
+            s["current"] = scorer.nll(with_trigger(s["trigger"], tokens, at)).mean().item()
+            s.update(step=0, stale=0, trace=[s["current"]])
+        elif s["step"] < uat.iterations and s["stale"] < uat.patience:
+            _uat_step(s, scorer, tokens, candidates, uat, at, positions, gen, guided)
+        else:
+            s["restarts"].append({"trigger_ids": s["trigger"].tolist(), "opt_nll": s["current"], "trace": s["trace"]})
+            if s["best"] is None or s["current"] > s["best"][1]:
+                s["best"] = [s["trigger"], s["current"]]
+            s.update(trigger=None, restart=s["restart"] + 1)
+            return
+        best = s["current"] if s["best"] is None else max(s["best"][1], s["current"])
+        _point(s, scorer, best)
+
+    initial = {"restart": 0, "trigger": None, "current": 0.0, "step": 0, "stale": 0, "trace": [],
+               "restarts": [], "best": None, "curve": [], "correlations": []}
+    s = _drive(initial, advance, lambda s: s["restart"] >= uat.restarts, scorer=scorer, gen=gen,
+               should_stop=should_stop, store=store)
+    return {"trigger": s["best"][0], "opt_nll": s["best"][1], "restarts": s["restarts"], "curve": s["curve"],
+            "correlations": s["correlations"]}
 
 
-def uat_search(scorer: Scorer, tokens: torch.Tensor, candidates: torch.Tensor, trigger_length: int,
-               iterations: int, restarts: int, topk: int, candidates_per_step: int, gen: torch.Generator,
-               guided: bool, desc: str = "uat") -> dict:
-    """Coordinate search for one trigger that maximises the mean continuation NLL over `tokens`.
-    Each restart starts from a random trigger; each iteration scores candidates_per_step single-token
-    changes (gradient top-k pool if guided, else uniform over the candidate set) and keeps the best if it
-    raises the loss. Returns the best restart's trigger and its optimisation loss, plus every restart's."""
-    positions = torch.arange(trigger_length)
-    history = []
-    best = None
-    for restart in range(restarts):
-        trigger = candidates[torch.randint(len(candidates), (trigger_length,), generator=gen)]
-        current = scorer.nll(with_trigger(trigger, tokens)).mean().item()
-        trace = [current]
-        for _ in tqdm(range(iterations), desc=f"{desc} restart {restart + 1}/{restarts}", leave=False):
-            if guided:
-                scores, _ = scorer.flip_scores(with_trigger(trigger, tokens), positions)
-                pool = scores.mean(dim=0).topk(topk, dim=1).indices                       # [L, topk]
-                picks = torch.randperm(trigger_length * topk, generator=gen)[:candidates_per_step]
-                pos, tok = picks // topk, pool[picks // topk, picks % topk]
-            else:
-                pos = torch.randint(trigger_length, (candidates_per_step,), generator=gen)
-                tok = candidates[torch.randint(len(candidates), (candidates_per_step,), generator=gen)]
-            proposals = trigger.repeat(len(pos), 1)
-            proposals[torch.arange(len(pos)), pos] = tok
-            losses = scorer.nll(_triggered_batch(proposals, tokens)).view(len(pos), len(tokens)).mean(dim=1)
-            top = int(losses.argmax())
-            if losses[top].item() > current:
-                trigger, current = proposals[top], losses[top].item()
-            trace.append(current)
-        history.append({"trigger_ids": trigger.tolist(), "opt_nll": current, "trace": trace})
-        if best is None or current > best[1]:
-            best = (trigger, current)
-    return {"trigger": best[0], "opt_nll": best[1], "restarts": history}
+def _uat_step(s: dict, scorer: Scorer, tokens, candidates, uat, at: int, positions, gen, guided: bool) -> None:
+    trigger, length = s["trigger"], uat.trigger_length
+    if guided:
+        scores, _ = scorer.flip_scores(with_trigger(trigger, tokens, at), positions)
+        top = scores.mean(dim=0).topk(uat.topk, dim=1)                                # [L, topk]
+        picks = torch.randperm(length * uat.topk, generator=gen)[:uat.candidates_per_step]
+        pos, tok = picks // uat.topk, top.indices.view(-1)[picks]
+        predicted = top.values.view(-1)[picks]
+    else:
+        pos = torch.randint(length, (uat.candidates_per_step,), generator=gen)
+        tok = candidates[torch.randint(len(candidates), (uat.candidates_per_step,), generator=gen)]
+    proposals = trigger.repeat(len(pos), 1)
+    proposals[torch.arange(len(pos)), pos] = tok
+    losses = scorer.nll(_triggered_batch(proposals, tokens, at)).view(len(pos), len(tokens)).mean(dim=1)
+    if guided:
+        s["correlations"].append(rank_correlation(predicted, losses - s["current"]))
+    top_i = int(losses.argmax())
+    if losses[top_i].item() > s["current"]:
+        s.update(trigger=proposals[top_i], current=losses[top_i].item(), stale=0)
+    else:
+        s["stale"] += 1
+    s["step"] += 1
+    s["trace"].append(s["current"])
 
 
-def uat_random_search(scorer: Scorer, tokens: torch.Tensor, candidates: torch.Tensor, trigger_length: int,
-                      draws: int, gen: torch.Generator, desc: str = "random uat") -> dict:
-    """Best of `draws` uniformly random triggers by mean continuation NLL over `tokens`."""
-    best = None
+def uat_random_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor, trigger_length: int,
+                      draws: int, at: int, gen: torch.Generator) -> dict:
+    """Best of `draws` uniformly random triggers by mean continuation NLL over `tokens`, with its curve."""
+    best, curve = None, []
     chunk = max(1, scorer.batch_size // len(tokens))
-    for start in tqdm(range(0, draws, chunk), desc=desc, leave=False):
+    for start in range(0, draws, chunk):
         triggers = candidates[torch.randint(len(candidates), (min(chunk, draws - start), trigger_length),
                                             generator=gen)]
-        losses = scorer.nll(_triggered_batch(triggers, tokens)).view(len(triggers), len(tokens)).mean(dim=1)
+        losses = scorer.nll(_triggered_batch(triggers, tokens, at)).view(len(triggers), len(tokens)).mean(dim=1)
         top = int(losses.argmax())
         if best is None or losses[top].item() > best[1]:
             best = (triggers[top], losses[top].item())
-    return {"trigger": best[0], "opt_nll": best[1]}
+        curve.append([scorer.forward_passes, best[1]])
+    return {"trigger": best[0], "opt_nll": best[1], "curve": curve}
 
 
-def uat_random_draws(restarts: int, iterations: int, candidates_per_step: int) -> int:
-    """Random triggers giving the same forward count as uat_search: one initial trigger per restart plus
-    every candidate of every iteration (each scored on the same examples)."""
-    return restarts * (1 + iterations * candidates_per_step)
+def uat_forward_cap(uat, examples: int) -> int:
+    """The hard forward cap of uat_search: one initial trigger per restart plus every candidate of every
+    step, each scored on every example. Also the random control's forward count."""
+    return uat.restarts * (1 + uat.iterations * uat.candidates_per_step) * examples
 
 
 # --- HotFlip --------------------------------------------------------------------------------------------
 
-def _apply(tokens: torch.Tensor, positions: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
-    """tokens [N, S]; positions/new_ids [N, K] -> [N * K, S], each row one example with one change."""
-    n, k = positions.shape
-    out = tokens.repeat_interleave(k, dim=0)
-    out[torch.arange(n * k), positions.reshape(-1)] = new_ids.reshape(-1)
-    return out
+def hotflip_search(scorer: Scorer, tokens: torch.Tensor, clean_nll: torch.Tensor, *, prompt_tokens: int,
+                   candidates: torch.Tensor, hotflip, gen: torch.Generator, guided: bool, should_stop=never,
+                   store: StateStore | None = None) -> dict:
+    """Per-example search over the prompt tokens. `hotflip`: HotFlipParams (flips = edit budget: positions
+    that may differ from the original at once, steps = hard step cap, patience, topk,
+    candidates_per_flip = candidates scored per example and step). An example stops after `patience`
+    steps without improvement. Returns final tokens, losses, flips ([position, original, new] per changed
+    position), the budget curve (mean NLL increase over the examples) and per-step rank correlations."""
+    initial = {"tokens": tokens.clone(), "current": clean_nll.clone(), "stale": torch.zeros(len(tokens), dtype=torch.long),
+               "step": 0, "curve": [], "correlations": []}
+
+    def finished(s):
+        return s["step"] >= hotflip.steps or bool((s["stale"] >= hotflip.patience).all())
+
+    def advance(s):
+        _hotflip_step(s, scorer, tokens, prompt_tokens, candidates, hotflip, gen, guided)
+        _point(s, scorer, (s["current"] - clean_nll).mean().item())
+
+    s = _drive(initial, advance, finished, scorer=scorer, gen=gen, should_stop=should_stop, store=store)
+    return {"tokens": s["tokens"], "nll": s["current"], "flips": diff_flips(tokens, s["tokens"]),
+            "curve": s["curve"], "correlations": s["correlations"]}
 
 
-def hotflip_search(scorer: Scorer, tokens: torch.Tensor, clean_nll: torch.Tensor, prompt_tokens: int,
-                   candidates: torch.Tensor, flips: int, topk: int, candidates_per_flip: int,
-                   gen: torch.Generator, guided: bool, desc: str = "hotflip") -> dict:
-    """Iterative per-example search: `flips` rounds; in each, candidates_per_flip single-token changes at
-    prompt positions not yet flipped (gradient top-k pool if guided, else uniform), scored by the true
-    loss; the best is kept if it raises the example's loss. Returns final tokens, losses and flips."""
-    n = len(tokens)
-    current_tokens, current = tokens.clone(), clean_nll.clone()
-    flipped = torch.zeros(n, prompt_tokens, dtype=torch.bool)
-    history = [[] for _ in range(n)]
-    positions = torch.arange(prompt_tokens)
-    for _ in tqdm(range(flips), desc=desc, leave=False):
-        if guided:
-            scores, _ = scorer.flip_scores(current_tokens, positions)               # [N, P, rows]
-            pool = scores.topk(topk, dim=2).indices                                 # [N, P, topk]
-            draw = torch.rand(n, prompt_tokens, topk, generator=gen)
-            draw[flipped] = -1.0                                                    # flipped positions last
-            picks = draw.view(n, -1).topk(candidates_per_flip, dim=1).indices       # [N, K], no repeats
-            pos = picks // topk
-            tok = pool.view(n, -1).gather(1, picks)
-        else:
-            pos = torch.multinomial((~flipped).float(), candidates_per_flip, replacement=True, generator=gen)
-            tok = candidates[torch.randint(len(candidates), (n, candidates_per_flip), generator=gen)]
-        losses = scorer.nll(_apply(current_tokens, pos, tok)).view(n, candidates_per_flip)
-        top = losses.argmax(dim=1, keepdim=True)
-        best_loss = losses.gather(1, top).squeeze(1)
-        improve = best_loss > current
-        best_pos, best_tok = pos.gather(1, top).squeeze(1), tok.gather(1, top).squeeze(1)
-        for i in torch.nonzero(improve).flatten().tolist():
-            p = int(best_pos[i])
-            history[i].append([p, int(current_tokens[i, p]), int(best_tok[i])])
-            current_tokens[i, p] = best_tok[i]
-            flipped[i, p] = True
-            current[i] = best_loss[i]
-    return {"tokens": current_tokens, "nll": current, "flips": history}
+def _hotflip_candidates(cur, allowed, scorer, candidates, hotflip, gen, guided):
+    """(positions, tokens, valid, first-order scores or None), each [n, candidates_per_flip]."""
+    n, p = allowed.shape
+    k = hotflip.candidates_per_flip
+    if guided:
+        scores, _ = scorer.flip_scores(cur, torch.arange(p))
+        top = scores.topk(hotflip.topk, dim=2)                                     # [n, P, topk]
+        priority = torch.rand(n, p, hotflip.topk, generator=gen)
+        priority[~allowed] = -1.0                                                  # edit budget
+        chosen = priority.view(n, -1).topk(k, dim=1)
+        predicted = top.values.view(n, -1).gather(1, chosen.indices)
+        valid = (chosen.values >= 0) & torch.isfinite(predicted)
+        return chosen.indices // hotflip.topk, top.indices.view(n, -1).gather(1, chosen.indices), valid, predicted
+    pos = torch.multinomial(allowed.float(), k, replacement=True, generator=gen)
+    tok = candidates[torch.randint(len(candidates), (n, k), generator=gen)]
+    return pos, tok, tok != cur.gather(1, pos), None
 
 
-def hotflip_random_search(scorer: Scorer, tokens: torch.Tensor, clean_nll: torch.Tensor, prompt_tokens: int,
-                          candidates: torch.Tensor, flips: int, draws: int, gen: torch.Generator,
-                          desc: str = "random hotflip") -> dict:
+def _hotflip_step(s: dict, scorer: Scorer, original, prompt_tokens: int, candidates, hotflip, gen, guided) -> None:
+    active = torch.nonzero(s["stale"] < hotflip.patience).flatten()
+    cur = s["tokens"][active]
+    changed = cur[:, :prompt_tokens] != original[active, :prompt_tokens]
+    allowed = changed | (changed.sum(dim=1, keepdim=True) < hotflip.flips)
+    pos, tok, valid, predicted = _hotflip_candidates(cur, allowed, scorer, candidates, hotflip, gen, guided)
+    rows, cols = torch.nonzero(valid, as_tuple=True)
+    seqs = cur[rows].clone()
+    seqs[torch.arange(len(rows)), pos[rows, cols]] = tok[rows, cols]
+    losses = torch.full(valid.shape, -torch.inf, dtype=torch.float64)
+    losses[rows, cols] = scorer.nll(seqs)
+    current = s["current"][active]
+    if predicted is not None:
+        rho = [rank_correlation(predicted[i][valid[i]], losses[i][valid[i]] - current[i]) for i in range(len(active))]
+        rho = [r for r in rho if r is not None]
+        s["correlations"].append(float(np.mean(rho)) if rho else None)
+    best, top = losses.max(dim=1)
+    improve = best > current
+    for j in torch.nonzero(improve).flatten().tolist():
+        i = int(active[j])
+        s["tokens"][i, pos[j, top[j]]] = tok[j, top[j]]
+        s["current"][i] = best[j]
+    s["stale"][active] = torch.where(improve, 0, s["stale"][active] + 1)
+    s["step"] += 1
+
+
+def diff_flips(original: torch.Tensor, attacked: torch.Tensor) -> list[list[list[int]]]:
+    """Per example, [position, original id, new id] for every position where the two differ."""
+    return [[[p, int(o[p]), int(a[p])] for p in torch.nonzero(o != a).flatten().tolist()]
+            for o, a in zip(original, attacked)]
+
+
+def hotflip_random_search(scorer: Scorer, tokens: torch.Tensor, clean_nll: torch.Tensor, *, prompt_tokens: int,
+                          candidates: torch.Tensor, flips: int, draws: int, gen: torch.Generator) -> dict:
     """Per example, the best of `draws` random perturbations with exactly `flips` random tokens at distinct
     random prompt positions (kept only if it beats the clean loss, like an attack's flips)."""
     n = len(tokens)
-    current_tokens, current = tokens.clone(), clean_nll.clone()
-    history = [[] for _ in range(n)]
+    current_tokens = tokens.clone()
+    best_so_far = torch.empty(n, draws, dtype=torch.float64)
     per_chunk = max(1, scorer.batch_size // draws)
-    for start in tqdm(range(0, n, per_chunk), desc=desc, leave=False):
+    for start in range(0, n, per_chunk):
         idx = torch.arange(start, min(start + per_chunk, n))
         m = len(idx)
         pos = torch.rand(m, draws, prompt_tokens, generator=gen).argsort(dim=2)[:, :, :flips]   # [m, D, F]
         tok = candidates[torch.randint(len(candidates), (m, draws, flips), generator=gen)]
         perturbed = tokens[idx].repeat_interleave(draws, dim=0)                                # [m*D, S]
         perturbed.scatter_(1, pos.reshape(m * draws, flips), tok.reshape(m * draws, flips))
-        losses = scorer.nll(perturbed).view(m, draws)
+        losses = torch.maximum(scorer.nll(perturbed).view(m, draws), clean_nll[idx].unsqueeze(1))
+        best_so_far[idx] = losses.cummax(dim=1).values
         top = losses.argmax(dim=1)
         for j, i in enumerate(idx.tolist()):
-            d = int(top[j])
-            if losses[j, d].item() > current[i].item():
-                current[i] = losses[j, d]
-                current_tokens[i] = perturbed[j * draws + d]
-                history[i] = [[int(p), int(tokens[i, p]), int(t)] for p, t in zip(pos[j, d], tok[j, d])]
-    return {"tokens": current_tokens, "nll": current, "flips": history}
+            if losses[j, top[j]] > clean_nll[i]:
+                current_tokens[i] = perturbed[j * draws + int(top[j])]
+    marks = sorted({max(1, round(draws * (q + 1) / CURVE_POINTS)) for q in range(CURVE_POINTS)})
+    curve = [[d * n, (best_so_far[:, d - 1] - clean_nll).mean().item()] for d in marks]
+    return {"tokens": current_tokens, "nll": best_so_far[:, -1].clone(), "flips": diff_flips(tokens, current_tokens),
+            "curve": curve}
+
+
+def hotflip_forward_cap(hotflip, examples: int) -> int:
+    return hotflip.steps * hotflip.candidates_per_flip * examples
 
 
 def apply_flips(tokens: torch.Tensor, flips: list[list[list[int]]]) -> torch.Tensor:
@@ -308,11 +452,44 @@ def apply_flips(tokens: torch.Tensor, flips: list[list[list[int]]]) -> torch.Ten
     return out
 
 
+# --- exhaustive oracles (tiny models) -------------------------------------------------------------------
+
+def oracle_single_flip(scorer: Scorer, tokens: torch.Tensor, *, prompt_tokens: int,
+                       candidates: torch.Tensor) -> dict:
+    """Per example, the best single-token change over every prompt position x every candidate
+    (prompt_tokens x len(candidates) true-loss forwards per example, counted by the scorer)."""
+    grid_pos = torch.arange(prompt_tokens).repeat_interleave(len(candidates))
+    grid_tok = candidates.repeat(prompt_tokens)
+    best, where = [], []
+    for row in tokens:
+        seqs = row.repeat(len(grid_pos), 1)
+        seqs[torch.arange(len(grid_pos)), grid_pos] = grid_tok
+        losses = scorer.nll(seqs)
+        top = int(losses.argmax())
+        best.append(losses[top].item())
+        where.append([int(grid_pos[top]), int(row[grid_pos[top]]), int(grid_tok[top])])
+    return {"nll": torch.tensor(best, dtype=torch.float64), "flips": [[w] for w in where]}
+
+
+def oracle_trigger(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor, at: int) -> dict:
+    """The best one-token trigger over every candidate by mean continuation NLL over `tokens`."""
+    per_trigger = []
+    chunk = max(1, scorer.batch_size // len(tokens))
+    for start in range(0, len(candidates), chunk):
+        triggers = candidates[start: start + chunk].unsqueeze(1)
+        per_trigger.append(scorer.nll(_triggered_batch(triggers, tokens, at)).view(len(triggers), len(tokens)).mean(dim=1))
+    losses = torch.cat(per_trigger)
+    top = int(losses.argmax())
+    return {"trigger": candidates[top: top + 1], "opt_nll": losses[top].item()}
+
+
 # --- results --------------------------------------------------------------------------------------------
 
 def summarize(ids: list[str], clean: torch.Tensor, attacked: torch.Tensor, threshold_nats: float,
-              threshold_relative: float, budget: dict, per_example_extra: list[dict] | None = None) -> dict:
-    """The result shape shared by every attack and control: {"summary": ..., "examples": [...]}."""
+              threshold_relative: float, budget: dict, per_example_extra: list[dict] | None = None,
+              budget_limit: dict | None = None) -> dict:
+    """The result shape shared by every attack and control: {"summary": ..., "examples": [...]}.
+    budget: passes used; budget_limit: the hard cap from params (defaults to the passes used)."""
     clean64, attacked64 = clean.double(), attacked.double()
     abs_inc = attacked64 - clean64
     rel_inc = abs_inc / clean64
@@ -325,118 +502,22 @@ def summarize(ids: list[str], clean: torch.Tensor, attacked: torch.Tensor, thres
         if per_example_extra is not None:
             row.update(per_example_extra[i])
         examples.append(row)
+    used = {"forward_passes": int(budget["forward_passes"]), "backward_passes": int(budget["backward_passes"])}
+    limit = used if budget_limit is None else {k: int(budget_limit[k]) for k in used}
     summary = {"clean_nll": clean64.mean().item(), "attacked_nll": attacked64.mean().item(),
                "abs_increase": abs_inc.mean().item(), "rel_increase": rel_inc.mean().item(),
                "success_rate_abs": (abs_inc >= threshold_nats).double().mean().item(),
                "success_rate_rel": (rel_inc >= threshold_relative).double().mean().item(),
-               "examples": len(ids), "budget": {"forward_passes": int(budget["forward_passes"]),
-                                                "backward_passes": int(budget["backward_passes"])}}
+               "examples": len(ids), "budget": used, "budget_limit": limit}
     return {"summary": summary, "examples": examples}
 
 
-# --- methods: search on the optimisation examples, evaluate on the evaluation examples -----------------
-
-@dataclass
-class AttackSetup:
-    """Everything an attack stage needs for one arm: model, tokenizer, candidate ids, both example sets
-    and the clean loss of the evaluation examples."""
-    model: object
-    meta: dict
-    tokenizer: object
-    candidates: torch.Tensor
-    opt: Examples
-    eval: Examples
-    clean_nll: torch.Tensor
-    precision: str                # eval.precision as resolved on the model's device ("bf16" or "fp32")
+def curve_at(curve: list[list[float]], forward_passes: int) -> float | None:
+    """The best value a budget curve had reached within `forward_passes` (None before its first point)."""
+    reached = [v for f, v in curve if f <= forward_passes]
+    return max(reached) if reached else None
 
 
-def load_setup(params, arm: str, seed: int, data_dir: str | Path | None = None) -> AttackSetup:
-    from . import paths
-    from .data import load_tokenizer
-    from .loading import load_arm_model
-
-    data_dir = Path(data_dir or paths.DATA_DIR)
-    a = params.attack
-    model, meta = load_arm_model(params, arm, seed)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    candidates = candidate_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
-    opt = attack_examples(data_dir, "attack_opt", a.opt_examples, a.prompt_tokens, a.continuation_tokens)
-    evaluation = attack_examples(data_dir, "attack_eval", a.eval_examples, a.prompt_tokens, a.continuation_tokens)
-    precision = resolve_precision(params.eval.precision, next(model.parameters()).device)
-    clean = Scorer(model, a.continuation_tokens, a.batch_size, candidates, precision).nll(evaluation.tokens, count=False)
-    return AttackSetup(model, meta, tokenizer, candidates, opt, evaluation, clean, precision)
-
-
-def _scorer(setup: AttackSetup, a, batch_size: int | None = None) -> Scorer:
-    return Scorer(setup.model, a.continuation_tokens, batch_size or a.batch_size, setup.candidates, setup.precision)
-
-
-def _uat_result(setup: AttackSetup, a, scorer: Scorer, found: dict) -> dict:
-    trigger = found["trigger"]
-    attacked = scorer.nll(with_trigger(trigger, setup.eval.tokens), count=False)
-    result = summarize(setup.eval.ids, setup.clean_nll, attacked, a.success_threshold_nats,
-                       a.success_threshold_relative,
-                       {"forward_passes": scorer.forward_passes, "backward_passes": scorer.backward_passes})
-    result.update({"trigger_ids": trigger.tolist(), "trigger_text": setup.tokenizer.decode(trigger.tolist()),
-                   "opt_nll": found["opt_nll"], "opt_examples": len(setup.opt.ids),
-                   "evaluation_forward_passes": 2 * len(setup.eval.ids)})
-    return result
-
-
-def run_uat(setup: AttackSetup, a, seed: int, method: str) -> dict:
-    """method: "gradient" (UAT), "greedy" (uniform candidates, same loop) or "random" (best random trigger)."""
-    u = a.uat
-    scorer = _scorer(setup, a, u.batch_size)
-    if method == "random":
-        found = uat_random_search(scorer, setup.opt.tokens, setup.candidates, u.trigger_length,
-                                  uat_random_draws(u.restarts, u.iterations, u.candidates_per_step),
-                                  generator(seed, "random_uat"))
-    else:
-        guided = method == "gradient"
-        found = uat_search(scorer, setup.opt.tokens, setup.candidates, u.trigger_length, u.iterations,
-                           u.restarts, u.topk, u.candidates_per_step,
-                           generator(seed, "uat" if guided else "greedy_uat"), guided, desc=f"{method} uat")
-    result = _uat_result(setup, a, scorer, found)
-    if "restarts" in found:
-        result["restarts"] = found["restarts"]
-    return result
-
-
-def run_hotflip(setup: AttackSetup, a, seed: int, method: str) -> dict:
-    """method: "gradient" (HotFlip), "greedy" (uniform candidates, same loop) or "random" (best of N
-    random perturbations with the same number of flips)."""
-    h = a.hotflip
-    scorer = _scorer(setup, a)
-    tokens = setup.eval.tokens
-    if method == "random":
-        found = hotflip_random_search(scorer, tokens, setup.clean_nll, a.prompt_tokens, setup.candidates,
-                                      h.flips, h.flips * h.candidates_per_flip, generator(seed, "random_hotflip"))
-    else:
-        guided = method == "gradient"
-        found = hotflip_search(scorer, tokens, setup.clean_nll, a.prompt_tokens, setup.candidates, h.flips,
-                               h.topk, h.candidates_per_flip, generator(seed, "hotflip" if guided else "greedy_hotflip"),
-                               guided, desc=f"{method} hotflip")
-    # the reported attacked loss is re-measured on the final tokens, in the same batches as the clean loss
-    attacked = scorer.nll(found["tokens"], count=False)
-    result = summarize(setup.eval.ids, setup.clean_nll, attacked, a.success_threshold_nats,
-                       a.success_threshold_relative,
-                       {"forward_passes": scorer.forward_passes, "backward_passes": scorer.backward_passes},
-                       [{"flips": f} for f in found["flips"]])
-    result["evaluation_forward_passes"] = 2 * len(setup.eval.ids)
-    return result
-
-
-def write_result(params, name: str, arm: str, seed: int, setup: AttackSetup, result: dict, started: float) -> float:
-    """Stamp a result with its arm, seed, model meta and provenance and write it to
-    attacks/<arm>-s<seed>/<name>.json; the compute seconds since `started` go to the run record.
-    Returns those seconds."""
-    from .io import write_json
-    from .paths import attack_dir, run_name
-    from .provenance import provenance, record_run
-
-    prov = provenance(params, name, seed=seed, arm=arm, precision=setup.precision)
-    result.update({"arm": arm, "seed": seed, "model_meta": setup.meta, "provenance": prov})
-    write_json(attack_dir(arm, seed) / f"{name}.json", result)
-    seconds = round(time.time() - started, 1)
-    record_run(f"{name}-{run_name(arm, seed)}", prov, setup.model, seconds=seconds)
-    return seconds
+def mean_correlation(correlations: list) -> float | None:
+    values = [c for c in correlations if c is not None]
+    return float(np.mean(values)) if values else None

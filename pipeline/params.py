@@ -186,18 +186,22 @@ class EvalParams:
 @dataclass(frozen=True)
 class UATParams:
     trigger_length: int = at_least(1)
-    iterations: int = at_least(1)
+    iterations: int = at_least(1)         # hard step cap per restart
     restarts: int = at_least(1)
+    patience: int = at_least(1)           # a restart ends after this many steps in a row without improvement
     topk: int = at_least(1)
     candidates_per_step: int = at_least(1)
     batch_size: int = at_least(1)
+    placement: str = choice("prefix", "before_continuation")
 
 
 @dataclass(frozen=True)
 class HotFlipParams:
-    flips: int = at_least(1)
+    flips: int = at_least(1)              # edit budget: prompt positions that may differ from the original
+    steps: int = at_least(1)              # hard step cap (a step may revisit a changed position)
+    patience: int = at_least(1)           # an example stops after this many steps in a row without improvement
     topk: int = at_least(1)
-    candidates_per_flip: int = at_least(1)
+    candidates_per_flip: int = at_least(1)   # candidates scored per example and step
 
 
 @dataclass(frozen=True)
@@ -390,10 +394,16 @@ def _check_consistency(p: Params) -> None:
     if a.uat.candidates_per_step > a.uat.trigger_length * a.uat.topk:
         raise ParamsError("attack.uat.candidates_per_step", a.uat.candidates_per_step,
                           f"at most trigger_length x topk ({a.uat.trigger_length * a.uat.topk})")
-    pool = (a.prompt_tokens - a.hotflip.flips + 1) * a.hotflip.topk
+    pool = a.prompt_tokens * a.hotflip.topk
     if a.hotflip.candidates_per_flip > pool:
         raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
-                          f"at most (prompt_tokens - flips + 1) x topk ({pool})")
+                          f"at most prompt_tokens x topk ({pool})")
+    for section in ("uat", "hotflip"):
+        s = getattr(a, section)
+        cap = s.iterations if section == "uat" else s.steps
+        if s.patience > cap:
+            raise ParamsError(f"attack.{section}.patience", s.patience,
+                              f"at most the step cap attack.{section}.{'iterations' if section == 'uat' else 'steps'} ({cap})")
 
     _check_benchmarks(p.benchmarks)
 

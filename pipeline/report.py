@@ -182,6 +182,21 @@ def transfer_table(matrix: dict) -> str:
     return "\n".join(rows)
 
 
+def optimizer_differences(summary: dict) -> list[str]:
+    """Every optimizer setting in which the monotonic arm's recovery differs from the baseline's: train keys
+    that differ, and the constrained group (V) against the baseline's weights of the same layers (W)."""
+    seed = summary["seeds"][0]
+    b, m = (summary["arms"][arm]["train"][seed]["train"] for arm in ("baseline", "monotonic"))
+    out = [f"`train.{k}` {b[k]} (baseline) vs {m[k]} (monotonic)" for k in b
+           if k != "arm_overrides" and b[k] != m.get(k)]
+    if m["constrained_weight_decay"] != b["weight_decay"]:
+        out.append(f"weight decay {m['constrained_weight_decay']:g} on the constrained V tensors, {b['weight_decay']:g} "
+                   "on the baseline's W of the same layers (decay on V would pull W toward softplus(0) = 0.69, not 0)")
+    if m["constrained_lr_multiplier"] * m["lr"] != b["lr"]:
+        out.append(f"learning rate {m['constrained_lr_multiplier'] * m['lr']:g} for V, {b['lr']:g} for the baseline's W")
+    return out
+
+
 def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
@@ -199,6 +214,10 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
         lines += ["> **WARNING: the arms were NOT trained with identical budgets.** Per-arm overrides in params: "
                   + "; ".join(f"{arm}: {next(v for v in o.values() if v)}" for arm, o in overridden.items())
                   + ". Differences below confound the constraint with these settings.", ""]
+    differences = optimizer_differences(summary)
+    if differences:
+        lines += ["> **Optimizer differences between the trained arms** (same data, token budget and schedule "
+                  "otherwise): " + "; ".join(differences) + ".", ""]
     lines += ["## Main table", "", main_table(summary), "",
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",

@@ -17,6 +17,7 @@ from conftest import run_stage
 from pipeline import attacks as A
 from pipeline import data as D
 from pipeline.models import save_causal_lm, tiny_gpt_neox
+from pipeline.stages import attack as S
 
 ARMS_HERE = ("pretrained", "monotonic_init")
 
@@ -64,7 +65,7 @@ def trained_workspace(smoke_workspace, tmp_path_factory):
 @pytest.fixture
 def smoke_setup(smoke_workspace, smoke_params, monkeypatch):
     monkeypatch.chdir(smoke_workspace)
-    return A.load_setup(smoke_params, "pretrained", 0)
+    return S.load_setup(smoke_params, "pretrained", 0)
 
 
 # --- examples and candidates ----------------------------------------------------------------------------
@@ -106,8 +107,9 @@ def test_candidates_exclude_special_and_padded_rows(smoke_workspace, smoke_param
     assert torch.isneginf(scores[:, :, banned]).all()
     assert torch.isneginf(scores.gather(2, tokens[:, :5].unsqueeze(2))).all()     # no-op "flips" excluded
     assert torch.isfinite(scores[:, :, ids]).sum() == 3 * 5 * (len(ids) - 1)
-    found = A.hotflip_search(scorer, tokens, scorer.nll(tokens, count=False), 5, ids, flips=2, topk=4,
-                             candidates_per_flip=6, gen=torch.Generator().manual_seed(0), guided=True)
+    hotflip = dataclasses.replace(smoke_params.attack.hotflip, flips=2, topk=4, candidates_per_flip=6)
+    found = A.hotflip_search(scorer, tokens, scorer.nll(tokens, count=False), prompt_tokens=5, candidates=ids,
+                             hotflip=hotflip, gen=torch.Generator().manual_seed(0), guided=True)
     new_ids = [new for flips in found["flips"] for _, _, new in flips]
     assert new_ids and set(new_ids) <= set(ids.tolist())
 
@@ -152,11 +154,29 @@ def test_flip_scores_are_the_first_order_loss_change(smoke_setup, smoke_params):
     assert scorer.backward_passes == 2 and scorer.forward_passes == 0
 
 
+def test_trigger_placement_before_the_continuation(smoke_setup, smoke_params):
+    """The trigger sits between prompt and continuation, and the loss stays on the continuation only."""
+    a = smoke_params.attack
+    tokens = smoke_setup.eval.tokens[:3]
+    trigger = smoke_setup.candidates[:2]
+    at = A.trigger_offset("before_continuation", a.prompt_tokens)
+    ids = A.with_trigger(trigger, tokens, at)
+    assert torch.equal(ids[:, :at], tokens[:, :at]) and torch.equal(ids[:, at:at + 2], trigger.expand(3, -1))
+    assert torch.equal(ids[:, at + 2:], tokens[:, at:])
+    assert torch.equal(A._triggered_batch(trigger.unsqueeze(0), tokens, at), ids)
+    scorer = A.Scorer(smoke_setup.model, a.continuation_tokens, 8, smoke_setup.candidates)
+    logits = smoke_setup.model(input_ids=ids).logits
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    assert torch.allclose(scorer.nll(ids), per_token[:, -a.continuation_tokens:].mean(dim=1).double(), atol=1e-5)
+
+
 # --- attacks against controls ---------------------------------------------------------------------------
 
 ACCEPTANCE = {"eval_examples": 24, "opt_examples": 8, "prompt_tokens": 4,
-              "uat": {"trigger_length": 2, "iterations": 3, "restarts": 1, "topk": 4, "candidates_per_step": 8},
-              "hotflip": {"flips": 2, "topk": 4, "candidates_per_flip": 6}}
+              "uat": {"trigger_length": 2, "iterations": 4, "restarts": 1, "patience": 2, "topk": 8,
+                      "candidates_per_step": 16},
+              "hotflip": {"flips": 2, "steps": 4, "patience": 2, "topk": 8, "candidates_per_flip": 16}}
+METHODS = ("gradient", "random", "greedy")
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +185,9 @@ def acceptance_runs(trained_workspace, smoke_params):
     cwd = os.getcwd()
     os.chdir(trained_workspace)
     try:
-        setup = A.load_setup(params, "pretrained", 0)
-        runs = {(kind, method): run(setup, params.attack, 0, method)
-                for kind, run in (("uat", A.run_uat), ("hotflip", A.run_hotflip))
-                for method in ("gradient", "random", "greedy")}
+        setup = S.load_setup(params, "pretrained", 0)
+        runs = {(kind, method): S.RUNNERS[kind](setup, params.attack, 0, method)
+                for kind in S.RUNNERS for method in METHODS}
     finally:
         os.chdir(cwd)
     return setup, params, runs
@@ -178,7 +197,8 @@ def test_gradient_attacks_beat_random_controls_at_equal_budget(acceptance_runs):
     _, _, runs = acceptance_runs
     for kind in ("uat", "hotflip"):
         gradient, random = runs[kind, "gradient"]["summary"], runs[kind, "random"]["summary"]
-        assert gradient["budget"]["forward_passes"] == random["budget"]["forward_passes"] > 0
+        assert gradient["budget_limit"]["forward_passes"] == random["budget_limit"]["forward_passes"] \
+            == random["budget"]["forward_passes"] >= gradient["budget"]["forward_passes"] > 0
         assert gradient["abs_increase"] >= random["abs_increase"] + 0.15, (kind, gradient, random)
         assert gradient["abs_increase"] >= 1.3 * random["abs_increase"], kind
     wins = [g["abs_increase"] > r["abs_increase"] for g, r in
@@ -186,18 +206,29 @@ def test_gradient_attacks_beat_random_controls_at_equal_budget(acceptance_runs):
     assert np.mean(wins) > 0.6
 
 
-def test_budgets_are_equal_and_follow_params(acceptance_runs):
+def test_budgets_follow_params_and_count_the_passes_used(acceptance_runs):
     setup, params, runs = acceptance_runs
     u, h = params.attack.uat, params.attack.hotflip
     n_opt, n_eval = len(setup.opt.ids), len(setup.eval.ids)
-    uat_forward = u.restarts * n_opt * (1 + u.iterations * u.candidates_per_step)
-    hotflip_forward = n_eval * h.flips * h.candidates_per_flip
-    for method in ("gradient", "random", "greedy"):
-        backward = method == "gradient"
+    uat_cap = u.restarts * n_opt * (1 + u.iterations * u.candidates_per_step)
+    hotflip_cap = n_eval * h.steps * h.candidates_per_flip
+    for method in METHODS:
+        gradient = method == "gradient"
+        assert runs["uat", method]["summary"]["budget_limit"] == {
+            "forward_passes": uat_cap, "backward_passes": u.restarts * u.iterations * n_opt if gradient else 0}
+        assert runs["hotflip", method]["summary"]["budget_limit"] == {
+            "forward_passes": hotflip_cap, "backward_passes": h.steps * n_eval if gradient else 0}
+        for kind in S.RUNNERS:   # the curve ends at the passes used
+            r = runs[kind, method]
+            assert r["budget_curve"][-1][0] == r["summary"]["budget"]["forward_passes"]
+    for method in ("gradient", "greedy"):   # UAT: exact counts from the steps each restart took
+        steps = sum(len(r["trace"]) - 1 for r in runs["uat", method]["restarts"])
+        assert all(len(r["trace"]) - 1 <= u.iterations for r in runs["uat", method]["restarts"])
         assert runs["uat", method]["summary"]["budget"] == {
-            "forward_passes": uat_forward, "backward_passes": u.restarts * u.iterations * n_opt if backward else 0}
-        assert runs["hotflip", method]["summary"]["budget"] == {
-            "forward_passes": hotflip_forward, "backward_passes": h.flips * n_eval if backward else 0}
+            "forward_passes": n_opt * (u.restarts + steps * u.candidates_per_step),
+            "backward_passes": n_opt * steps if method == "gradient" else 0}
+    hotflip = runs["hotflip", "gradient"]["summary"]["budget"]
+    assert hotflip["backward_passes"] <= h.steps * n_eval and hotflip["forward_passes"] <= hotflip_cap
 
 
 def test_per_example_results_line_up_with_the_evaluation_split(acceptance_runs):
@@ -233,13 +264,133 @@ def test_per_example_results_line_up_with_the_evaluation_split(acceptance_runs):
                                   atol=1e-6)
 
 
+def test_hotflip_revisits_positions_within_its_edit_budget(acceptance_runs):
+    """With more steps than flips, some example changes a position twice (the budget is positions, not steps)."""
+    setup, params, runs = acceptance_runs
+    h = params.attack.hotflip
+    a = dataclasses.replace(params.attack, hotflip=dataclasses.replace(h, flips=1, steps=6, patience=6))
+    result = S.run_hotflip(setup, a, 0, "gradient")
+    assert all(len(r["flips"]) <= 1 for r in result["examples"])
+    single = S.run_hotflip(setup, dataclasses.replace(a, hotflip=dataclasses.replace(a.hotflip, steps=1)), 0, "gradient")
+    assert result["summary"]["abs_increase"] > single["summary"]["abs_increase"]
+
+
 def test_same_seed_same_trigger(acceptance_runs):
     setup, params, runs = acceptance_runs
-    again = A.run_uat(setup, params.attack, 0, "gradient")
+    again = S.run_uat(setup, params.attack, 0, "gradient")
     assert again["trigger_ids"] == runs["uat", "gradient"]["trigger_ids"]
     assert again["restarts"] == runs["uat", "gradient"]["restarts"]
-    other = A.run_uat(setup, params.attack, 1, "gradient")
+    other = S.run_uat(setup, params.attack, 1, "gradient")
     assert other["restarts"][0]["trace"] != again["restarts"][0]["trace"]   # a different random start
+
+
+def test_diagnostics_and_worst_case(acceptance_runs, smoke_params):
+    """Gradient vs greedy read from the curves at an equal forward count; the rank correlation of
+    first-order scores and true loss changes is a Spearman correlation; the worst case is at least every
+    method."""
+    from pipeline.stages.transfer import worst_case
+
+    setup, params, runs = acceptance_runs
+    diag = S.diagnostics(runs)
+    for kind in S.RUNNERS:
+        d = diag[kind]["gradient_vs_greedy"]
+        assert d["forward_passes"] <= min(runs[kind, m]["summary"]["budget"]["forward_passes"] for m in ("gradient", "greedy"))
+        assert d["gradient"] == A.curve_at(runs[kind, "gradient"]["budget_curve"], d["forward_passes"])
+        assert -1 <= diag[kind]["first_order_rank_correlation"] <= 1
+        curves = diag[kind]["budget_curves"]
+        assert all(np.diff([v for v in curves["gradient"] if v is not None]) >= 0)   # best so far
+    assert A.rank_correlation(torch.tensor([1., 2, 3, 4]), torch.tensor([10., 20, 30, 45])) == pytest.approx(1)
+    assert A.rank_correlation(torch.tensor([1., 2, 3, 4]), torch.tensor([4., 3, 2, 1])) == pytest.approx(-1)
+    attacked = {m: torch.tensor([r["attacked_nll"] for r in runs["hotflip", m]["examples"]], dtype=torch.float64)
+                for m in METHODS}
+    worst = worst_case(params, setup, attacked)
+    for m in METHODS:
+        for w, r in zip(worst["examples"], runs["hotflip", m]["examples"]):
+            assert w["abs_increase"] >= r["abs_increase"] - 1e-12
+        assert worst["summary"]["abs_increase"] >= worst["methods"][m] - 1e-12
+    assert {w["worst_method"] for w in worst["examples"]} <= set(METHODS)
+
+
+# --- exhaustive oracles ------------------------------------------------------------------------------
+
+def default_budget_params(params, **changes):
+    """The embedded profile's search budgets (topk, candidates, steps, patience) on these examples."""
+    from pipeline import params as P
+
+    emb = P.load(P.profile_path("embedded")).attack
+    return attack_params(params, eval_examples=8, opt_examples=8, prompt_tokens=4,
+                         uat={**dataclasses.asdict(emb.uat), "batch_size": 64, **changes.get("uat", {})},
+                         hotflip={**dataclasses.asdict(emb.hotflip), **changes.get("hotflip", {})})
+
+
+@pytest.mark.slow
+def test_single_flip_search_reaches_the_oracle(trained_workspace, smoke_params, monkeypatch):
+    """Gradient HotFlip with one flip at the default budget reaches >= 0.9 of the best single flip's mean
+    NLL increase, found by scoring every prompt position x every candidate."""
+    monkeypatch.chdir(trained_workspace)
+    params = default_budget_params(smoke_params, hotflip={"flips": 1})
+    a = params.attack
+    setup = S.load_setup(params, "pretrained", 0)
+    scorer = A.Scorer(setup.model, a.continuation_tokens, 256, setup.candidates)
+    oracle = A.oracle_single_flip(scorer, setup.eval.tokens, prompt_tokens=a.prompt_tokens, candidates=setup.candidates)
+    assert scorer.forward_passes == len(setup.eval.ids) * a.prompt_tokens * len(setup.candidates)
+    best = (oracle["nll"] - setup.clean_nll).mean().item()
+    found = S.run_hotflip(setup, a, 0, "gradient")["summary"]["abs_increase"]
+    assert best > 0 and found <= best + 1e-9
+    assert found >= 0.9 * best, (found, best)
+
+
+def test_one_token_trigger_search_reaches_the_oracle(trained_workspace, smoke_params, monkeypatch):
+    """One-token UAT at the default budget reaches >= 0.95 of the best one-token trigger's increase of the
+    optimisation objective (every candidate scored)."""
+    monkeypatch.chdir(trained_workspace)
+    params = default_budget_params(smoke_params, uat={"trigger_length": 1})
+    a = params.attack
+    setup = S.load_setup(params, "pretrained", 0)
+    scorer = A.Scorer(setup.model, a.continuation_tokens, 256, setup.candidates)
+    at = A.trigger_offset(a.uat.placement, a.prompt_tokens)
+    oracle = A.oracle_trigger(scorer, setup.opt.tokens, candidates=setup.candidates, at=at)
+    clean = scorer.nll(setup.opt.tokens, count=False).mean().item()
+    result = S.run_uat(setup, a, 0, "gradient")
+    assert result["opt_nll"] <= oracle["opt_nll"] + 1e-9
+    assert result["opt_nll"] - clean >= 0.95 * (oracle["opt_nll"] - clean), (result["opt_nll"], oracle, clean)
+
+
+# --- resumable searches -------------------------------------------------------------------------------
+
+def stop_after(k: int):
+    calls = iter(range(10 ** 9))
+    return lambda: next(calls) >= k
+
+
+@pytest.mark.parametrize("kind", ["uat", "hotflip"])
+def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind):
+    setup, params, runs = acceptance_runs
+    store = A.StateStore(tmp_path / "state.pt")
+    with pytest.raises(A.SearchStopped):
+        S.RUNNERS[kind](setup, params.attack, 0, "gradient", should_stop=stop_after(3), store=store)
+    assert store.path.exists()
+    resumed = S.RUNNERS[kind](setup, params.attack, 0, "gradient", store=store)
+    assert resumed == runs[kind, "gradient"]          # results, budgets, curves, correlations: all equal
+
+
+def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs, tmp_path, monkeypatch):
+    """attack(): a stop mid-way keeps finished methods' results and the stopped search's state under the
+    fingerprint directory; the rerun computes only the rest and writes what an uninterrupted run writes."""
+    setup, params, runs = acceptance_runs
+    monkeypatch.chdir(tmp_path)
+    cache = S.cache_for(params, setup, "pretrained", 0)
+    with pytest.raises(A.SearchStopped):
+        S.attack(params, setup, "pretrained", 0, should_stop=stop_after(8))
+    assert cache.result("uat-gradient") == runs["uat", "gradient"] and cache.store("hotflip-gradient").path.exists()
+    S.attack(params, setup, "pretrained", 0)
+    assert not cache.root.exists()
+    written = json.loads((tmp_path / "outputs/attacks/pretrained-s0/controls.json").read_text())
+    assert written["greedy"]["hotflip"]["examples"] == runs["hotflip", "greedy"]["examples"]
+    hotflip = json.loads((tmp_path / "outputs/attacks/pretrained-s0/hotflip.json").read_text())
+    assert hotflip["summary"] == runs["hotflip", "gradient"]["summary"]
+    other = dataclasses.replace(params, attack=dataclasses.replace(params.attack, eval_examples=8))
+    assert S.fingerprint(other, setup, "pretrained", 0) != cache.root.name
 
 
 # --- stages -------------------------------------------------------------------------------------------
@@ -249,7 +400,7 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
     ws = workspace_copy
     assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # as dvc.yaml's assess-ref
     outputs = {"evaluate": "eval/{run}/metrics.json", **{name: f"attacks/{{run}}/{name}.json"
-                                                         for name in ("uat", "hotflip", "controls")}}
+                                                         for name in ("uat", "hotflip", "controls", "diagnostics")}}
 
     def read(arm):
         return {name: json.loads((ws / "outputs" / path.format(run=f"{arm}-s0")).read_text())
@@ -257,14 +408,14 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
 
     results = {arm: read(arm) for arm in ARMS_HERE}
     # `assess` (the dvc.yaml stage) writes exactly what its steps write when each runs as its own subcommand
-    for step in outputs:
+    for step in ("evaluate", "uat", "hotflip", "controls"):
         assert run_stage(ws, step, "--arm", ARMS_HERE[-1], "--seed", "0") == 0, step
     one_by_one = read(ARMS_HERE[-1])
     for step in outputs:
         assert one_by_one[step] == results[ARMS_HERE[-1]][step], step    # hash-stable: equal as a whole
         assert (ws / f"outputs/runs/{step}-{ARMS_HERE[-1]}-s0.json").is_file()   # seconds, host: the run record
     shape = {"clean_nll", "attacked_nll", "abs_increase", "rel_increase", "success_rate_abs",
-             "success_rate_rel", "examples", "budget"}
+             "success_rate_rel", "examples", "budget", "budget_limit"}
     ids = [r["id"] for r in results["pretrained"]["uat"]["examples"]]
     for arm, res in results.items():
         attacks = [res["uat"], res["hotflip"]] + [res["controls"][m][k] for m in ("random", "greedy")
@@ -273,12 +424,12 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
             assert shape <= set(result["summary"]) and [r["id"] for r in result["examples"]] == ids
         for name in ("uat", "hotflip"):
             assert res[name]["provenance"]["params_hash"] == smoke_params.hash()
-            assert {res["controls"][m][name]["summary"]["budget"]["forward_passes"] for m in ("random", "greedy")} \
-                == {res[name]["summary"]["budget"]["forward_passes"]}
+            assert {res["controls"][m][name]["summary"]["budget_limit"]["forward_passes"] for m in ("random", "greedy")} \
+                == {res[name]["summary"]["budget_limit"]["forward_passes"]}
         assert res["uat"]["model_meta"]["arm"] == arm and "trigger_text" in res["uat"]
     assert results["monotonic_init"]["uat"]["model_meta"]["variant"] == smoke_params.monotonic.variant
-    # the same budget for every arm
-    assert results["pretrained"]["uat"]["summary"]["budget"] == results["monotonic_init"]["uat"]["summary"]["budget"]
+    # the same hard budget for every arm
+    assert results["pretrained"]["uat"]["summary"]["budget_limit"] == results["monotonic_init"]["uat"]["summary"]["budget_limit"]
 
     from pipeline.stages.transfer import transfer_matrix
 
@@ -288,6 +439,13 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
         for arm in ARMS_HERE:
             assert matrix[name]["abs_increase"][arm][arm] == pytest.approx(
                 results[arm][name]["summary"]["abs_increase"], abs=1e-6)
+            worst = matrix["worst_case"][name][arm]
+            columns = {"gradient": results[arm][name], **{m: results[arm]["controls"][m][name] for m in ("random", "greedy")}}
+            assert set(worst["methods"]) == {*columns, *(f"transfer_from_{o}" for o in ARMS_HERE if o != arm)}
+            for method, res in columns.items():   # the worst-case column is at least every method's column
+                assert all(w["abs_increase"] >= r["abs_increase"] - 1e-12
+                           for w, r in zip(worst["examples"], res["examples"]))
+                assert worst["summary"]["abs_increase"] >= res["summary"]["abs_increase"] - 1e-12
         assert set(matrix[name]["abs_increase"]["pretrained"]) == set(ARMS_HERE)
 
 
@@ -302,12 +460,15 @@ def test_monotonic_arm_with_another_variant_fails_loudly(smoke_workspace, smoke_
     assert meta["variant"] == smoke_params.monotonic.variant
 
 
-@pytest.mark.parametrize("section,key", [("uat", "candidates_per_step"), ("hotflip", "candidates_per_flip")])
-def test_candidate_batch_larger_than_gradient_pool_is_refused_by_the_params_loader(smoke_params, section, key):
-    """check-params refuses it, as every stage would (one validator, before any compute)."""
+@pytest.mark.parametrize("section,key,value", [("uat", "candidates_per_step", 10 ** 4),
+                                               ("hotflip", "candidates_per_flip", 10 ** 4),
+                                               ("uat", "patience", 10 ** 4), ("hotflip", "patience", 10 ** 4),
+                                               ("uat", "placement", "suffix")])
+def test_bad_search_params_are_refused_by_the_params_loader(smoke_params, section, key, value):
+    """check-params refuses them, as every stage would (one validator, before any compute)."""
     from pipeline.params import ParamsError, validate
 
     raw = smoke_params.to_dict()
-    raw["attack"][section][key] = 10 ** 4
+    raw["attack"][section][key] = value
     with pytest.raises(ParamsError, match=key):
         validate(raw)

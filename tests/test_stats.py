@@ -202,7 +202,9 @@ def _loaded(seeds, rng):
                 | {"provenance": {"params_hash": "h"}}}
             if arm in TRAINED_ARMS:
                 runs[arm][s]["train"] = {"overrides": {}, "validation_perplexity": 50.0, "steps": 10,
-                                         "tokens_seen": 1000, "update_norm_total": {"W": 1.0}}
+                                         "tokens_seen": 1000, "update_norm_total": {"W": 1.0},
+                                         "train": {"lr": 1e-3, "weight_decay": 0.1, "constrained_weight_decay": 0.0,
+                                                   "constrained_lr_multiplier": 1.0, "arm_overrides": {}}}
     transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
                     for a in ("uat", "hotflip")} for s in seeds}
     right = rng.random(40) < 0.4                             # benchmark items: monotonic gets 10 of them wrong
@@ -234,6 +236,8 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
                            [])
     assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
     assert f"Family: all {len(family)} paired tests" in text
+    assert "Optimizer differences between the trained arms" in text and "weight decay 0 on the constrained V" in text
+    assert "learning rate" not in text.split("Optimizer differences")[1].split("\n")[0]      # same lr for V and W
     bench = summary["benchmarks"]["pipeline_lastword"]
     lost = -sum(bool(r) for r in _loaded(seeds, np.random.default_rng(0))["benchmarks"]["baseline"][0][
         "pipeline_lastword"]["items"][:10] if r["acc"]) / 40
