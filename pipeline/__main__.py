@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
     try:
         return module.run(params, args) or 0
-    except params_mod.InputError as exc:   # e.g. a pinned hub file missing or damaged, found before any compute
+    except (params_mod.InputError, params_mod.ParamsError) as exc:
+        # found before any compute: a pinned hub file missing or damaged, a value that does not fit the job
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -1,14 +1,16 @@
 """The one training loop, shared by the embedded pretraining and the recovery training of both arms.
 
 Built on HF accelerate, so the same code runs on CPU, one GPU, or several processes and nodes
-(`accelerate launch --multi_gpu --num_processes N -m pipeline train ...`; on CPU `torchrun` with
-ACCELERATE_USE_CPU=true gives gloo). Data-parallel (DDP) only: every process holds the whole model.
+(the train stage re-launches itself as $PIPELINE_TRAIN_PROCESSES workers: pipeline/launch.py; torchrun
+or `accelerate launch` work too; on CPU ACCELERATE_USE_CPU=true gives gloo). Data-parallel (DDP) only:
+every process holds the whole model.
 
 Data: each optimizer step consumes one fixed window of the seeded stream of packed training windows,
 positions [step * G, (step + 1) * G) of PackedSequences.sequence_ids(seed, ...), where the global batch
-G = batch_size * grad_accum * processes. Process r's micro-batch m starts at step * G + (m * P + r) *
+G = batch_size * grad_accum whatever the number of processes P: each process accumulates grad_accum / P
+micro-batches (pipeline/launch.py), and process r's micro-batch m starts at step * G + (m * P + r) *
 batch_size. The data of a step is therefore a function of (seed, step) alone: resume needs no replay,
-and any process count with the same global batch sees the same sequences.
+and any process count sees the same sequences (a run may even resume under another P).
 
 Numerics: master weights stay fp32 (checked); bf16 is autocast for compute only (precision auto: on a
 CUDA device that supports it). Per logged step the actual update norm of every parameter group is
@@ -23,10 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
+import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,8 +44,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoints as ckpt
-from .params import TrainParams
 from .io import staged_dir
+from .params import ParamsError, TrainParams
 from .stopping import REQUEUE_EXIT_CODE, StopRequests  # noqa: F401  (REQUEUE_EXIT_CODE: re-exported)
 
 GROUPS = ("decay", "no_decay", "constrained")
@@ -122,6 +127,17 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def accumulation_per_process(grad_accum: int, processes: int) -> int:
+    """The global batch is batch_size x grad_accum whatever the process count, so each process accumulates
+    grad_accum / processes micro-batches; fails before any compute when that does not divide."""
+    if grad_accum % processes:
+        raise ParamsError("train.grad_accum", grad_accum,
+                          f"a multiple of the {processes} training processes (the global batch batch_size x "
+                          f"grad_accum is split across them), or fewer processes ($PIPELINE_TRAIN_PROCESSES, "
+                          "slurm/resources.ini)")
+    return grad_accum // processes
+
+
 def run_fingerprint(identity: dict, tp: TrainParams, global_batch: int) -> str:
     """Everything that determines the weights a run produces; checkpoints live under it, so changed
     params or code can never resume another configuration's state."""
@@ -186,11 +202,13 @@ class Run:
     state: TrainState
     seed: int
     seq_len: int
-    global_batch: int
+    global_batch: int               # batch_size * grad_accum, whatever the process count
+    accumulation: int               # micro-batches per process and step: grad_accum / processes
     fingerprint: str
     root: Path | None               # checkpoint directory; None: no checkpoints, no early stops
     precision: str
     desc: str
+    owner: object = None            # the main process's claim on the run (claim_run), held until it exits
     started: float = field(default_factory=time.time)
     wall_at_start: float = 0.0
     steps_at_start: int = 0
@@ -215,6 +233,27 @@ def build_optimizer(model, tp: TrainParams, constrained: Sequence[nn.Parameter])
         [{"params": [p for _, p in members], "name": g, **settings[g]} for g, members in groups.items()],
         lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2))
     return optimizer, groups, [settings[g]["lr"] for g in groups]
+
+
+def claim_run(root: Path, desc: str):
+    """One process trains a run (writes its checkpoint directory) at a time: an exclusive lock on
+    <root>.owner, which names the holder (SLURM job, host, pid) and is released when the holder exits, however
+    it ends. A second job training the same run (two variations sharing it) waits, then resumes from the
+    first one's checkpoints. Returns the open file, which holds the lock."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(root.parent / f"{root.name}.owner", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        print(f"{desc}: the checkpoint directory {root} is in use by {handle.read().strip() or 'another process'}; "
+              "waiting for it to finish, then resuming from its checkpoints", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"job {os.environ.get('SLURM_JOB_ID', 'none')} on {socket.gethostname()}, pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def find_checkpoint(accelerator, root: Path | None, fingerprint: str, desc: str) -> Path | None:
@@ -252,7 +291,8 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
                          f"got {len(not_fp32)} non-fp32 parameters, e.g. {not_fp32[0]}")
     precision = mixed_precision(tp.precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    global_batch = tp.batch_size * tp.grad_accum * accelerator.num_processes
+    accumulation = accumulation_per_process(tp.grad_accum, accelerator.num_processes)
+    global_batch = tp.batch_size * tp.grad_accum
     fingerprint = run_fingerprint(identity or {}, tp, global_batch)
     root = checkpoint_base / fingerprint if checkpoint_base is not None else None
     if tp.gradient_checkpointing:
@@ -261,6 +301,7 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
     model.to(accelerator.device)
     optimizer, groups, base_lrs = build_optimizer(model, tp, constrained)
     state = TrainState(update_norm_sum={g: 0.0 for g in groups})
+    owner = claim_run(root, desc) if root is not None and accelerator.is_main_process else None
     resumed = find_checkpoint(accelerator, root, fingerprint, desc)
     if resumed is not None:
         state, position = load_checkpoint(resumed, model, optimizer)
@@ -274,8 +315,8 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
         print(f"WARNING: {resumed} has no RNG state for process {accelerator.process_index} (process count "
               "changed); its RNG streams continue from the seeding of this run", file=sys.stderr, flush=True)
     return Run(tp, accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, groups, base_lrs, state,
-               seed, seq_len, global_batch, fingerprint, root, precision, desc,
-               wall_at_start=state.wall_seconds, steps_at_start=state.step)
+               seed, seq_len, global_batch, accumulation, fingerprint, root, precision, desc,
+               owner=owner, wall_at_start=state.wall_seconds, steps_at_start=state.step)
 
 
 def train_step(run: Run, train_data) -> dict | None:
@@ -288,12 +329,12 @@ def train_step(run: Run, train_data) -> dict | None:
         group["lr"] = base * factor
     run.model.train()
     loss_sum = torch.zeros((), device=acc.device)
-    for micro in range(tp.grad_accum):
+    for micro in range(run.accumulation):
         start = step * run.global_batch + (micro * acc.num_processes + acc.process_index) * tp.batch_size
         batch = torch.from_numpy(train_data.batch(train_data.sequence_ids(run.seed, start, tp.batch_size)))
-        with contextlib.nullcontext() if micro == tp.grad_accum - 1 else acc.no_sync(run.model):
+        with contextlib.nullcontext() if micro == run.accumulation - 1 else acc.no_sync(run.model):
             loss = lm_loss(run.model, batch.to(acc.device))
-            acc.backward(loss / tp.grad_accum)
+            acc.backward(loss / run.accumulation)
         loss_sum += loss.detach()
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), tp.grad_clip if tp.grad_clip > 0 else math.inf)
     logged = (step + 1) % tp.log_interval == 0 or step + 1 == tp.max_steps
@@ -307,7 +348,7 @@ def train_step(run: Run, train_data) -> dict | None:
     norms = update_norms(before, params)
     for g, n in norms.items():
         state.update_norm_sum[g] += n
-    return {"step": state.step, "loss": float(acc.reduce(loss_sum / tp.grad_accum, reduction="mean")),
+    return {"step": state.step, "loss": float(acc.reduce(loss_sum / run.accumulation, reduction="mean")),
             "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
             **{f"update_norm_{g}": n for g, n in norms.items()}}
 

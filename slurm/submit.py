@@ -4,6 +4,7 @@ from dvc.yaml's DAG, so independent stages (the arms, the seeds) run in parallel
 that records every finished stage in the main workspace's dvc.lock.
 
   python slurm/submit.py submit [--seed S]... [--stage NAME]... [--mode container|host] [--dry-run]
+  python slurm/submit.py submit -S train.lr=3e-4 [--name lr3e-4]   a variation, recorded as a DVC experiment
   python slurm/submit.py status [RUN_DIR]       state of every job of a run (default: the latest run)
   python slurm/submit.py dag                    the DAG as JSON (stages, upstream, up to date)
   python slurm/submit.py check-snapshot RUN_DIR the gather job's check that the workspace did not change
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +45,7 @@ UNCHECKED = re.compile(r"(^|/)(dvc\.lock|\.gitignore)$")   # DVC rewrites these;
 SEED_IN_CMD = re.compile(r"--seed[= ](\d+)\b")
 STOPPING = Path("pipeline") / "stopping.py"   # REQUEUE_EXIT_CODE, the stop protocol (standard library only)
 JOB_PREFIX = "pl:"
+VARIATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SIGNAL_LEAD_S = 600                       # slurm/stage.sbatch: #SBATCH --signal=B:USR1@600
 
 
@@ -84,7 +87,7 @@ def read_dag(workspace: Path) -> dict:
     import networkx as nx
     from dvc.repo import Repo
 
-    with Repo(str(workspace)) as repo:
+    with contextlib.chdir(workspace), Repo(str(workspace)) as repo:   # stage names are relative to the cwd
         graph = repo.index.graph          # edges point from a stage to the stages it depends on
         position = {stage: i for i, stage in enumerate(repo.index.stages)}   # dvc.yaml order among equals
         order = [s for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.get) if s.cmd]
@@ -101,10 +104,16 @@ def read_dag(workspace: Path) -> dict:
         return {"stages": stages, "outs": outs, "cache_dir": repo.cache.local_cache_dir}
 
 
-def load_dag(workspace: Path, mode: str, image: Path) -> dict:
+def has_dvc() -> bool:
     try:
         import dvc  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def load_dag(workspace: Path, mode: str, image: Path) -> dict:
+    if not has_dvc():
         if mode != "container":
             fail("host mode needs DVC in this Python: run the submitter with the project's environment")
         apptainer = shutil.which("apptainer") or shutil.which("singularity")
@@ -172,6 +181,18 @@ def file_digests(workspace: Path, outs: list[str]) -> dict[str, str]:
     return digests
 
 
+def copy_changes(workspace: Path, dest: Path, outs: list[str]) -> None:
+    """Make the checkout `dest` hold the workspace's uncommitted changes too (DVC outputs excepted)."""
+    for rel in run(["git", "ls-files", "-z", "--deleted"], cwd=workspace).split("\0"):
+        if rel:
+            (dest / rel).unlink(missing_ok=True)
+    for rel in snapshot_files(workspace, outs):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (dest / rel).is_symlink():
+            (dest / rel).unlink()
+        shutil.copy2(workspace / rel, dest / rel, follow_symlinks=False)
+
+
 def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Path) -> None:
     """run_dir/source: a git clone at the workspace's HEAD (so provenance records the commit) with the
     working tree's uncommitted changes copied over, DVC configured for the shared cache."""
@@ -183,14 +204,7 @@ def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Pat
         run(["git", "checkout", "--quiet", "--detach", head], cwd=source)
     else:
         run(["git", "init", "--quiet", str(source)])
-    for rel in run(["git", "ls-files", "-z", "--deleted"], cwd=workspace).split("\0"):
-        if rel:
-            (source / rel).unlink(missing_ok=True)
-    for rel in snapshot_files(workspace, dag["outs"]):
-        (source / rel).parent.mkdir(parents=True, exist_ok=True)
-        if (source / rel).is_symlink():
-            (source / rel).unlink()
-        shutil.copy2(workspace / rel, source / rel, follow_symlinks=False)
+    copy_changes(workspace, source, dag["outs"])
     (source / ".dvc" / "config.local").write_text(
         f"[cache]\n    dir = {dag['cache_dir']}\n    type = reflink,hardlink,copy\n")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +271,48 @@ def state_dir_for(workspace: Path) -> Path:
     return scratch / "pipeline-runs" / f"{workspace.name}-{key}"
 
 
+def variation_name(overrides: list[str], name: str | None) -> str:
+    name = name or "-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", o) for o in overrides)
+    if not VARIATION_NAME.fullmatch(name):
+        fail(f"--name {name!r}: letters, digits, '.', '_' and '-' only (it names a git ref and a directory)")
+    return name
+
+
+def make_variation(workspace: Path, state: Path, dag: dict, overrides: list[str], name: str) -> Path:
+    """A workspace of its own for one variation (state/variations/NAME): a clone of the workspace at HEAD
+    with its uncommitted changes, sharing its DVC cache and config, outputs checked out from the cache, then
+    params.yaml changed as `dvc exp run -S` changes it and validated. The main workspace is not touched."""
+    from dvc.utils.hydra import apply_overrides
+
+    variation = state / "variations" / name
+    if variation.exists():
+        fail(f"a variation named '{name}' was submitted before ({variation}); choose another --name "
+             "(or remove that directory when its jobs are gone)")
+    variation.parent.mkdir(parents=True, exist_ok=True)
+    run(["git", "clone", "--quiet", "--shared", str(workspace), str(variation)])
+    copy_changes(workspace, variation, dag["outs"])
+    local = workspace / ".dvc" / "config.local"
+    if local.exists():
+        shutil.copy2(local, variation / ".dvc" / "config.local")   # remotes
+    run([sys.executable, "-m", "dvc", "cache", "dir", "--local", dag["cache_dir"]], cwd=variation)
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=variation, capture_output=True)   # missing: those rerun
+    try:
+        apply_overrides(str(variation / "params.yaml"), overrides)
+    except Exception as exc:   # dvc's parser: not key=value, a list index out of range, ...
+        shutil.rmtree(variation)
+        fail(f"-S {' '.join(overrides)}: {exc}")
+    checked = ""
+    if (variation / "pipeline" / "__main__.py").exists():   # this project: its own params validation
+        check = subprocess.run([sys.executable, "-m", "pipeline", "check-params"], cwd=variation,
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            shutil.rmtree(variation)
+            fail(f"-S {' '.join(overrides)}: {check.stderr.strip() or check.stdout.strip()}")
+        checked = f" ({check.stdout.strip()})"
+    print(f"variation '{name}': {' '.join(overrides)} in {variation}{checked}")
+    return variation
+
+
 def submit(args) -> int:
     workspace = Path(run(["git", "rev-parse", "--show-toplevel"], cwd=args.workspace).strip()).resolve()
     if not (workspace / "dvc.yaml").exists():
@@ -269,6 +325,16 @@ def submit(args) -> int:
         fail(f"cannot read the resources file {args.resources}")
 
     dag = load_dag(workspace, args.mode, image)
+    state = Path(args.state_dir).resolve() if args.state_dir else state_dir_for(workspace)
+    experiment, origin = "", workspace
+    if args.set:
+        if args.mode == "container" and not has_dvc():
+            fail("-S needs DVC in this Python (the project's environment) to change and validate params.yaml")
+        experiment = variation_name(args.set, args.name)
+        workspace = make_variation(workspace, state, dag, args.set, experiment)
+        dag = read_dag(workspace)
+    elif args.name:
+        fail("--name names a variation: use it with -S KEY=VALUE")
     if os.environ.get("SCRATCH") and Path(dag["cache_dir"]).is_relative_to(workspace):
         print(f"note: the DVC cache {dag['cache_dir']} is inside the workspace; to put it on scratch:\n"
               f"  dvc cache dir --local \"$SCRATCH/dvc-cache\"")
@@ -285,7 +351,6 @@ def submit(args) -> int:
         if stage["uncached_out"]:
             print(f"warning: {stage['name']}: output {stage['uncached_out']} has cache: false, so DVC's run-cache "
                   "skips this stage and the gather job runs it again (make the output cached to avoid that)")
-    state = Path(args.state_dir).resolve() if args.state_dir else state_dir_for(workspace)
     runs = state / "runs"
     if args.dry_run:
         run_dir = runs / "NEW-RUN"
@@ -295,7 +360,8 @@ def submit(args) -> int:
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace)}
+           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace), "PIPELINE_DVC_REMOTE": args.remote or "",
+           "PIPELINE_EXPERIMENT": experiment}
     if any("," in str(v) for v in env.values()):
         fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
     meta = {"workspace": str(workspace), "run_dir": str(run_dir), "mode": args.mode, "jobs": []}
@@ -337,8 +403,12 @@ def submit(args) -> int:
         after = [u for u in dag_upstream(dag, name) if u in job_ids]
         print(f"  {name:<{width}}  {job_ids[name]:>8}" + (f"  after {', '.join(after)}" if after else ""))
     print(f"  {'gather':<{width}}  {gather:>8}  after all, writes dvc.lock in {workspace}")
+    if experiment:
+        print(f"  then records the experiment '{experiment}' in {origin}: dvc exp show")
     if not args.dry_run:
         print(f"status: python slurm/submit.py status {run_dir}")
+    elif experiment:
+        shutil.rmtree(workspace)   # a dry run leaves no variation behind
     return 0
 
 
@@ -406,6 +476,13 @@ def main(argv=None) -> int:
     p.add_argument("--state-dir", help="runs and checkpoints (default: $SCRATCH/pipeline-runs/<workspace>-<hash>)")
     p.add_argument("--workspace", default=".", help="the DVC workspace (default: the current git repository)")
     p.add_argument("--force", action="store_true", help="submit stages even when up to date")
+    p.add_argument("-S", "--set-param", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a variation (repeatable): params.yaml with KEY=VALUE, as `dvc exp run -S`, in a workspace of "
+                   "its own; only the stages it invalidates are submitted, and the gather job records it as a DVC "
+                   "experiment of the workspace (`dvc exp show`)")
+    p.add_argument("--name", help="the variation's experiment name (default: from the -S values)")
+    p.add_argument("--remote", help="the DVC remote the gather job pushes every output to (default: the "
+                   "workspace's default remote, `dvc remote add -d`; none: no push)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     p.add_argument("--sbatch", action="append", default=[], help="an extra sbatch option for every job "
                    "(e.g. --sbatch=--account=abc); repeatable")

@@ -7,6 +7,8 @@ result. The smoke pipeline then runs end to end as SLURM jobs and must equal a d
 real trainer is interrupted by USR1 and must produce bit-identical weights."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
@@ -244,6 +246,52 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(synthetic, tmp
     assert (ws / "resumable.txt").read_text() == (direct / "resumable.txt").read_text()
 
 
+def test_variations_run_side_by_side_submit_only_what_they_change_and_become_experiments(synthetic):
+    ws, state, resources, env = synthetic
+    env = {**env, "SYN_BARRIER": "", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    _, run_dir = submit(env, ws, state, resources, "--stage", "merge", "--stage", "resumable")
+    states = wait_for_jobs(env, run_dir, timeout=300)
+    assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "base"], cwd=ws, check=True)
+
+    stages = ["--stage", "merge", "--stage", "resumable"]
+    runs = [submit(env, ws, state, resources, *stages, "-S", "steps=20", "--name", "short")[1],   # in flight at once
+            submit(env, ws, state, resources, *stages, "-S", "steps=30")[1]]
+    for run_dir in runs:
+        assert [job["stage"] for job in jobs_of(run_dir)] == ["resumable", "gather"]   # prep, arms, merge: unchanged
+    for run_dir in runs:
+        states = wait_for_jobs(env, run_dir, timeout=300)
+        assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
+        assert "recorded the experiment" in (run_dir / "logs" / "gather.log").read_text()
+    assert (ws / "params.yaml").read_text() == "steps: 60\n"    # the main workspace is untouched
+    assert "up to date" in dvc(ws, env, "status", "merge", "resumable")
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(dvc(ws, env, "exp", "show", "--csv")))}
+    assert rows["short"]["steps"] == "20" and rows["steps-30"]["steps"] == "30", rows
+    assert rows["short"]["lines"] == rows["steps-30"]["lines"] == "4", rows   # the metrics, from the run-cache
+
+    again = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", "host",
+                            "--state-dir", str(state), "--resources", str(resources), "-S", "steps=40", "--name",
+                            "short"], cwd=ws, env=env, capture_output=True, text=True)
+    assert again.returncode != 0 and "a variation named 'short' was submitted before" in again.stderr
+
+
+def test_a_variation_is_validated_before_anything_is_submitted(tmp_path):
+    ws = smoke_checkout(tmp_path / "ws")
+    result = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", "host",
+                             "--dry-run", "-S", "train.lr=-1", "--state-dir", str(tmp_path / "state")],
+                            cwd=ws, capture_output=True, text=True, env=job_env({"PATH": "/usr/bin:/bin"}))
+    assert result.returncode != 0 and "train.lr" in result.stderr and "sbatch" not in result.stdout, result.stderr
+    assert not any((tmp_path / "state" / "variations").iterdir())
+    result = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", "host",
+                             "--dry-run", "-S", "train.lr=3e-4", "--state-dir", str(tmp_path / "state")],
+                            cwd=ws, capture_output=True, text=True, env=job_env({"PATH": "/usr/bin:/bin"}))
+    assert result.returncode == 0, result.stderr
+    assert "variation 'train.lr-3e-4'" in result.stdout and "valid (profile smoke" in result.stdout
+    assert "records the experiment 'train.lr-3e-4'" in result.stdout
+
+
 # --- the real smoke pipeline ----------------------------------------------------------------------------
 
 def set_param(ws: Path, section: str, key: str, value) -> None:
@@ -395,12 +443,13 @@ def test_container_mode_runs_each_stage_through_apptainer_exec(synthetic, tmp_pa
     states = wait_for_jobs(env, run_dir, timeout=180)
     assert {s: i["JobState"] for s, i in states.items()} == {"prep": "COMPLETED", "gather": "COMPLETED"}, \
         logs_text(run_dir)
-    stage_call, gather_call = calls.read_text().splitlines()
+    stage_call, gather_call, remote_call = calls.read_text().splitlines()   # remote: no DVC remote, no push
     scratch = env["SCRATCH"]
     binds = f"--bind {scratch},{scratch}:/scratch,{ws},{run_dir},{ws}/.dvc/cache,{state}/checkpoints,"
-    for call in (stage_call, gather_call):
+    for call in (stage_call, gather_call, remote_call):
         assert call.startswith(f"exec --nv --cleanenv {binds}"), call
     assert stage_call.endswith(f"--pwd {run_dir}/workspaces/prep {image} dvc repro prep")
     assert gather_call.endswith(f"--pwd {ws} {image} dvc --wait-for-lock repro prep")
+    assert remote_call.endswith(f"--pwd {ws} {image} dvc remote default")
     assert (ws / "prep.txt").read_text() == "prepared\n"
     assert "mode container" in (run_dir / "logs" / "prep.log").read_text()

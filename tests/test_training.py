@@ -201,22 +201,69 @@ def test_sigterm_then_sigkill_resume_matches_uninterrupted(trained, smoke_worksp
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+def launched(ws: Path, processes: int) -> subprocess.CompletedProcess:
+    """`python -m pipeline train` as the SLURM wrapper runs it, asking for `processes` processes."""
+    return subprocess.run([sys.executable, "-m", "pipeline", "train", "--arm", "monotonic", "--seed", "0"], cwd=ws,
+                          env={**ENV, "PIPELINE_TRAIN_PROCESSES": str(processes)}, capture_output=True, text=True,
+                          timeout=600)
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_same_global_batch(smoke_workspace, tmp_path):
-    steps = {"max_steps": 4, "eval_interval": 4, "checkpoint_interval": 2}
-    single = copy_workspace(smoke_workspace, tmp_path / "one", batch_size=8, **steps)
-    double = copy_workspace(smoke_workspace, tmp_path / "two", batch_size=4, **steps)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(random.randint(20000, 40000)), "-m", "pipeline", "train", "--arm", "monotonic", "--seed", "0"]
-    proc = subprocess.run(launch, cwd=double, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=600)
+def test_two_gloo_processes_match_one_process_and_resume_under_one(smoke_workspace, tmp_path):
+    """The stage re-launches itself as 2 gloo workers (pipeline/launch.py) with the params' global batch, hands
+    the trainer's requeue status through, and the run resumes with 1 process where 2 stopped."""
+    steps = {"max_steps": 4, "eval_interval": 4, "checkpoint_interval": 2, "batch_size": 4, "grad_accum": 2}
+    single = copy_workspace(smoke_workspace, tmp_path / "one", **steps)
+    double = copy_workspace(smoke_workspace, tmp_path / "two", **steps, max_steps_per_run=2)
+    proc = launched(double, 2)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launch: 2 training processes" in proc.stdout and "STOPPED EARLY" in proc.stdout
+    edit_params(double, max_steps_per_run=0)
+    proc = launched(double, 1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "step 2/4" in proc.stdout
     assert run_stage(single, "train", "--arm", "monotonic", "--seed", "0") == 0
     m2 = json.loads((double / "outputs/train/monotonic-s0/metrics.json").read_text())
     m1 = json.loads((single / "outputs/train/monotonic-s0/metrics.json").read_text())
-    assert m2["processes"] == 2 and m2["global_batch_sequences"] == m1["global_batch_sequences"] == 8
-    assert m2["data_order_sha256"] == m1["data_order_sha256"]
+    assert m2["global_batch_sequences"] == m1["global_batch_sequences"] == 8
+    assert m2["fingerprint"] == m1["fingerprint"] and m2["data_order_sha256"] == m1["data_order_sha256"]
     assert m2["validation_loss"] == pytest.approx(m1["validation_loss"], abs=1e-4)
     w2, w1 = weights(double, "monotonic"), weights(single, "monotonic")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_grad_accum_not_divisible_by_the_processes_fails_before_compute(smoke_workspace, tmp_path):
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", grad_accum=3)
+    proc = launched(ws, 2)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train.grad_accum" in proc.stderr and "a multiple of the 2 training processes" in proc.stderr
+    assert "launch:" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_second_trainer_of_the_same_run_waits_for_the_owner_then_resumes(smoke_workspace, tmp_path):
+    """Two jobs that would train the same run (same fingerprint, one checkpoint directory): the second waits
+    on the first's claim, names it, and resumes from its checkpoints once it is released."""
+    import fcntl
+
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", max_steps=4, eval_interval=4, checkpoint_interval=2)
+    assert run_stage(ws, "train", "--arm", "baseline", "--seed", "0") == 0
+    owner_file = next((ws / "outputs/checkpoints").glob("baseline-s0/*.owner"))
+    assert "pid" in owner_file.read_text()
+    shutil.rmtree(ws / "outputs/train")
+    with open(owner_file, "a+") as held:      # another job holding the run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.seek(0)
+        held.truncate()
+        held.write("job 4242 on node7, pid 1\n")
+        held.flush()
+        proc = train_subprocess(ws)
+        waiting = next(line for line in proc.stdout if "is in use by" in line)
+        assert "job 4242 on node7, pid 1" in waiting and "waiting for it to finish" in waiting
+        assert proc.poll() is None
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out and "step 4/4" in out
+    assert f"pid {proc.pid}" in owner_file.read_text()

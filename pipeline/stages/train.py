@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import arms
 from .. import data as D
+from .. import launch
 from ..checkpoints import sha256
 from ..io import staged_dir, write_csv, write_json
 from ..loading import load_arm_model
@@ -29,7 +30,8 @@ from ..models import save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
 from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir
 from ..provenance import provenance, record_run
-from ..training import REQUEUE_EXIT_CODE, data_order_sha256, seed_everything, split_log, train, update_norms_from
+from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, seed_everything, split_log,
+                        train, update_norms_from)
 
 
 def load_start_model(params, arm: arms.Arm, seed: int):
@@ -67,6 +69,10 @@ def run(params, args) -> int:
     if params.train.arm_overrides:
         warn_overrides(params.train.arm_overrides)
     variant = params.monotonic.variant if arm.constrained else None
+    processes = launch.requested_processes()
+    if (processes > 1 or launch.nodes() > 1) and not launch.under_launcher():
+        accumulation_per_process(tp.grad_accum, processes * launch.nodes())   # before any worker starts
+        return launch.relaunch(sys.argv[1:], processes)
 
     seed_everything(seed)
     model, constrained, source = load_start_model(params, arm, seed)
