@@ -158,11 +158,6 @@ def commit_results(ws: Path) -> None:
                     "results"], cwd=ws, check=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "pipeline/stages/transfer.py requires the reference arms' attack outputs (assess-ref) to carry the hash of the "
-    "WHOLE params file, so any variation that reruns transfer but not assess-ref (here train.lr) fails there with "
-    "'outputs/attacks/pretrained-s0/uat.json was made with params ...: rerun it'; a plain `dvc exp run -S` fails the "
-    "same way. The submission itself (only stale stages, 2 processes, experiment recording) works"))
 def test_a_variation_reruns_training_and_downstream_only_and_becomes_an_experiment(rehearsal_runs):
     cluster, env = rehearsal_runs["cluster"], rehearsal_runs["env"]
     commit_results(cluster)
