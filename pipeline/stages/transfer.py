@@ -19,7 +19,7 @@ METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel
 KINDS = ("uat", "hotflip")
 
 
-def _load_source(params, arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
+def _load_source(arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
     path = attack_dir(arm, seed) / f"{name}.json"
     if not path.exists():
         raise FileNotFoundError(f"transfer needs {path}: run `python -m pipeline {name} --arm {arm} --seed {seed}`")
@@ -56,7 +56,7 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dic
     for target in arms:
         setup = load_setup(params, target, seed)
         if sources is None:
-            sources = {arm: {name: _load_source(params, arm, seed, name, setup.eval.ids)
+            sources = {arm: {name: _load_source(arm, seed, name, setup.eval.ids)
                              for name in (*KINDS, "controls")} for arm in arms}
         scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates, setup.precision)
         out["clean_nll"][target] = setup.clean_nll.mean().item()
