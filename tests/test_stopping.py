@@ -61,5 +61,5 @@ def test_trainer_checkpoints_and_exits_75_when_the_stop_file_exists(workspace_co
     assert run_stage(workspace_copy, "train", "--arm", "baseline", "--seed", "0") == REQUEUE_EXIT_CODE
     out = capfd.readouterr()
     assert f"found stop file {stop}" in out.err and "STOPPED EARLY" in out.out
-    root = next(Path(workspace_copy, "outputs/checkpoints/baseline-s0").iterdir())
+    root = next(p for p in Path(workspace_copy, "outputs/checkpoints/baseline-s0").iterdir() if p.is_dir())
     assert sorted(p.name for p in root.glob("step-*")) == ["step-0000001"]     # stopped after the first step

@@ -58,6 +58,23 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.005)
 
 
+def fingerprint_dir(base: Path) -> Path:
+    """The run's checkpoint directory under base (beside it: <fingerprint>.owner, the run's lock file)."""
+    return next(p for p in base.iterdir() if p.is_dir())
+
+
+def run_until(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Let the trainer run in 5 ms slices (SIGCONT/SIGSTOP) until `path` exists, and leave it stopped there:
+    on a fast machine the whole run takes under a second, faster than polling can catch a given step."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited ({proc.returncode}) before {path.name}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
+
+
 # Both arms trained once, uninterrupted, with a V learning-rate multiplier and decay that differ from W's.
 TRAIN = {"constrained_lr_multiplier": 10.0, "constrained_weight_decay": 0.01}
 
@@ -118,7 +135,7 @@ def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smok
     assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == REQUEUE_EXIT_CODE
     assert "exiting with status 75" in capfd.readouterr().out
     assert not (ws / "outputs/train/monotonic-s0").exists()
-    root = next((ws / "outputs/checkpoints/monotonic-s0").iterdir())
+    root = fingerprint_dir(ws / "outputs/checkpoints/monotonic-s0")
     assert sorted(p.name for p in root.glob("step-*")) == ["step-0000004", "step-0000005"]
     latest = root / "step-0000005/optimizer.safetensors"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])     # truncated latest checkpoint
@@ -167,27 +184,39 @@ def test_variant_mismatch_fails_loudly(smoke_workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_resume_matches_uninterrupted(trained, smoke_workspace, tmp_path):
+def test_sigterm_then_sigkill_resume_matches_uninterrupted(smoke_workspace, tmp_path):
     """The CLI as a subprocess: SIGTERM at a random step exits 75 after a checkpoint; SIGKILL at a later
-    random step (possibly mid-checkpoint); the restarted run's final weights equal the uninterrupted ones."""
-    ws = copy_workspace(smoke_workspace, tmp_path / "ws", checkpoint_interval=1, keep_checkpoints=50, **TRAIN)
+    random step (possibly mid-checkpoint); the restarted run's final weights equal an uninterrupted run's.
+    60 steps with a checkpoint at every step, so the signals land while the (fast) trainer still runs."""
+    steps = {"max_steps": 60, "eval_interval": 30, "checkpoint_interval": 1, "keep_checkpoints": 80, **TRAIN}
+    reference = copy_workspace(smoke_workspace, tmp_path / "reference", **steps)
+    assert train_subprocess(reference).wait(timeout=600) == 0
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", **steps)
     rng = random.Random()
     root = ws / "outputs/checkpoints/baseline-s0"
-    term_at, kill_at = rng.randint(1, 4), rng.randint(6, 8)
+    term_at, kill_at = rng.randint(1, 15), rng.randint(25, 40)
 
     proc = train_subprocess(ws)
-    wait_for(root, proc)
-    root = next(root.iterdir())
-    wait_for(root / f"step-{term_at:07d}", proc)
+    run_until(root, proc)
+    while not any(p.is_dir() for p in root.iterdir()):     # the run's lock file comes before its directory
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+    root = fingerprint_dir(root)
+    run_until(root / f"step-{term_at:07d}", proc)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, out
     assert "received SIGTERM" in out and "STOPPED EARLY" in out
     assert not (ws / "outputs/train/baseline-s0").exists()
 
     proc = train_subprocess(ws)
-    wait_for(root / f"step-{kill_at:07d}", proc)
-    time.sleep(rng.uniform(0, 0.2))
+    wait_for(root / "step-0000001", proc)       # the resumed run's checkpoints reuse the directory
+    proc.send_signal(signal.SIGSTOP)
+    run_until(root / f"step-{kill_at:07d}", proc)
+    proc.send_signal(signal.SIGCONT)
+    time.sleep(rng.uniform(0, 0.01))             # possibly mid-checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -197,8 +226,8 @@ def test_sigterm_then_sigkill_resume_matches_uninterrupted(trained, smoke_worksp
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "resuming from" in out
-    resumed, reference = weights(ws, "baseline"), weights(trained, "baseline")
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    resumed, expected = weights(ws, "baseline"), weights(reference, "baseline")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
 def launched(ws: Path, processes: int) -> subprocess.CompletedProcess:
