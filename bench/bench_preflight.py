@@ -61,7 +61,8 @@ def measure(params_path: str, data_dir: str, steps: int, batch_size: int = 0, ch
             "measured_mib": round(peak / 2 ** 20, 1), "ratio": round(estimate["peak"] * 2 ** 30 / peak, 3)}
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}   # one arena: no per-thread arenas,
+# which glibc adds when threads contend for malloc (more on a loaded machine) and which inflate the peak
 
 
 def main() -> None:

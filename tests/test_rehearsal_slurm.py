@@ -169,11 +169,12 @@ def test_a_variation_reruns_training_and_downstream_only_and_becomes_an_experime
     states = wait_for_jobs(env, run_dir, timeout=2400)
     assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
     assert "recorded the experiment 'lr2e-5'" in (run_dir / "logs" / "gather.log").read_text()
-    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(dvc(cluster, env, "exp", "show", "--csv")))}
-    base = next(r for r in rows.values() if r["rev"] == "workspace")
-    assert rows["lr2e-5"]["train.lr"] == "2e-05" and base["train.lr"] == "1e-05", rows.keys()
+    rows = list(csv.DictReader(io.StringIO(dvc(cluster, env, "exp", "show", "--csv"))))
+    base = next(r for r in rows if r["rev"] == "workspace")      # (workspace and commit rows have no name)
+    variation = next(r for r in rows if r["Experiment"] == "lr2e-5")
+    assert variation["train.lr"] == "2e-05" and base["train.lr"] == "1e-05", rows
     loss = next(k for k in base if k.endswith("validation_loss") and base[k])
-    assert rows["lr2e-5"][loss] and rows["lr2e-5"][loss] != base[loss], (loss, rows["lr2e-5"])
+    assert variation[loss] and variation[loss] != base[loss], (loss, variation)
     assert yaml.safe_load((cluster / "params.yaml").read_text())["train"]["lr"] == 1e-5   # untouched
 
 
