@@ -172,7 +172,8 @@ def test_a_variation_reruns_training_and_downstream_only_and_becomes_an_experime
     rows = list(csv.DictReader(io.StringIO(dvc(cluster, env, "exp", "show", "--csv"))))
     base = next(r for r in rows if r["rev"] == "workspace")      # (workspace and commit rows have no name)
     variation = next(r for r in rows if r["Experiment"] == "lr2e-5")
-    assert variation["train.lr"] == "2e-05" and base["train.lr"] == "1e-05", rows
+    lr = next(k for k in ("train.lr", "params.yaml:train.lr") if k in base)   # qualified when a metric has the name
+    assert variation[lr] == "2e-05" and base[lr] == "1e-05", rows
     loss = next(k for k in base if k.endswith("validation_loss") and base[k])
     assert variation[loss] and variation[loss] != base[loss], (loss, variation)
     assert yaml.safe_load((cluster / "params.yaml").read_text())["train"]["lr"] == 1e-5   # untouched
