@@ -6,29 +6,41 @@
 Builds the profile's model exactly as preflight does (same config, random weights, fp32 on CPU), runs
 `steps` optimizer steps of pipeline.training.train on the data's train split (every step logged, so the
 update-norm snapshot is taken), and prints JSON: the preflight estimate of the train step and the peak
-resident-set growth during train() (ru_maxrss minus the RSS before it, everything imported and built).
-Run it in a fresh process: ru_maxrss is a process-lifetime high-water mark. glibc is told to map every
-allocation over 64 KiB on its own (MALLOC_MMAP_THRESHOLD_, set by re-executing), so a freed tensor leaves the
-RSS at once and the high-water mark is the peak of live memory, not of malloc's cached free blocks (without
-it the embedded train step reads ~220 MiB instead of ~150 MiB)."""
+resident-set growth during train(): the kernel's RSS high-water mark (VmHWM), reset through
+/proc/self/clear_refs once everything is imported and built, minus the RSS at that moment. glibc is told to
+map every allocation over 64 KiB on its own (MALLOC_MMAP_THRESHOLD_, set by re-executing), so a freed tensor
+leaves the RSS at once and the high-water mark is the peak of live memory, not of malloc's cached free blocks
+(without it the embedded train step reads ~220 MiB instead of ~150 MiB); transparent huge pages are turned off
+for the process (prctl PR_SET_THP_DISABLE, kept across exec), so a kernel with THP "always" does not round
+those mappings up to 2 MiB pages."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def rss_bytes() -> int:
+def status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_high_water_mark() -> None:
+    Path("/proc/self/clear_refs").write_text("5")       # 5: reset VmHWM to the current RSS
+
+
+def disable_transparent_huge_pages() -> None:
+    PR_SET_THP_DISABLE = 41
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
 
 
 def measure(params_path: str, data_dir: str, steps: int, batch_size: int = 0, checkpointing: bool = False) -> dict:
@@ -51,14 +63,16 @@ def measure(params_path: str, data_dir: str, steps: int, batch_size: int = 0, ch
     shape = preflight.model_shape(params)
     estimate = preflight.train_memory(shape, tp.batch_size * seq, False, checkpointing, 1, False, False)
     train_data, val_data = D.PackedSequences(data_dir, "train", seq), D.PackedSequences(data_dir, "validation", seq)
-    before = rss_bytes()
+    reset_high_water_mark()
+    before = status_bytes("VmRSS")
     train(model, tp, train_data, val_data, seed=0, desc="measure")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = status_bytes("VmHWM") - before
     return {"profile": params.profile, "parameters": shape.params, "micro_batch": [tp.batch_size, seq],
             "gradient_checkpointing": checkpointing,
             "steps": steps, "estimate_mib": round(estimate["peak"] * 1024, 1),
             "estimate_parts_mib": {k: round(v * 1024, 1) for k, v in estimate.items()},
-            "measured_mib": round(peak / 2 ** 20, 1), "ratio": round(estimate["peak"] * 2 ** 30 / peak, 3)}
+            "measured_mib": round(peak / 2 ** 20, 1), "rss_before_mib": round(before / 2 ** 20, 1),
+            "thp_enabled": status_bytes("THP_enabled") // 1024, "ratio": round(estimate["peak"] * 2 ** 30 / peak, 3)}
 
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}   # one arena: no per-thread arenas,
@@ -67,6 +81,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}   # on
 
 def main() -> None:
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        disable_transparent_huge_pages()
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
