@@ -7,7 +7,7 @@ import sys
 
 from . import oom
 from . import params as params_mod
-from .arms import ARM_NAMES, ARMS, TRAINED_ARMS
+from .arms import ARM_NAMES, ARMS, STEP_PREFIX, TRAINED_ARMS
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -47,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if arm_choices:
-            sp.add_argument("--arm", required=True, choices=arm_choices,
+            steps = arm_choices == ARM_NAMES and name != "benchmarks"     # the frontier's checkpoints too
+            sp.add_argument("--arm", required=name != "assess", choices=None if steps else arm_choices,
                             nargs="+" if name in ("assess", "benchmarks") else None,
-                            help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices))
+                            help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices)
+                            + (f"; {STEP_PREFIX}<N>: the unconstrained model at pretraining step N (N in "
+                               "frontier.steps)" if steps else ""))
             sp.add_argument("--seed", required=True, type=int)
+            if name == "assess":
+                sp.add_argument("--frontier", action="store_true",
+                                help="also every checkpoint of frontier.steps (outputs/frontier/s<seed>/)")
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
@@ -74,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arm(name: str, params) -> None:
+    """--arm of a stage without fixed choices: an arm of the table, or a checkpoint in frontier.steps."""
+    if name in ARMS:
+        return
+    step = name[len(STEP_PREFIX):]
+    if not (name.startswith(STEP_PREFIX) and step.isdigit()):
+        raise params_mod.ParamsError("--arm", name, f"one of {', '.join(ARM_NAMES)} or {STEP_PREFIX}<N>")
+    if int(step) not in params.frontier.steps:
+        raise params_mod.ParamsError("frontier.steps", params.frontier.steps, f"a list containing {step} (--arm {name})")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -91,6 +108,8 @@ def main(argv=None) -> int:
             return importlib.import_module("pipeline.fetch").run(params)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
+        for arm in [args.arm] if isinstance(getattr(args, "arm", None), str) else getattr(args, "arm", None) or []:
+            check_arm(arm, params)
     except params_mod.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

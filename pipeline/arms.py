@@ -16,9 +16,12 @@ class Arm:
     trained: bool              # recovery-trained per seed (else one model serves every seed)
     start: str | None          # the arm whose model this one is made from
     description: str
+    pretrain_step: int | None = None   # a point of the unconstrained reference curve (frontier.steps)
 
     def model_dir(self, seed: int | None = None) -> Path:
         """The HF checkpoint of this arm for a seed (one directory for every seed if the arm is untrained)."""
+        if self.pretrain_step is not None:
+            return paths.PRETRAIN_STEPS_DIR / f"step{self.pretrain_step}"
         if not self.trained:
             return paths.MODELS_DIR / self.name
         if seed is None:
@@ -41,7 +44,19 @@ ARM_NAMES = tuple(ARMS)
 TRAINED_ARMS = tuple(a.name for a in ARM_TABLE if a.trained)
 
 
+STEP_PREFIX = paths.STEP_PREFIX
+
+
+def at_pretrain_step(step: int) -> Arm:
+    """The unconstrained model at a pretraining step: measured like the arms, for the matched-NLL frontier."""
+    return Arm(f"{STEP_PREFIX}{step}", constrained=False, trained=False, start=None, pretrain_step=step,
+               description=f"the unconstrained model at pretraining step {step}, never recovery-trained")
+
+
 def get(name: str) -> Arm:
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
+        return at_pretrain_step(int(name[len(STEP_PREFIX):]))
     if name not in ARMS:
-        raise ValueError(f"unknown arm {name!r}; arms: {', '.join(ARMS)}")
+        raise ValueError(f"unknown arm {name!r}; arms: {', '.join(ARMS)}, or {STEP_PREFIX}<N> for N in "
+                         "frontier.steps")
     return ARMS[name]

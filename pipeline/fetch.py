@@ -1,7 +1,8 @@
 """`python -m pipeline fetch`: the only step that uses the network, run once on a login node.
 
 It stores exactly what the params need in the HF hub cache (pipeline/hub.py): the model at its pinned commit
-(when model.hf_local_path does not name a baked checkpoint), the named data files at theirs, and the dataset of
+(when model.hf_local_path does not name a baked checkpoint), the frontier's intermediate checkpoints at theirs
+(frontier.hf_revisions), the named data files at theirs, and the dataset of
 every lm-eval harness task in benchmarks.tasks at its pinned commit (into the default hub cache, where the
 benchmarks stage reads it). Every file
 is then verified: its content against the blob name, and (online) its size and hash against the hub's own
@@ -11,9 +12,10 @@ nothing and only verifies what the cache holds.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import hub
+from .params import frontier_revision_key
 
 MODEL_PATTERNS = ("*.json", "*.txt", "*.safetensors")   # config, tokenizer, weights (no pickled .bin)
 
@@ -28,8 +30,12 @@ class Need:
 
 def needs(params) -> list[Need]:
     out = []
-    if params.model.source == "hf" and not params.model.hf_local_path:
-        out.append(Need(hub.model_repo(params.model), patterns=MODEL_PATTERNS, required=hub.MODEL_REQUIRED))
+    m = params.model
+    if m.source == "hf" and not m.hf_local_path:
+        out.append(Need(hub.model_repo(m), patterns=MODEL_PATTERNS, required=hub.MODEL_REQUIRED))
+    if m.source == "hf":           # the frontier's intermediate checkpoints (never baked into the image)
+        out += [Need(hub.model_repo(replace(m, hf_revision=params.frontier.hf_revisions[frontier_revision_key(s)])),
+                     patterns=MODEL_PATTERNS, required=hub.MODEL_REQUIRED) for s in params.frontier.steps]
     if params.data.source == "hf":
         out.append(Need(hub.dataset_repo(params.data), files=(*params.data.hf_train_files,
                                                                  *params.data.hf_heldout_files)))

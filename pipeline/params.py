@@ -229,12 +229,20 @@ class BenchmarksParams:
 
 
 @dataclass(frozen=True)
+class FrontierParams:
+    steps: list = anything()              # pretraining steps of the unconstrained reference checkpoints
+    hf_revisions: dict = anything()       # model.source hf: "step<N>" -> the pinned commit of that checkpoint
+
+
+@dataclass(frozen=True)
 class AggregateParams:
     bootstrap_samples: int = at_least(100)
     confidence: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
     seed: int = nonneg()
     equivalence_margin_nats: float = positive()   # TOST margin for paired differences in nats/token
     power: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)   # for the report's detectable difference
+    plateau_window: int = at_least(1)     # validations over which recovery must have stopped improving
+    plateau_threshold_nats: float = positive()   # ... by less than this drop in validation loss
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,7 @@ class Params:
     eval: EvalParams = anything()
     attack: AttackParams = anything()
     benchmarks: BenchmarksParams = anything()
+    frontier: FrontierParams = anything()
     aggregate: AggregateParams = anything()
 
     def to_dict(self) -> dict:
@@ -406,6 +415,7 @@ def _check_consistency(p: Params) -> None:
                               f"at most the step cap attack.{section}.{'iterations' if section == 'uat' else 'steps'} ({cap})")
 
     _check_benchmarks(p.benchmarks)
+    _check_frontier(p)
 
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():
@@ -456,6 +466,35 @@ def _check_benchmarks(b: BenchmarksParams) -> None:
     if extra:
         raise ParamsError("benchmarks.dataset_revisions", b.dataset_revisions,
                           f"revisions only for tasks in benchmarks.tasks (not {sorted(extra)})")
+
+
+def frontier_revision_key(step: int) -> str:
+    return f"step{step}"
+
+
+def _check_frontier(p: Params) -> None:
+    """Pretraining steps of the reference curve: distinct, ascending, before the end of pretraining (scratch)
+    or each pinned to the commit of the hub checkpoint `step<N>` (hf, e.g. Pythia's intermediate branches)."""
+    f = p.frontier
+    steps = f.steps
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps) or steps != sorted(set(steps)):
+        raise ParamsError("frontier.steps", steps, "a list of distinct, ascending integers > 0 (may be empty)")
+    if p.model.source == "scratch":
+        if steps and steps[-1] >= p.pretrain.steps:
+            raise ParamsError("frontier.steps", steps, f"steps before the end of pretraining (pretrain.steps "
+                                                       f"{p.pretrain.steps}: that checkpoint is the pretrained arm)")
+        if f.hf_revisions:
+            raise ParamsError("frontier.hf_revisions", f.hf_revisions, "{} when model.source is 'scratch'")
+        return
+    keys = [frontier_revision_key(s) for s in steps]
+    for key in keys:
+        if not COMMIT_RE.fullmatch(str(f.hf_revisions.get(key, ""))):
+            raise ParamsError(f"frontier.hf_revisions.{key}", f.hf_revisions.get(key),
+                              f"the 40-hex commit of {p.model.hf_name}'s checkpoint {key} (its branch on the hub; "
+                              "pin the commit, fetched by `python -m pipeline fetch`)")
+    extra = sorted(set(f.hf_revisions) - set(keys))
+    if extra:
+        raise ParamsError("frontier.hf_revisions", f.hf_revisions, f"revisions only for frontier.steps (not {extra})")
 
 
 def validate(raw: dict) -> Params:

@@ -9,6 +9,7 @@ from pathlib import Path
 OUT = Path("outputs")
 DATA_DIR = OUT / "data"
 MODELS_DIR = OUT / "models"             # one directory per untrained arm: pipeline.arms.Arm.model_dir
+PRETRAIN_STEPS_DIR = MODELS_DIR / "pretrain_steps"   # step<N>/: the frontier's unconstrained checkpoints
 METRICS_DIR = OUT / "metrics"
 REPORT_DIR = OUT / "report"
 
@@ -25,12 +26,27 @@ def checkpoint_dir(arm: str, seed: int) -> Path:
     return OUT / "checkpoints" / run_name(arm, seed)
 
 
+STEP_PREFIX = "pretrained-step"       # pretrained-step<N>: the unconstrained model at pretraining step N
+FRONTIER_DIR = OUT / "frontier"
+
+
+def frontier_dir(seed: int) -> Path:
+    """Everything measured on the frontier's checkpoints with one seed (one DVC output per seed)."""
+    return FRONTIER_DIR / f"s{seed}"
+
+
+def _measured(kind: str, arm: str, seed: int) -> Path:
+    if arm.startswith(STEP_PREFIX):
+        return frontier_dir(seed) / arm / kind
+    return OUT / kind / run_name(arm, seed)
+
+
 def eval_dir(arm: str, seed: int) -> Path:
-    return OUT / "eval" / run_name(arm, seed)
+    return _measured("eval", arm, seed)
 
 
 def attack_dir(arm: str, seed: int) -> Path:
-    return OUT / "attacks" / run_name(arm, seed)
+    return _measured("attacks", arm, seed)
 
 
 def benchmark_dir(label: str) -> Path:

@@ -99,6 +99,41 @@ def comparison_sentences(summary: dict) -> list[str]:
     return out
 
 
+def matched_paragraph(summary: dict) -> list[str]:
+    """The headline: monotonic vs the unconstrained reference curve at monotonic's clean NLL, per attack."""
+    conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
+    f = summary["frontier"]
+    parts = []
+    for c in f["matched"]:
+        attack, m = c["metric"].split(".")[0], c["match"]
+        where = (f"extrapolated from {m['lower']} and {m['upper']}: the curve does not reach it" if m["extrapolated"]
+                 else f"between {m['lower']} and {m['upper']}")
+        mono = summary["arms"]["monotonic"][attack]["abs_increase"]["mean"]
+        parts.append(f"under {_name(attack)} the monotonic model's NLL increase is {mono:.3f} nats/token against "
+                     f"the curve's {m['curve_increase']:.3f} at its clean NLL of {m['target_clean']:.3f} ({where}); "
+                     f"difference {_stats(c, conf)}: "
+                     + judgement(c, alpha, "less vulnerable than an unconstrained model of equal clean NLL",
+                                 "more vulnerable than an unconstrained model of equal clean NLL"))
+    return [f"**Robustness at matched clean NLL (the headline).** The unconstrained reference curve runs through "
+            f"{', '.join(f['curve'])} (clean NLL and attack NLL increase on the attack-evaluation examples, "
+            "piecewise linear between them); the monotonic model is compared with that curve at its own clean NLL, "
+            "so the constraint's effect is not confounded with its perplexity cost: " + "; ".join(parts) + ". "
+            "The interval includes the uncertainty of the matching point (delta method over the crossed design: "
+            "documents and seeds, every checkpoint attacked with every seed). The step-matched "
+            "comparison (same recovery budget, different perplexity) follows below.", ""]
+
+
+def recovery_warning(summary: dict) -> list[str]:
+    r = summary["recovery"]
+    open_runs = [f"{arm} seed {seed} (-{v['drop']:.3f})" for arm, seeds in r["arms"].items()
+                 for seed, v in seeds.items() if not v["plateaued"]]
+    if not open_runs:
+        return []
+    return [f"> **Recovery had not plateaued** (validation loss still fell by >= {r['threshold_nats']:g} nats/token "
+            f"over the last {r['window']} validations): {', '.join(open_runs)}. The step-matched comparison "
+            "compares arms that were still improving; the matched-NLL comparison above does not depend on it.", ""]
+
+
 def control_sentences(summary: dict) -> list[str]:
     conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
     by_arm: dict[str, list] = {}
@@ -201,6 +236,7 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
              "",
+             *matched_paragraph(summary),
              f"Profile `{params.profile}`, seeds {summary['seeds']}, params hash `{prov['params_hash']}`, "
              f"torch {prov['packages']['torch']}, transformers {prov['packages']['transformers']}. The code that ran "
              "is pinned by its file hashes in dvc.lock; commit, host, device and wall times of each step are in its "
@@ -214,11 +250,12 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
         lines += ["> **WARNING: the arms were NOT trained with identical budgets.** Per-arm overrides in params: "
                   + "; ".join(f"{arm}: {next(v for v in o.values() if v)}" for arm, o in overridden.items())
                   + ". Differences below confound the constraint with these settings.", ""]
+    lines += recovery_warning(summary)
     differences = optimizer_differences(summary)
     if differences:
         lines += ["> **Optimizer differences between the trained arms** (same data, token budget and schedule "
                   "otherwise): " + "; ".join(differences) + ".", ""]
-    lines += ["## Main table", "", main_table(summary), "",
+    lines += ["## Step-matched comparison: main table (same recovery budget)", "", main_table(summary), "",
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",
               *control_sentences(summary), "",
@@ -285,7 +322,40 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
         ax.set(ylabel="NLL increase (nats/token)", title=f"{_name(attack)}: per-example NLL increase")
         ax.legend()
     files.append(_save(fig, out_dir / "nll_increase_distributions.png"))
+    files.append(frontier_plot(summary["frontier"], attacks, out_dir / "frontier.png"))
     return files
+
+
+def frontier_plot(frontier: dict, attacks, path: Path) -> Path:
+    """NLL increase and success against clean NLL on the attack examples, per family, with the matching point."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(attacks), figsize=(5.5 * len(attacks), 8), squeeze=False)
+    colors = {"unconstrained": "tab:blue", "monotonic": "tab:red"}
+    for col, attack in enumerate(attacks):
+        for row, field in enumerate(("abs_increase", "success_abs")):
+            ax = axes[row][col]
+            for family, color in colors.items():
+                points = sorted((p for p in frontier["points"] if p["family"] == family),
+                                key=lambda p: p[attack]["clean_nll"]["mean"])
+                x = [p[attack]["clean_nll"]["mean"] for p in points]
+                y = [p[attack][field]["mean"] for p in points]
+                yerr = [[v - p[attack][field]["low"] for v, p in zip(y, points)],
+                        [p[attack][field]["high"] - v for v, p in zip(y, points)]]
+                ax.errorbar(x, y, yerr=yerr, color=color, marker="o", capsize=3, label=family,
+                            ls="-" if family == "unconstrained" else ":")
+                for xi, yi, p in zip(x, y, points):
+                    ax.annotate(p["label"].replace("pretrained-step", "step "), (xi, yi), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
+            if field == "abs_increase":
+                m = next(c["match"] for c in frontier["matched"] if c["metric"].startswith(attack))
+                ax.scatter([m["target_clean"]], [m["curve_increase"]], marker="x", s=80, color="k",
+                           label="curve at monotonic's clean NLL", zorder=5)
+            ax.set(xlabel="clean NLL on the attack examples (nats/token)",
+                   ylabel="NLL increase (nats/token)" if field == "abs_increase" else "success rate (absolute)",
+                   title=f"{_name(attack)}: {'NLL increase' if field == 'abs_increase' else 'success'} vs clean NLL")
+            ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -450,10 +450,11 @@ def save_checkpoint(run: Run) -> None:
 
 def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constrained: Sequence[nn.Parameter] = (),
           checkpoint_base: Path | None = None, identity: dict | None = None, desc: str = "train",
-          export_best: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
+          export_best: Callable[[nn.Module, Path], None] | None = None,
+          after_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train `model` (fp32 parameters) in place for tp.max_steps optimizer steps, resuming from the newest
     valid checkpoint under checkpoint_base/<fingerprint> if there is one. Without checkpoint_base the run
-    neither checkpoints nor stops early."""
+    neither checkpoints nor stops early. `after_step(step, model)` runs on the main process after each step."""
     run = start_run(model, tp, train_data.seq_len, seed=seed, constrained=constrained,
                     checkpoint_base=checkpoint_base, identity=identity, desc=desc)
     state = run.state
@@ -471,6 +472,8 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
                 state.log.append({**row, "tokens_per_s": tokens_per_s, "elapsed_s": round(run.wall_seconds(), 3)})
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
+            if after_step is not None and run.main:
+                after_step(state.step, run.raw_model)
             if state.step % tp.eval_interval == 0 or state.step == tp.max_steps:
                 record_validation(run, validate(run, val_data, val_ids), export_best, bar)
             if run.root is None:

@@ -36,3 +36,25 @@ def test_cli_takes_its_arm_choices_from_the_table(capsys):
         parser.parse_args(["train", "--arm", "monotonic_init", "--seed", "0"])    # untrained arms are never trained
     assert "invalid choice: 'monotonic_init'" in capsys.readouterr().err
     assert parser.parse_args(["evaluate", "--arm", "monotonic_init", "--seed", "0"]).arm == "monotonic_init"
+
+
+def test_frontier_checkpoints_are_unconstrained_untrained_and_measured_under_their_seed():
+    step = arms.get("pretrained-step150")
+    assert (step.constrained, step.trained, step.pretrain_step) == (False, False, 150)
+    assert step.model_dir() == step.model_dir(2) == Path("outputs/models/pretrain_steps/step150")
+    from pipeline import paths
+
+    assert paths.attack_dir("pretrained-step150", 2) == Path("outputs/frontier/s2/pretrained-step150/attacks")
+    assert paths.eval_dir("pretrained", 2) == Path("outputs/eval/pretrained-s2")
+    with pytest.raises(ValueError, match="unknown arm"):
+        arms.get("pretrained-stepX")
+
+
+def test_cli_accepts_only_the_frontier_steps_in_params(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    assert main(["assess", "--arm", "pretrained-step7", "--seed", "0"]) == 2     # params.yaml: frontier.steps
+    assert "'frontier.steps'" in capsys.readouterr().err
+    assert main(["evaluate", "--arm", "ensemble", "--seed", "0"]) == 2
+    assert "'--arm'" in capsys.readouterr().err
+    assert main(["assess", "--seed", "0"]) == 2                                # neither --arm nor --frontier

@@ -48,7 +48,7 @@ def test_stage_order_and_arguments():
 
 
 @pytest.mark.parametrize("argv", [[], ["fly"], ["train", "--arm", "baseline"], ["train", "--seed", "0"],
-                                  ["evaluate", "--arm", "ensemble", "--seed", "0"], ["transfer"],
+                                  ["train", "--arm", "ensemble", "--seed", "0"], ["transfer"],
                                   ["verify", "d", "--variant", "mlp_out"]],
                          ids=["none", "unknown-stage", "no-seed", "no-arm", "unknown-arm", "transfer-no-seed",
                               "unknown-variant"])

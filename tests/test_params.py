@@ -109,6 +109,13 @@ BAD_CASES = [
      "'model' when data.source is 'hf'"),
     ("unpinned-data-revision", lambda r: set_key(r, "data.hf_revision", "main"), "data.hf_revision", "main",
      "40-hex-digit commit"),
+    ("frontier-steps-unordered", lambda r: set_key(r, "frontier.steps", [250, 150]), "frontier.steps", [250, 150],
+     "distinct, ascending"),
+    ("frontier-step-at-the-end-of-pretraining", lambda r: set_key(r, "frontier.steps", [150, 450]), "frontier.steps",
+     [150, 450], "before the end of pretraining"),
+    ("frontier-hub-step-unpinned", lambda r: set_key(set_key(set_key(r, "model.source", "hf"), "tokenizer.source",
+                                                             "model"), "frontier.hf_revisions", {"step150": "step150"}),
+     "frontier.hf_revisions.step150", "step150", "40-hex commit"),
 ]
 
 

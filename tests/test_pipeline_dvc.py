@@ -137,12 +137,21 @@ def test_committed_lock_is_current_for_code_and_params():
 def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     ws = smoke_dvc_repro
     report = (ws / "outputs/report/report.md").read_text()
-    assert "## Main table" in report and "monotonic" in report
+    assert "## Step-matched comparison: main table" in report and "monotonic" in report
+    assert report.split("\n")[2].startswith("**Robustness at matched clean NLL (the headline).**")
     results = json.loads((ws / "outputs/report/results.json").read_text())
     smoke = params_mod.load(ws / "params.yaml")
-    for arm in ARM_NAMES:
+    steps = [f"pretrained-step{step}" for step in smoke.frontier.steps]
+    for arm in (*ARM_NAMES, *steps):
         assert set(map(str, results["runs"][arm])) == {str(s) for s in smoke.seeds}
-    for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png"):
+    frontier = results["summary"]["frontier"]
+    assert steps and frontier["curve"] == [*steps, "pretrained", "baseline"]
+    assert [c["metric"] for c in frontier["matched"]] == ["uat.abs_increase", "hotflip.abs_increase"]
+    for step in smoke.frontier.steps:     # saved by pretrain as it passed the step, measured per seed
+        assert json.loads((ws / f"outputs/models/pretrain_steps/step{step}/pipeline_meta.json").read_text())["arm"] \
+            == f"pretrained-step{step}"
+        assert (ws / f"outputs/frontier/s{smoke.seeds[0]}/pretrained-step{step}/attacks/hotflip.json").is_file()
+    for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png", "frontier.png"):
         assert (ws / "outputs/report/plots" / plot).stat().st_size > 1000
 
     again = dvc(ws, "repro")

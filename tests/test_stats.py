@@ -180,27 +180,32 @@ def test_report_wording_uses_the_holm_adjusted_p_values():
 
 # --- aggregate over synthetic per-example records of the crossed design ---------------------------
 
-def _loaded(seeds, rng):
+def _loaded(seeds, rng, steps=(15, 30)):
     ids = [f"attack_eval:{d}:{k}" for d in range(6) for k in range(2)]
     docs = [f"test:{d}" for d in range(5)]
     example = rng.normal(1.0, 0.3, len(ids))                 # shared by every arm and seed
 
-    def attack(shift):
+    def attack(shift, clean_shift=0.0):
         inc = example * 0.1 + shift + rng.normal(0, 0.02, len(ids))
-        rows = [{"id": i, "clean_nll": 3 + e, "abs_increase": float(x), "rel_increase": float(x) / 3,
+        rows = [{"id": i, "clean_nll": 3 + e + clean_shift, "abs_increase": float(x), "rel_increase": float(x) / 3,
                  "success_abs": float(x > 0.5), "success_rel": float(x > 0.45)} for i, e, x in zip(ids, example, inc)]
         return {"examples": rows, "summary": {"success_rate_abs": 0.0}, "provenance": {"params_hash": "h"}}
 
-    runs = {arm: {} for arm in ARM_NAMES}
+    # clean NLL on the attack examples above pretrained's: the frontier's checkpoints lie on either side of monotonic
+    clean_shift = {"pretrained": 0.0, "baseline": -0.02, "monotonic_init": 2.0, "monotonic": 0.5,
+                   **{f"pretrained-step{step}": 1.0 - 0.02 * step for step in steps}}
+    runs = {arm: {} for arm in clean_shift}
     for s in seeds:
-        for k, arm in enumerate(ARM_NAMES):
+        for k, arm in enumerate(clean_shift):
             runs[arm][s] = {
                 "eval": {"perplexity": 50.0 + k, "provenance": {"params_hash": "h"}},
                 "per_doc": {"doc_ids": docs, "nll": list(400.0 + 10 * np.arange(5) + k), "tokens": [100.0] * 5},
-                "uat": attack(0.01 * k), "hotflip": attack(0.05 * k),
+                "uat": attack(0.01 * k, clean_shift[arm]), "hotflip": attack(0.05 * k, clean_shift[arm]),
                 "controls": {c: {a: attack(0.0) for a in ("uat", "hotflip")} for c in ("random", "greedy")}
                 | {"provenance": {"params_hash": "h"}}}
             if arm in TRAINED_ARMS:
+                losses = (3.9, 3.87, 3.85) if arm == "monotonic" else (3.905, 3.9, 3.899)   # only baseline plateaus
+                runs[arm][s]["val_log"] = [{"step": 5.0 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]
                 runs[arm][s]["train"] = {"overrides": {}, "validation_perplexity": 50.0, "steps": 10,
                                          "tokens_seen": 1000, "update_norm_total": {"W": 1.0},
                                          "train": {"lr": 1e-3, "weight_decay": 0.1, "constrained_weight_decay": 0.0,
@@ -223,8 +228,9 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     seeds = [0, 1, 2]
     params = _params(seeds)
     summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
-    family = summary["comparisons"] + summary["controls"]
-    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 4 * 2   # clean NLL once per example set
+    matched = summary["frontier"]["matched"]
+    family = summary["comparisons"] + matched + summary["controls"]
+    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 2 + 4 * 2   # clean NLL once per example set
     assert all(c["p_holm"] >= c["p_value"] for c in family)
     nll = summary["arms"]["baseline"]["test_nll_per_token"]
     assert nll["mean"] == pytest.approx(4.21) and nll["n_documents"] == 5 and nll["se_seeds"] == 0
@@ -243,6 +249,17 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
         "pipeline_lastword"]["items"][:10] if r["acc"]) / 40
     assert bench["items"] == 40 and bench["monotonic_vs_baseline"]["difference"]["mean"] == pytest.approx(lost)
     assert bench["acc"]["monotonic"]["low"] >= 0 and "## Zero-shot benchmarks" in text
+    # the headline: monotonic (clean +0.5) between step30 (+0.4) and step15 (+0.7) on the unconstrained curve
+    assert summary["frontier"]["curve"] == ["pretrained-step15", "pretrained-step30", "pretrained", "baseline"]
+    for c in matched:
+        assert (c["match"]["lower"], c["match"]["upper"], c["match"]["extrapolated"]) == \
+            ("pretrained-step30", "pretrained-step15", False)
+    assert text.split("\n")[2].startswith("**Robustness at matched clean NLL (the headline).**")
+    assert "between pretrained-step30 and pretrained-step15" in text.split("\n")[2]
+    recovery = summary["recovery"]["arms"]
+    assert not recovery["monotonic"][0]["plateaued"] and recovery["baseline"][0]["plateaued"]
+    warning = next(line for line in text.split("\n") if "Recovery had not plateaued" in line)
+    assert "monotonic seed 0 (-0.050)" in warning and "baseline" not in warning
 
 
 def test_aggregate_refuses_examples_that_differ_between_seeds():

@@ -296,3 +296,22 @@ def test_a_second_trainer_of_the_same_run_waits_for_the_owner_then_resumes(smoke
     assert proc.returncode == 0, out
     assert "resuming from" in out and "step 4/4" in out
     assert f"pid {proc.pid}" in owner_file.read_text()
+
+
+def test_pretrain_saves_the_frontier_steps_without_changing_the_pretrained_model(workspace_copy):
+    """The checkpoints of frontier.steps are the model as pretraining passed those steps; saving them leaves the
+    final pretrained model bit-identical to a run that saves none."""
+    import yaml
+
+    ws = workspace_copy
+    with_steps = (ws / "outputs/models/pretrained/model.safetensors").read_bytes()
+    steps = yaml.safe_load((ws / "params.yaml").read_text())["frontier"]["steps"]
+    assert steps and all((ws / f"outputs/models/pretrain_steps/step{s}/model.safetensors").is_file() for s in steps)
+    early, late = (load_file(ws / f"outputs/models/pretrain_steps/step{s}/model.safetensors") for s in steps[:2])
+    assert any(not torch.equal(early[k], late[k]) for k in early)
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["frontier"]["steps"] = []
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert run_stage(ws, "pretrain") == 0
+    assert (ws / "outputs/models/pretrained/model.safetensors").read_bytes() == with_steps
+    assert list((ws / "outputs/models/pretrain_steps").iterdir()) == []

@@ -15,8 +15,9 @@ import numpy as np
 from .. import paths, report
 from ..arms import ARM_NAMES as ARMS
 from ..arms import ARMS as ARMS_BY_NAME
-from ..arms import TRAINED_ARMS
+from ..arms import STEP_PREFIX, TRAINED_ARMS
 from ..io import atomic_write_text, read_json, staged_dir, write_json
+from ..frontier import CurvePoint, matched
 from ..provenance import provenance, record_run
 from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
@@ -39,15 +40,26 @@ def _read_csv(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
 
 
+def step_labels(params) -> list[str]:
+    return [f"{STEP_PREFIX}{step}" for step in params.frontier.steps]
+
+
+def _measured(arm: str, seed: int) -> dict:
+    attack_dir = paths.attack_dir(arm, seed)
+    return {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
+            "per_doc": _require(paths.eval_dir(arm, seed) / "per_doc.json"),
+            **{name: _require(attack_dir / f"{name}.json") for name in (*ATTACKS, "controls")}}
+
+
 def load_runs(params) -> dict:
-    """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "train"?}; transfer[seed]."""
-    runs = {arm: {} for arm in ARMS}
+    """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "train"?}; transfer[seed]. The
+    frontier's checkpoints (pretrained-step<N>) are runs too."""
+    runs = {arm: {} for arm in (*ARMS, *step_labels(params))}
     for seed in params.seeds:
+        for label in step_labels(params):
+            runs[label][seed] = _measured(label, seed)
         for arm in ARMS:
-            attack_dir = paths.attack_dir(arm, seed)
-            run = {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
-                   "per_doc": _require(paths.eval_dir(arm, seed) / "per_doc.json"),
-                   **{name: _require(attack_dir / f"{name}.json") for name in (*ATTACKS, "controls")}}
+            run = _measured(arm, seed)
             if arm in TRAINED_ARMS:
                 tdir = paths.train_dir(arm, seed)
                 run["train"] = _require(tdir / "metrics.json")
@@ -197,6 +209,58 @@ def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
     return [replace(c, p_holm=float(p), p_equivalence_holm=float(q)) for c, p, q in zip(family, p_holm, p_eq_holm)]
 
 
+MATCHED_LABEL = "unconstrained at matched clean NLL"
+MONOTONIC_FAMILY = ("monotonic_init", "monotonic")
+
+
+def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
+    return CurvePoint(label, design.values(Metric(attack, "clean_nll"), label)[0],
+                      design.values(Metric(attack, "abs_increase"), label)[0])
+
+
+def matched_comparisons(design: Design, agg, curve_labels: list[str]) -> list[tuple[PairedComparison, dict]]:
+    """Per attack, monotonic's NLL increase less the unconstrained curve's at monotonic's clean NLL."""
+    out = []
+    for attack in ATTACKS:
+        target = curve_point(design, "monotonic", attack)
+        d, match = matched(target, [curve_point(design, label, attack) for label in curve_labels])
+        clusters = design.values(Metric(attack, "clean_nll"), "monotonic")[1]
+        comparison = paired_comparison("monotonic", MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
+                                       clusters, agg.confidence, agg.equivalence_margin_nats, agg.power, design.rng)
+        out.append((comparison, match.to_dict()))
+    return out
+
+
+def frontier_points(design: Design, curve_labels: list[str], confidence: float) -> list[dict]:
+    """Every model of both families on the attack examples: clean NLL, NLL increase and success per attack."""
+    out = []
+    for family, labels in (("unconstrained", curve_labels), ("monotonic", MONOTONIC_FAMILY)):
+        for label in labels:
+            point = {"label": label, "family": family}
+            for attack in ATTACKS:
+                point[attack] = {}
+                for field in ("clean_nll", "abs_increase", "success_abs"):
+                    values, clusters, _ = design.values(Metric(attack, field), label)
+                    est = crossed_estimate(values, clusters, confidence)
+                    point[attack][field] = (clip_rate(est) if field in RATE_FIELDS else est).to_dict()
+            out.append(point)
+    return out
+
+
+def recovery_plateau(runs: dict, seeds, agg) -> dict:
+    """Per trained arm and seed: the validation-loss drop over the last plateau_window validations, and whether
+    it is below plateau_threshold_nats (recovery has stopped improving)."""
+    out = {}
+    for arm in TRAINED_ARMS:
+        for seed in seeds:
+            val = [row["val_loss"] for row in runs[arm][seed]["val_log"]]
+            window = min(agg.plateau_window, len(val) - 1)
+            drop = val[-1 - window] - val[-1] if window > 0 else float("nan")
+            out.setdefault(arm, {})[seed] = {"validation_loss": val[-1], "drop": drop, "window": window,
+                                             "plateaued": bool(window > 0 and drop < agg.plateau_threshold_nats)}
+    return {"threshold_nats": agg.plateau_threshold_nats, "window": agg.plateau_window, "arms": out}
+
+
 def transfer_cells(loaded: dict, seeds) -> list[TransferCell]:
     return [TransferCell(attack, src, dst, tuple(loaded["transfer"][s][attack]["abs_increase"][src][dst]
                                                  for s in seeds))
@@ -244,8 +308,10 @@ def summarize(params, loaded: dict) -> dict:
     design = Design(loaded, seeds, agg.bootstrap_samples, np.random.default_rng(agg.seed))
     estimates = arm_estimates(design, agg.confidence)
     between_arms = arm_comparisons(design, agg)
-    family = with_holm(between_arms + control_comparisons(design, agg))
-    n_arm = len(between_arms)
+    curve_labels = [*step_labels(params), "pretrained", "baseline"]
+    at_matched_nll = matched_comparisons(design, agg, curve_labels)
+    family = with_holm(between_arms + [c for c, _ in at_matched_nll] + control_comparisons(design, agg))
+    n_arm, n_matched = len(between_arms), len(at_matched_nll)
     transfer = {}
     for cell in transfer_cells(loaded, seeds):
         transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
@@ -253,7 +319,11 @@ def summarize(params, loaded: dict) -> dict:
     return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
             "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
-            "controls": [c.to_dict() for c in family[n_arm:]],
+            "frontier": {"curve": curve_labels, "points": frontier_points(design, curve_labels, agg.confidence),
+                         "matched": [{**c.to_dict(), "match": m} for c, (_, m) in
+                                     zip(family[n_arm:n_arm + n_matched], at_matched_nll)]},
+            "controls": [c.to_dict() for c in family[n_arm + n_matched:]],
+            "recovery": recovery_plateau(runs, seeds, agg),
             "family_size": len(family), "attacks": list(ATTACKS), "control_methods": list(CONTROLS),
             "transfer_abs_increase": transfer, "arm_overrides": overrides,
             "seeds": list(seeds), "confidence": agg.confidence, "bootstrap_samples": agg.bootstrap_samples,
@@ -261,7 +331,7 @@ def summarize(params, loaded: dict) -> dict:
             "thresholds": {"abs_nats": params.attack.success_threshold_nats,
                            "relative": params.attack.success_threshold_relative},
             "variant": params.monotonic.variant, "init": params.monotonic.init,
-            "input_params_hashes": sorted({runs[a][s][k]["provenance"]["params_hash"] for a in ARMS for s in seeds
+            "input_params_hashes": sorted({runs[a][s][k]["provenance"]["params_hash"] for a in runs for s in seeds
                                            for k in ("eval", *ATTACKS, "controls")})}
 
 

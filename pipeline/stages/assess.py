@@ -1,5 +1,6 @@
 """Stage `assess`: everything measured on the arms of one seed, in one process that loads each model once:
 `evaluate` (test perplexity), then the attacks (`uat`, `hotflip`, `controls`; pipeline/stages/attack.py).
+`--frontier` adds the unconstrained checkpoints of frontier.steps (written under outputs/frontier/s<seed>/).
 Each step writes exactly the files its own subcommand writes, with the same results (the attacks draw from
 their own seeded streams). Stopped by SIGUSR1/SIGTERM it exits REQUEUE_EXIT_CODE; a rerun skips finished
 arms' attack methods (their cached results) and resumes the stopped search.
@@ -10,12 +11,20 @@ a cluster can run one reference arm per job). A process that loads a model spend
 transformers on a 2-core machine, more than most of these steps compute at the embedded scale."""
 from __future__ import annotations
 
+from ..arms import STEP_PREFIX
 from ..loading import load_arm_model
+from ..params import ParamsError
+from ..paths import frontier_dir
 from . import attack, evaluate
 
 
 def run(params, args) -> int:
-    for arm in args.arm:
+    arms = [*(args.arm or []), *(f"{STEP_PREFIX}{step}" for step in params.frontier.steps if args.frontier)]
+    if args.frontier:
+        frontier_dir(args.seed).mkdir(parents=True, exist_ok=True)     # the stage's output, even with no steps
+    elif not arms:
+        raise ParamsError("--arm", None, "one or more arms, or --frontier")
+    for arm in arms:
         model, meta = load_arm_model(params, arm, args.seed)
         evaluate.evaluate(params, arm, args.seed, model, meta)
         setup = attack.load_setup(params, arm, args.seed, loaded=(model, meta))

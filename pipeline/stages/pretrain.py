@@ -1,6 +1,10 @@
 """Stage `pretrain`: the `pretrained` arm. Embedded: a tiny GPT-NeoX trained from scratch on the train
 split (standing in for Pythia's pretraining). Cluster: the pinned checkpoint, loaded offline (model.hf_local_path,
-or the pinned commit's snapshot in the HF hub cache, verified before anything runs)."""
+or the pinned commit's snapshot in the HF hub cache, verified before anything runs).
+
+Also the unconstrained checkpoints of the matched-NLL frontier (frontier.steps), under
+outputs/models/pretrain_steps/step<N>: saved as pretraining passes step N (scratch), or the hub checkpoints
+pinned in frontier.hf_revisions (hf; Pythia's intermediate branches stepN)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +15,10 @@ from .. import hub
 from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
-from ..arms import ARMS
+from ..arms import ARMS, STEP_PREFIX
 from .. import device
-from ..paths import DATA_DIR, METRICS_DIR
-from ..params import TrainParams
+from ..paths import DATA_DIR, METRICS_DIR, PRETRAIN_STEPS_DIR
+from ..params import TrainParams, frontier_revision_key
 from ..provenance import provenance, record_run
 from ..training import seed_everything, split_log, train
 
@@ -34,23 +38,49 @@ def pretrain_params(params) -> TrainParams:
     return dataclasses.replace(params.train, **pretrain_overrides(params))
 
 
+def step_saver(steps, tokenizer, out_dir, origin: dict, prov: dict):
+    """after_step for the trainer: the model as it is after each of `steps`, saved under out_dir/step<N>."""
+    def save(step: int, model) -> None:
+        if step in steps:
+            save_causal_lm(model, tokenizer, out_dir / f"step{step}",
+                           {"arm": f"{STEP_PREFIX}{step}", "variant": None, **origin, "steps": step, "provenance": prov})
+    return save
+
+
+def hub_steps(params, tokenizer, out_dir, prov: dict) -> None:
+    """The pinned hub checkpoints of frontier.steps, verified and saved like every arm's model."""
+    m = params.model
+    for step in params.frontier.steps:
+        revision = params.frontier.hf_revisions[frontier_revision_key(step)]
+        checkpoint = hub.model_dir(dataclasses.replace(m, hf_revision=revision, hf_local_path=None))
+        save_causal_lm(load_causal_lm(checkpoint), tokenizer, out_dir / f"step{step}",
+                       {"arm": f"{STEP_PREFIX}{step}", "variant": None, "source": "hf", "name": m.hf_name,
+                        "revision": revision, "steps": step, "provenance": prov})
+
+
 def run(params, args) -> int:
     t0 = time.time()
     checkpoint = hub.model_dir(params.model) if params.model.source == "hf" else None
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     log, log_columns = [], ["step", "loss", "lr"]
-    if params.model.source == "scratch":
-        seed_everything(params.pretrain.seed)
-        model = tiny_gpt_neox(params.model, tokenizer)
-        p = params.pretrain
-        result = train(model, pretrain_params(params), D.PackedSequences(DATA_DIR, "train", params.data.seq_len),
-                       D.PackedSequences(DATA_DIR, "validation", params.data.seq_len), seed=p.seed, desc="pretrain")
-        model, log, log_columns = result.model, result.state.log, result.log_columns
-        origin = {"source": "scratch", "steps": p.steps, "train_tokens": p.steps * p.batch_size * params.data.seq_len}
-    else:
-        model = device.place(load_causal_lm(checkpoint))
-        origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
-                  "local_path": params.model.hf_local_path}
+    prov = provenance(params, "pretrain", seed=params.pretrain.seed)
+    with staged_dir(PRETRAIN_STEPS_DIR) as steps_dir:
+        if params.model.source == "scratch":
+            seed_everything(params.pretrain.seed)
+            model = tiny_gpt_neox(params.model, tokenizer)
+            p = params.pretrain
+            origin = {"source": "scratch", "steps": p.steps,
+                      "train_tokens": p.steps * p.batch_size * params.data.seq_len}
+            result = train(model, pretrain_params(params), D.PackedSequences(DATA_DIR, "train", params.data.seq_len),
+                           D.PackedSequences(DATA_DIR, "validation", params.data.seq_len), seed=p.seed,
+                           desc="pretrain",
+                           after_step=step_saver(set(params.frontier.steps), tokenizer, steps_dir, origin, prov))
+            model, log, log_columns = result.model, result.state.log, result.log_columns
+        else:
+            hub_steps(params, tokenizer, steps_dir, prov)
+            model = device.place(load_causal_lm(checkpoint))
+            origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
+                      "local_path": params.model.hf_local_path}
 
     validation = D.TokenSplit(DATA_DIR, "validation")
     docs = [validation.document(i) for i in range(len(validation))]
@@ -62,7 +92,6 @@ def run(params, args) -> int:
         train_split = D.TokenSplit(DATA_DIR, "train")
         metrics["unigram_validation_perplexity"] = unigram_perplexity(train_split.tokens, docs, validation.eos_id,
                                                                       len(tokenizer))
-    prov = provenance(params, "pretrain", seed=params.pretrain.seed)
     with staged_dir(ARMS["pretrained"].model_dir()) as out:
         save_causal_lm(model, tokenizer, out, {"arm": "pretrained", "variant": None, **origin, "provenance": prov})
     write_json(METRICS_DIR / "pretrain.json", {**metrics, "provenance": prov})
