@@ -7,7 +7,8 @@ import sys
 
 from . import oom
 from . import params as params_mod
-from .arms import ARM_NAMES, ARMS, STEP_PREFIX, TRAINED_ARMS
+from . import arms as arms_mod
+from .arms import ARM_NAMES, ARMS, TRAINED_ARMS
 
 # name -> (module under pipeline.stages, one-line help, the arms --arm accepts (None: no --arm/--seed))
 STAGES = {
@@ -51,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--arm", required=name != "assess", choices=None if steps else arm_choices,
                             nargs="+" if name in ("assess", "benchmarks") else None,
                             help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices)
-                            + (f"; {STEP_PREFIX}<N>: the unconstrained model at pretraining step N (N in "
-                               "frontier.steps)" if steps else ""))
+                            + ("; <arm>-step<N>: a checkpoint from along the arm's training (pretrained: N in "
+                               "frontier.steps; baseline, monotonic: N in frontier.recovery_steps)" if steps else ""))
             sp.add_argument("--seed", required=True, type=int)
             if name == "assess":
                 sp.add_argument("--frontier", action="store_true",
@@ -82,13 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arm(name: str, params) -> None:
     """--arm of a stage without fixed choices: an arm of the table, or a checkpoint in frontier.steps."""
-    if name in ARMS:
-        return
-    step = name[len(STEP_PREFIX):]
-    if not (name.startswith(STEP_PREFIX) and step.isdigit()):
-        raise params_mod.ParamsError("--arm", name, f"one of {', '.join(ARM_NAMES)} or {STEP_PREFIX}<N>")
-    if int(step) not in params.frontier.steps:
-        raise params_mod.ParamsError("frontier.steps", params.frontier.steps, f"a list containing {step} (--arm {name})")
+    try:
+        arm = arms_mod.get(name)
+    except ValueError:
+        raise params_mod.ParamsError("--arm", name, f"one of {', '.join(ARM_NAMES)} or <arm>-step<N>") from None
+    if arm.checkpoint_of is not None and name not in arms_mod.checkpoints_of(arm.checkpoint_of, params.frontier):
+        key = "frontier.steps" if arm.checkpoint_of == "pretrained" else "frontier.recovery_steps"
+        raise params_mod.ParamsError(key, getattr(params.frontier, key.split(".")[1]),
+                                     f"a list containing {arm.step} (--arm {name})")
 
 
 def main(argv=None) -> int:

@@ -16,16 +16,19 @@ class Arm:
     trained: bool              # recovery-trained per seed (else one model serves every seed)
     start: str | None          # the arm whose model this one is made from
     description: str
-    pretrain_step: int | None = None   # a point of the unconstrained reference curve (frontier.steps)
+    checkpoint_of: str | None = None    # a checkpoint of this arm's training (pretraining for pretrained) ...
+    step: int | None = None             # ... at this step: a point of the matched-NLL frontier
 
     def model_dir(self, seed: int | None = None) -> Path:
         """The HF checkpoint of this arm for a seed (one directory for every seed if the arm is untrained)."""
-        if self.pretrain_step is not None:
-            return paths.PRETRAIN_STEPS_DIR / f"step{self.pretrain_step}"
+        if self.checkpoint_of == "pretrained":
+            return paths.PRETRAIN_STEPS_DIR / f"step{self.step}"
         if not self.trained:
             return paths.MODELS_DIR / self.name
         if seed is None:
             raise ValueError(f"arm {self.name!r} is trained per seed: its model directory needs a seed")
+        if self.checkpoint_of is not None:
+            return paths.train_dir(self.checkpoint_of, seed) / "steps" / f"step{self.step}"
         return paths.train_dir(self.name, seed) / "model"
 
 
@@ -44,19 +47,28 @@ ARM_NAMES = tuple(ARMS)
 TRAINED_ARMS = tuple(a.name for a in ARM_TABLE if a.trained)
 
 
-STEP_PREFIX = paths.STEP_PREFIX
+def at_step(name: str, step: int) -> Arm:
+    """A checkpoint from along an arm's training: pretraining (pretrained) or recovery (a trained arm)."""
+    arm = ARMS[name]
+    if not (arm.trained or name == "pretrained"):
+        raise ValueError(f"arm {name!r} is never trained: it has no checkpoints along training")
+    what = "pretraining" if name == "pretrained" else "recovery training"
+    return Arm(f"{name}-step{step}", arm.constrained, arm.trained, arm.start, checkpoint_of=name, step=step,
+               description=f"{name} as it was at step {step} of {what}")
 
 
-def at_pretrain_step(step: int) -> Arm:
-    """The unconstrained model at a pretraining step: measured like the arms, for the matched-NLL frontier."""
-    return Arm(f"{STEP_PREFIX}{step}", constrained=False, trained=False, start=None, pretrain_step=step,
-               description=f"the unconstrained model at pretraining step {step}, never recovery-trained")
+def checkpoints_of(name: str, frontier) -> list[str]:
+    """The frontier's checkpoints of an arm (params.frontier): pretraining steps of pretrained, recovery steps of
+    a trained arm, none of an untrained one."""
+    steps = frontier.steps if name == "pretrained" else frontier.recovery_steps if ARMS[name].trained else []
+    return [at_step(name, step).name for step in steps]
 
 
 def get(name: str) -> Arm:
-    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
-        return at_pretrain_step(int(name[len(STEP_PREFIX):]))
+    base, _, step = name.rpartition("-step")
+    if base in ARMS and step.isdigit():
+        return at_step(base, int(step))
     if name not in ARMS:
-        raise ValueError(f"unknown arm {name!r}; arms: {', '.join(ARMS)}, or {STEP_PREFIX}<N> for N in "
-                         "frontier.steps")
+        raise ValueError(f"unknown arm {name!r}; arms: {', '.join(ARMS)}, or <arm>-step<N> for a checkpoint in "
+                         "frontier.steps (pretrained) or frontier.recovery_steps (trained arms)")
     return ARMS[name]

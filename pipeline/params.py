@@ -232,6 +232,7 @@ class BenchmarksParams:
 class FrontierParams:
     steps: list = anything()              # pretraining steps of the unconstrained reference checkpoints
     hf_revisions: dict = anything()       # model.source hf: "step<N>" -> the pinned commit of that checkpoint
+    recovery_steps: list = anything()     # recovery-training steps whose checkpoints (both arms) are measured too
 
 
 @dataclass(frozen=True)
@@ -415,7 +416,6 @@ def _check_consistency(p: Params) -> None:
                               f"at most the step cap attack.{section}.{'iterations' if section == 'uat' else 'steps'} ({cap})")
 
     _check_benchmarks(p.benchmarks)
-    _check_frontier(p)
 
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():
@@ -428,6 +428,7 @@ def _check_consistency(p: Params) -> None:
                 raise ParamsError(f"train.arm_overrides.{arm}.{key}", override[key],
                                   f"a train key ({', '.join(sorted(train_keys))})")
         p.train_for_arm(arm)   # every overridden value passes the same checks as the section's own
+    _check_frontier(p)
 
 
 def _check_data_files(d: DataParams) -> None:
@@ -476,9 +477,15 @@ def _check_frontier(p: Params) -> None:
     """Pretraining steps of the reference curve: distinct, ascending, before the end of pretraining (scratch)
     or each pinned to the commit of the hub checkpoint `step<N>` (hf, e.g. Pythia's intermediate branches)."""
     f = p.frontier
+    for key in ("steps", "recovery_steps"):
+        steps = getattr(f, key)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps) or steps != sorted(set(steps)):
+            raise ParamsError(f"frontier.{key}", steps, "a list of distinct, ascending integers > 0 (may be empty)")
+    shortest = min(p.train_for_arm(arm).max_steps for arm in TRAINED_ARMS)
+    if f.recovery_steps and f.recovery_steps[-1] >= shortest:
+        raise ParamsError("frontier.recovery_steps", f.recovery_steps, f"steps before the end of recovery (train."
+                                                                       f"max_steps {shortest}: that is the arm itself)")
     steps = f.steps
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps) or steps != sorted(set(steps)):
-        raise ParamsError("frontier.steps", steps, "a list of distinct, ascending integers > 0 (may be empty)")
     if p.model.source == "scratch":
         if steps and steps[-1] >= p.pretrain.steps:
             raise ParamsError("frontier.steps", steps, f"steps before the end of pretraining (pretrain.steps "

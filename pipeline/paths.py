@@ -26,19 +26,25 @@ def checkpoint_dir(arm: str, seed: int) -> Path:
     return OUT / "checkpoints" / run_name(arm, seed)
 
 
-STEP_PREFIX = "pretrained-step"       # pretrained-step<N>: the unconstrained model at pretraining step N
 FRONTIER_DIR = OUT / "frontier"
+RECOVERY_DIR = OUT / "recovery"
 
 
 def frontier_dir(seed: int) -> Path:
-    """Everything measured on the frontier's checkpoints with one seed (one DVC output per seed)."""
+    """Everything measured on the pretraining checkpoints with one seed (one DVC output per seed)."""
     return FRONTIER_DIR / f"s{seed}"
 
 
+def recovery_dir(arm: str, seed: int) -> Path:
+    """Everything measured on a trained arm's recovery checkpoints (<arm>-step<N>) of one seed."""
+    return RECOVERY_DIR / run_name(arm, seed)
+
+
 def _measured(kind: str, arm: str, seed: int) -> Path:
-    if arm.startswith(STEP_PREFIX):
-        return frontier_dir(seed) / arm / kind
-    return OUT / kind / run_name(arm, seed)
+    base, _, step = arm.rpartition("-step")
+    if not step.isdigit():
+        return OUT / kind / run_name(arm, seed)
+    return (frontier_dir(seed) if base == "pretrained" else recovery_dir(base, seed)) / arm / kind
 
 
 def eval_dir(arm: str, seed: int) -> Path:

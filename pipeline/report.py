@@ -103,24 +103,31 @@ def matched_paragraph(summary: dict) -> list[str]:
     """The headline: monotonic vs the unconstrained reference curve at monotonic's clean NLL, per attack."""
     conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
     f = summary["frontier"]
-    parts = []
+    less, more = ("less vulnerable than an unconstrained model of equal clean NLL",
+                  "more vulnerable than an unconstrained model of equal clean NLL")
+    parts, sweep = [], []
     for c in f["matched"]:
         attack, m = c["metric"].split(".")[0], c["match"]
         where = (f"extrapolated from {m['lower']} and {m['upper']}: the curve does not reach it" if m["extrapolated"]
                  else f"between {m['lower']} and {m['upper']}")
+        if c["arm_a"] != "monotonic":
+            step = c["arm_a"].rpartition("-step")[2]
+            sweep.append(f"{c['arm_a']} (recovery step {step}): difference {_stats(c, conf)} under {_name(attack)} "
+                         f"at clean NLL {m['target_clean']:.3f} ({where}): {judgement(c, alpha, less, more)}")
+            continue
         mono = summary["arms"]["monotonic"][attack]["abs_increase"]["mean"]
         parts.append(f"under {_name(attack)} the monotonic model's NLL increase is {mono:.3f} nats/token against "
                      f"the curve's {m['curve_increase']:.3f} at its clean NLL of {m['target_clean']:.3f} ({where}); "
-                     f"difference {_stats(c, conf)}: "
-                     + judgement(c, alpha, "less vulnerable than an unconstrained model of equal clean NLL",
-                                 "more vulnerable than an unconstrained model of equal clean NLL"))
+                     f"difference {_stats(c, conf)}: " + judgement(c, alpha, less, more))
     return [f"**Robustness at matched clean NLL (the headline).** The unconstrained reference curve runs through "
             f"{', '.join(f['curve'])} (clean NLL and attack NLL increase on the attack-evaluation examples, "
             "piecewise linear between them); the monotonic model is compared with that curve at its own clean NLL, "
             "so the constraint's effect is not confounded with its perplexity cost: " + "; ".join(parts) + ". "
             "The interval includes the uncertainty of the matching point (delta method over the crossed design: "
             "documents and seeds, every checkpoint attacked with every seed). The step-matched "
-            "comparison (same recovery budget, different perplexity) follows below.", ""]
+            "comparison (same recovery budget, different perplexity) follows below.", "",
+            *([f"Budget sweep: the same matched comparison for the monotonic model's recovery checkpoints (the "
+               f"recovery budget so far): " + "; ".join(sweep) + ".", ""] if sweep else [])]
 
 
 def recovery_warning(summary: dict) -> list[str]:
@@ -184,11 +191,12 @@ def methods(summary: dict) -> list[str]:
 def power_table(summary: dict) -> list[str]:
     """The smallest paired difference each comparison could detect, with its assumptions."""
     alpha = 1 - summary["confidence"]
+    compared = summary["comparisons"] + summary["frontier"]["matched"]
     metrics = list(dict.fromkeys(c["metric"] for c in summary["comparisons"]))
-    pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in summary["comparisons"]))
-    cell = {(c["arm_a"], c["arm_b"], c["metric"]): c["detectable"] for c in summary["comparisons"]}
+    pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in compared))
+    cell = {(c["arm_a"], c["arm_b"], c["metric"]): f"{c['detectable']:.3f}" for c in compared}
     rows = ["| comparison | " + " | ".join(map(metric_label, metrics)) + " |", "|---" * (len(metrics) + 1) + "|"]
-    rows += [f"| {a} vs {b} | " + " | ".join(f"{cell[(a, b, m)]:.3f}" for m in metrics) + " |" for a, b in pairs]
+    rows += [f"| {a} vs {b} | " + " | ".join(cell.get((a, b, m), "-") for m in metrics) + " |" for a, b in pairs]
     return [f"Smallest paired difference (nats/token) detected with {100 * summary['power']:.0f}% power by a "
             f"two-sided test at alpha = {alpha:g} (unadjusted; under Holm the first of {summary['family_size']} "
             "tests runs at alpha / family size, which needs more), computed as (t(1 - alpha/2) + t(power)) x SE with "

@@ -451,10 +451,11 @@ def save_checkpoint(run: Run) -> None:
 def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constrained: Sequence[nn.Parameter] = (),
           checkpoint_base: Path | None = None, identity: dict | None = None, desc: str = "train",
           export_best: Callable[[nn.Module, Path], None] | None = None,
-          after_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+          after_step: Callable[[int, nn.Module, Path | None], None] | None = None) -> TrainResult:
     """Train `model` (fp32 parameters) in place for tp.max_steps optimizer steps, resuming from the newest
     valid checkpoint under checkpoint_base/<fingerprint> if there is one. Without checkpoint_base the run
-    neither checkpoints nor stops early. `after_step(step, model)` runs on the main process after each step."""
+    neither checkpoints nor stops early. `after_step(step, model, checkpoint root or None)` runs on the main
+    process after each step (before that step's checkpoint, so a resumed run has redone what it wrote)."""
     run = start_run(model, tp, train_data.seq_len, seed=seed, constrained=constrained,
                     checkpoint_base=checkpoint_base, identity=identity, desc=desc)
     state = run.state
@@ -473,7 +474,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             if after_step is not None and run.main:
-                after_step(state.step, run.raw_model)
+                after_step(state.step, run.raw_model, run.root)
             if state.step % tp.eval_interval == 0 or state.step == tp.max_steps:
                 record_validation(run, validate(run, val_data, val_ids), export_best, bar)
             if run.root is None:

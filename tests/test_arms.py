@@ -38,16 +38,21 @@ def test_cli_takes_its_arm_choices_from_the_table(capsys):
     assert parser.parse_args(["evaluate", "--arm", "monotonic_init", "--seed", "0"]).arm == "monotonic_init"
 
 
-def test_frontier_checkpoints_are_unconstrained_untrained_and_measured_under_their_seed():
-    step = arms.get("pretrained-step150")
-    assert (step.constrained, step.trained, step.pretrain_step) == (False, False, 150)
-    assert step.model_dir() == step.model_dir(2) == Path("outputs/models/pretrain_steps/step150")
+def test_checkpoints_along_training_inherit_their_arm_and_live_beside_it():
     from pipeline import paths
 
+    step = arms.get("pretrained-step150")
+    assert (step.constrained, step.trained, step.checkpoint_of, step.step) == (False, False, "pretrained", 150)
+    assert step.model_dir() == step.model_dir(2) == Path("outputs/models/pretrain_steps/step150")
     assert paths.attack_dir("pretrained-step150", 2) == Path("outputs/frontier/s2/pretrained-step150/attacks")
+    mid = arms.get("monotonic-step40")
+    assert (mid.constrained, mid.trained, mid.start) == (True, True, "monotonic_init")
+    assert mid.model_dir(1) == Path("outputs/train/monotonic-s1/steps/step40")
+    assert paths.eval_dir("monotonic-step40", 1) == Path("outputs/recovery/monotonic-s1/monotonic-step40/eval")
     assert paths.eval_dir("pretrained", 2) == Path("outputs/eval/pretrained-s2")
-    with pytest.raises(ValueError, match="unknown arm"):
-        arms.get("pretrained-stepX")
+    for bad in ("pretrained-stepX", "monotonic_init-step3"):
+        with pytest.raises(ValueError, match="unknown arm|never trained"):
+            arms.get(bad)
 
 
 def test_cli_accepts_only_the_frontier_steps_in_params(tmp_path, capsys):
@@ -58,3 +63,5 @@ def test_cli_accepts_only_the_frontier_steps_in_params(tmp_path, capsys):
     assert main(["evaluate", "--arm", "ensemble", "--seed", "0"]) == 2
     assert "'--arm'" in capsys.readouterr().err
     assert main(["assess", "--seed", "0"]) == 2                                # neither --arm nor --frontier
+    assert main(["assess", "--arm", "baseline-step41", "--seed", "0"]) == 2
+    assert "'frontier.recovery_steps'" in capsys.readouterr().err

@@ -259,7 +259,8 @@ def test_per_example_results_line_up_with_the_evaluation_split(acceptance_runs):
             trigger = torch.tensor(result["trigger_ids"])
             assert result["trigger_text"] == setup.tokenizer.decode(result["trigger_ids"])
             assert set(result["trigger_ids"]) <= set(setup.candidates.tolist())
-            attacked = scorer.nll(A.with_trigger(trigger, setup.eval.tokens), count=False)
+            at = A.trigger_offset(a.uat.placement, a.prompt_tokens)
+            attacked = scorer.nll(A.with_trigger(trigger, setup.eval.tokens, at), count=False)
             assert torch.allclose(attacked, torch.tensor([r["attacked_nll"] for r in rows], dtype=torch.float64),
                                   atol=1e-6)
 

@@ -142,11 +142,17 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     results = json.loads((ws / "outputs/report/results.json").read_text())
     smoke = params_mod.load(ws / "params.yaml")
     steps = [f"pretrained-step{step}" for step in smoke.frontier.steps]
-    for arm in (*ARM_NAMES, *steps):
+    recovery = {arm: [f"{arm}-step{step}" for step in smoke.frontier.recovery_steps] for arm in ("baseline", "monotonic")}
+    for arm in (*ARM_NAMES, *steps, *recovery["baseline"], *recovery["monotonic"]):
         assert set(map(str, results["runs"][arm])) == {str(s) for s in smoke.seeds}
     frontier = results["summary"]["frontier"]
-    assert steps and frontier["curve"] == [*steps, "pretrained", "baseline"]
-    assert [c["metric"] for c in frontier["matched"]] == ["uat.abs_increase", "hotflip.abs_increase"]
+    assert steps and recovery["monotonic"]
+    assert frontier["curve"] == [*steps, "pretrained", *recovery["baseline"], "baseline"]
+    assert [(c["arm_a"], c["metric"]) for c in frontier["matched"]] == [
+        (target, f"{attack}.abs_increase") for target in (*recovery["monotonic"], "monotonic")
+        for attack in ("uat", "hotflip")]
+    seed = smoke.seeds[0]
+    assert (ws / f"outputs/recovery/monotonic-s{seed}/{recovery['monotonic'][0]}/attacks/uat.json").is_file()
     for step in smoke.frontier.steps:     # saved by pretrain as it passed the step, measured per seed
         assert json.loads((ws / f"outputs/models/pretrain_steps/step{step}/pipeline_meta.json").read_text())["arm"] \
             == f"pretrained-step{step}"

@@ -193,7 +193,8 @@ def _loaded(seeds, rng, steps=(15, 30)):
 
     # clean NLL on the attack examples above pretrained's: the frontier's checkpoints lie on either side of monotonic
     clean_shift = {"pretrained": 0.0, "baseline": -0.02, "monotonic_init": 2.0, "monotonic": 0.5,
-                   **{f"pretrained-step{step}": 1.0 - 0.02 * step for step in steps}}
+                   **{f"pretrained-step{step}": 1.0 - 0.02 * step for step in steps},
+                   "baseline-step5": -0.01, "monotonic-step5": 0.8}     # smoke's frontier.recovery_steps: [5]
     runs = {arm: {} for arm in clean_shift}
     for s in seeds:
         for k, arm in enumerate(clean_shift):
@@ -230,7 +231,7 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
     matched = summary["frontier"]["matched"]
     family = summary["comparisons"] + matched + summary["controls"]
-    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 2 + 4 * 2   # clean NLL once per example set
+    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 2 * 2 + 4 * 2   # clean NLL once per example set
     assert all(c["p_holm"] >= c["p_value"] for c in family)
     nll = summary["arms"]["baseline"]["test_nll_per_token"]
     assert nll["mean"] == pytest.approx(4.21) and nll["n_documents"] == 5 and nll["se_seeds"] == 0
@@ -250,10 +251,12 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     assert bench["items"] == 40 and bench["monotonic_vs_baseline"]["difference"]["mean"] == pytest.approx(lost)
     assert bench["acc"]["monotonic"]["low"] >= 0 and "## Zero-shot benchmarks" in text
     # the headline: monotonic (clean +0.5) between step30 (+0.4) and step15 (+0.7) on the unconstrained curve
-    assert summary["frontier"]["curve"] == ["pretrained-step15", "pretrained-step30", "pretrained", "baseline"]
-    for c in matched:
-        assert (c["match"]["lower"], c["match"]["upper"], c["match"]["extrapolated"]) == \
-            ("pretrained-step30", "pretrained-step15", False)
+    assert summary["frontier"]["curve"] == ["pretrained-step15", "pretrained-step30", "pretrained", "baseline-step5",
+                                            "baseline"]
+    where = {c["arm_a"]: (c["match"]["lower"], c["match"]["upper"], c["match"]["extrapolated"]) for c in matched}
+    assert where == {"monotonic": ("pretrained-step30", "pretrained-step15", False),          # clean +0.5
+                     "monotonic-step5": ("pretrained-step30", "pretrained-step15", True)}     # +0.8: beyond +0.7
+    assert "monotonic-step5 (recovery step 5): difference" in text and "extrapolated" in text
     assert text.split("\n")[2].startswith("**Robustness at matched clean NLL (the headline).**")
     assert "between pretrained-step30 and pretrained-step15" in text.split("\n")[2]
     recovery = summary["recovery"]["arms"]

@@ -25,8 +25,12 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLI
 
 
 def edit_params(ws: Path, **train) -> None:
+    """Set train keys; a shortened run drops the recovery-step exports (frontier.recovery_steps) it ends before."""
     raw = yaml.safe_load((ws / "params.yaml").read_text())
     raw["train"].update(train)
+    shortest = min([raw["train"]["max_steps"], *(o.get("max_steps", raw["train"]["max_steps"])
+                                                 for o in raw["train"]["arm_overrides"].values())])
+    raw["frontier"]["recovery_steps"] = [s for s in raw["frontier"]["recovery_steps"] if s < shortest]
     (ws / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
@@ -149,6 +153,11 @@ def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smok
     v_resumed = load_file(str(ws / "outputs/train/monotonic-s0/model/monotonic_state.safetensors"))
     v_ref = load_file(str(trained / "outputs/train/monotonic-s0/model/monotonic_state.safetensors"))
     assert all(torch.equal(v_resumed[k], v_ref[k]) for k in v_ref)
+    step = ws / "outputs/train/monotonic-s0/steps/step5"      # smoke frontier.recovery_steps: exported twice here
+    for f in ("model.safetensors", "monotonic_state.safetensors"):
+        assert (step / f).read_bytes() == (trained / "outputs/train/monotonic-s0/steps/step5" / f).read_bytes()
+        assert (step / f).read_bytes() != (ws / "outputs/train/monotonic-s0/model" / f).read_bytes()
+    assert json.loads((step / "pipeline_meta.json").read_text())["arm"] == "monotonic-step5"
     log = read_csv(ws / "outputs/train/monotonic-s0/log.csv")
     ref_log = read_csv(trained / "outputs/train/monotonic-s0/log.csv")
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]

@@ -15,7 +15,7 @@ import numpy as np
 from .. import paths, report
 from ..arms import ARM_NAMES as ARMS
 from ..arms import ARMS as ARMS_BY_NAME
-from ..arms import STEP_PREFIX, TRAINED_ARMS
+from ..arms import TRAINED_ARMS, checkpoints_of
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
 from ..provenance import provenance, record_run
@@ -40,8 +40,9 @@ def _read_csv(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
 
 
-def step_labels(params) -> list[str]:
-    return [f"{STEP_PREFIX}{step}" for step in params.frontier.steps]
+def checkpoint_labels(params) -> list[str]:
+    """The frontier's checkpoints along pretraining and recovery (pipeline.arms.at_step)."""
+    return [label for arm in ARMS for label in checkpoints_of(arm, params.frontier)]
 
 
 def _measured(arm: str, seed: int) -> dict:
@@ -53,10 +54,10 @@ def _measured(arm: str, seed: int) -> dict:
 
 def load_runs(params) -> dict:
     """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "train"?}; transfer[seed]. The
-    frontier's checkpoints (pretrained-step<N>) are runs too."""
-    runs = {arm: {} for arm in (*ARMS, *step_labels(params))}
+    frontier's checkpoints (<arm>-step<N>) are runs too."""
+    runs = {arm: {} for arm in (*ARMS, *checkpoint_labels(params))}
     for seed in params.seeds:
-        for label in step_labels(params):
+        for label in checkpoint_labels(params):
             runs[label][seed] = _measured(label, seed)
         for arm in ARMS:
             run = _measured(arm, seed)
@@ -210,7 +211,13 @@ def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
 
 
 MATCHED_LABEL = "unconstrained at matched clean NLL"
-MONOTONIC_FAMILY = ("monotonic_init", "monotonic")
+
+
+def families(frontier) -> dict[str, list[str]]:
+    """The models of each family along training, the unconstrained one being the reference curve."""
+    return {"unconstrained": [*checkpoints_of("pretrained", frontier), "pretrained",
+                              *checkpoints_of("baseline", frontier), "baseline"],
+            "monotonic": ["monotonic_init", *checkpoints_of("monotonic", frontier), "monotonic"]}
 
 
 def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
@@ -218,23 +225,27 @@ def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
                       design.values(Metric(attack, "abs_increase"), label)[0])
 
 
-def matched_comparisons(design: Design, agg, curve_labels: list[str]) -> list[tuple[PairedComparison, dict]]:
-    """Per attack, monotonic's NLL increase less the unconstrained curve's at monotonic's clean NLL."""
+def matched_comparisons(design: Design, agg, curve_labels: list[str],
+                        targets: list[str]) -> list[tuple[PairedComparison, dict]]:
+    """Per recovered monotonic model (its recovery checkpoints and the final one) and attack: its NLL increase
+    less the unconstrained curve's at its clean NLL."""
     out = []
-    for attack in ATTACKS:
-        target = curve_point(design, "monotonic", attack)
-        d, match = matched(target, [curve_point(design, label, attack) for label in curve_labels])
-        clusters = design.values(Metric(attack, "clean_nll"), "monotonic")[1]
-        comparison = paired_comparison("monotonic", MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
-                                       clusters, agg.confidence, agg.equivalence_margin_nats, agg.power, design.rng)
-        out.append((comparison, match.to_dict()))
+    for label in targets:
+        for attack in ATTACKS:
+            target = curve_point(design, label, attack)
+            d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels])
+            clusters = design.values(Metric(attack, "clean_nll"), label)[1]
+            comparison = paired_comparison(label, MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
+                                           clusters, agg.confidence, agg.equivalence_margin_nats, agg.power,
+                                           design.rng)
+            out.append((comparison, match.to_dict()))
     return out
 
 
-def frontier_points(design: Design, curve_labels: list[str], confidence: float) -> list[dict]:
+def frontier_points(design: Design, family_labels: dict[str, list[str]], confidence: float) -> list[dict]:
     """Every model of both families on the attack examples: clean NLL, NLL increase and success per attack."""
     out = []
-    for family, labels in (("unconstrained", curve_labels), ("monotonic", MONOTONIC_FAMILY)):
+    for family, labels in family_labels.items():
         for label in labels:
             point = {"label": label, "family": family}
             for attack in ATTACKS:
@@ -308,8 +319,9 @@ def summarize(params, loaded: dict) -> dict:
     design = Design(loaded, seeds, agg.bootstrap_samples, np.random.default_rng(agg.seed))
     estimates = arm_estimates(design, agg.confidence)
     between_arms = arm_comparisons(design, agg)
-    curve_labels = [*step_labels(params), "pretrained", "baseline"]
-    at_matched_nll = matched_comparisons(design, agg, curve_labels)
+    family_labels = families(params.frontier)
+    curve_labels = family_labels["unconstrained"]
+    at_matched_nll = matched_comparisons(design, agg, curve_labels, family_labels["monotonic"][1:])
     family = with_holm(between_arms + [c for c, _ in at_matched_nll] + control_comparisons(design, agg))
     n_arm, n_matched = len(between_arms), len(at_matched_nll)
     transfer = {}
@@ -319,7 +331,7 @@ def summarize(params, loaded: dict) -> dict:
     return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
             "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
-            "frontier": {"curve": curve_labels, "points": frontier_points(design, curve_labels, agg.confidence),
+            "frontier": {"curve": curve_labels, "points": frontier_points(design, family_labels, agg.confidence),
                          "matched": [{**c.to_dict(), "match": m} for c, (_, m) in
                                      zip(family[n_arm:n_arm + n_matched], at_matched_nll)]},
             "controls": [c.to_dict() for c in family[n_arm + n_matched:]],

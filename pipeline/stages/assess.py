@@ -1,6 +1,8 @@
 """Stage `assess`: everything measured on the arms of one seed, in one process that loads each model once:
 `evaluate` (test perplexity), then the attacks (`uat`, `hotflip`, `controls`; pipeline/stages/attack.py).
-`--frontier` adds the unconstrained checkpoints of frontier.steps (written under outputs/frontier/s<seed>/).
+`--frontier` adds the frontier's checkpoints: alone, pretraining's (frontier.steps, written under
+outputs/frontier/s<seed>/); with trained arms, their recovery checkpoints (frontier.recovery_steps, written
+under outputs/recovery/<arm>-s<seed>/).
 Each step writes exactly the files its own subcommand writes, with the same results (the attacks draw from
 their own seeded streams). Stopped by SIGUSR1/SIGTERM it exits REQUEUE_EXIT_CODE; a rerun skips finished
 arms' attack methods (their cached results) and resumes the stopped search.
@@ -11,19 +13,22 @@ a cluster can run one reference arm per job). A process that loads a model spend
 transformers on a 2-core machine, more than most of these steps compute at the embedded scale."""
 from __future__ import annotations
 
-from ..arms import STEP_PREFIX
+from ..arms import checkpoints_of
 from ..loading import load_arm_model
 from ..params import ParamsError
-from ..paths import frontier_dir
+from ..paths import frontier_dir, recovery_dir
 from . import attack, evaluate
 
 
 def run(params, args) -> int:
-    arms = [*(args.arm or []), *(f"{STEP_PREFIX}{step}" for step in params.frontier.steps if args.frontier)]
-    if args.frontier:
-        frontier_dir(args.seed).mkdir(parents=True, exist_ok=True)     # the stage's output, even with no steps
-    elif not arms:
+    if not (args.arm or args.frontier):
         raise ParamsError("--arm", None, "one or more arms, or --frontier")
+    arms = list(args.arm or [])
+    if args.frontier:      # the stage's outputs exist even with no checkpoints
+        for name in args.arm or ["pretrained"]:
+            arms += checkpoints_of(name, params.frontier)
+            out = recovery_dir(name, args.seed) if args.arm else frontier_dir(args.seed)
+            out.mkdir(parents=True, exist_ok=True)
     for arm in arms:
         model, meta = load_arm_model(params, arm, args.seed)
         evaluate.evaluate(params, arm, args.seed, model, meta)

@@ -15,7 +15,7 @@ from .. import hub
 from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
-from ..arms import ARMS, STEP_PREFIX
+from ..arms import ARMS, at_step
 from .. import device
 from ..paths import DATA_DIR, METRICS_DIR, PRETRAIN_STEPS_DIR
 from ..params import TrainParams, frontier_revision_key
@@ -40,10 +40,10 @@ def pretrain_params(params) -> TrainParams:
 
 def step_saver(steps, tokenizer, out_dir, origin: dict, prov: dict):
     """after_step for the trainer: the model as it is after each of `steps`, saved under out_dir/step<N>."""
-    def save(step: int, model) -> None:
+    def save(step: int, model, _root) -> None:
         if step in steps:
             save_causal_lm(model, tokenizer, out_dir / f"step{step}",
-                           {"arm": f"{STEP_PREFIX}{step}", "variant": None, **origin, "steps": step, "provenance": prov})
+                           {"arm": at_step("pretrained", step).name, "variant": None, **origin, "steps": step, "provenance": prov})
     return save
 
 
@@ -54,7 +54,7 @@ def hub_steps(params, tokenizer, out_dir, prov: dict) -> None:
         revision = params.frontier.hf_revisions[frontier_revision_key(step)]
         checkpoint = hub.model_dir(dataclasses.replace(m, hf_revision=revision, hf_local_path=None))
         save_causal_lm(load_causal_lm(checkpoint), tokenizer, out_dir / f"step{step}",
-                       {"arm": f"{STEP_PREFIX}{step}", "variant": None, "source": "hf", "name": m.hf_name,
+                       {"arm": at_step("pretrained", step).name, "variant": None, "source": "hf", "name": m.hf_name,
                         "revision": revision, "steps": step, "provenance": prov})
 
 

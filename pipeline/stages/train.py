@@ -7,6 +7,8 @@ metrics.json and flagged loudly. Resumes automatically from paths.checkpoint_dir
 REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outputs in
 paths.train_dir(arm, seed) appear only once training is complete:
   model/        plain HF checkpoint (monotonic: materialized W + V, re-verified W >= 0)
+  steps/step<N> the same at each step N of frontier.recovery_steps (exported into the resumable checkpoint
+                directory as training passes N, so a requeued run keeps them; copied here at the end)
   metrics.json  validation loss/perplexity, budget, throughput, update norms per group, overrides
   log.csv       per logged step: step, loss, lr, grad_norm, update_norm_<group>
   val_log.csv   step, val_loss, val_ppl
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +58,25 @@ def export_model(model, out: Path, arm: arms.Arm, variant: str | None, tokenizer
     return {k: v for k, v in report.items() if k != "modules"}
 
 
+def step_exporter(steps, arm: arms.Arm, variant: str | None, tokenizer, meta: dict):
+    """after_step for the trainer: at each of `steps`, the model exported into <checkpoint root>/steps/step<N>."""
+    def export(step: int, model, root: Path) -> None:
+        if step in steps:
+            with staged_dir(root / "steps" / f"step{step}") as out:
+                export_model(model, out, arm, variant, tokenizer,
+                             {**meta, "arm": arms.at_step(arm.name, step).name, "checkpoint": f"step{step}"})
+    return export
+
+
+def copy_step_exports(root: Path, steps, out: Path) -> None:
+    for step in steps:
+        exported = root / "steps" / f"step{step}"
+        if not exported.is_dir():
+            raise FileNotFoundError(f"{exported}: the export at recovery step {step} is missing (the run resumed "
+                                    "from a checkpoint without it): remove the checkpoint directory and retrain")
+        shutil.copytree(exported, out / f"step{step}")
+
+
 def warn_overrides(arm_overrides: dict) -> None:
     bar = "!" * 100
     print(f"{bar}\nWARNING: train.arm_overrides is set: the arms do NOT get the same training "
@@ -81,14 +103,16 @@ def run(params, args) -> int:
     train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
     val_data = D.PackedSequences(DATA_DIR, "validation", seq_len)
     upstream = {k: v for k, v in params.to_dict().items() if k in ("data", "tokenizer", "model", "pretrain", "monotonic")}
-    identity = {"arm": name, "seed": seed, "start": str(source), "upstream": upstream}
+    identity = {"arm": name, "seed": seed, "start": str(source), "upstream": upstream,
+                "recovery_exports": params.frontier.recovery_steps}
     prov = provenance(params, "train", seed=seed, arm=name)
     meta = {"arm": name, "seed": seed, "variant": variant, "trained_from": str(source), "provenance": prov}
 
     result = train(model, tp, train_data, val_data, seed=seed, constrained=constrained,
                    checkpoint_base=checkpoint_dir(name, seed), identity=identity, desc=f"train {name} s{seed}",
                    export_best=lambda m, out: export_model(m, out, arm, variant, tokenizer,
-                                                          {**meta, "checkpoint": "best"}))
+                                                          {**meta, "checkpoint": "best"}),
+                   after_step=step_exporter(set(params.frontier.recovery_steps), arm, variant, tokenizer, meta))
     state = result.state
     if not result.completed:
         if result.is_main_process:
@@ -110,6 +134,8 @@ def run(params, args) -> int:
     log_columns, log, timing = split_log(result.log_columns, state.log)
     with staged_dir(train_dir(name, seed)) as out:
         verify_report = export_model(result.model, out / "model", arm, variant, tokenizer, {**meta, "checkpoint": "final"})
+        (out / "steps").mkdir()
+        copy_step_exports(result.checkpoint_root, params.frontier.recovery_steps, out / "steps")
         write_csv(out / "log.csv", log_columns, log)
         write_csv(out / "val_log.csv", ["step", "val_loss", "val_ppl"], state.val_log)
         metrics = {
