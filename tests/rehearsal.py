@@ -8,9 +8,11 @@ writes, at the made-up pinned commits of profiles/rehearsal.yaml:
   00..02: shard 03 must never be read), val.jsonl.zst and test.jsonl.zst;
 - models--ORG--NAME: a GPT-NeoX of Pythia's architecture (partial rotary, parallel residual, untied
   embeddings) at the profile's toy sizes, randomly initialised, with a byte-level BPE tokenizer trained on
-  the train shards, its embedding rows padded to a multiple of 128 as Pythia's are (50277 -> 50304).
+  the train shards, its embedding rows padded to a multiple of 128 as Pythia's are (50277 -> 50304); and at
+  each commit of frontier.hf_revisions, another initialisation of the same model (Pythia's intermediate
+  branches step<N>).
 Blobs are named as the hub names them (sha256 for LFS files, git blob sha1 for small files); snapshots link
-to them; refs/main names the commit.
+to them; refs/<branch> names each commit.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def padded_rows(n: int) -> int:
     return -(-n // PYTHIA_ROW_MULTIPLE) * PYTHIA_ROW_MULTIPLE
 
 
-def add_file(repo: hub.Repo, path: str, content: bytes) -> Path:
+def add_file(repo: hub.Repo, path: str, content: bytes, branch: str = "main") -> Path:
     """Store one file as huggingface_hub does: the blob named by its hash, a relative link in the snapshot."""
     lfs = path.endswith(LFS_SUFFIXES)
     digest = (hashlib.sha256(content) if lfs else hashlib.sha1(b"blob %d\0" % len(content) + content)).hexdigest()
@@ -52,7 +54,7 @@ def add_file(repo: hub.Repo, path: str, content: bytes) -> Path:
         link.unlink()
     link.symlink_to(os.path.relpath(blob, link.parent))
     (repo.folder / "refs").mkdir(exist_ok=True)
-    (repo.folder / "refs" / "main").write_text(repo.revision)
+    (repo.folder / "refs" / branch).write_text(repo.revision)
     return link
 
 
@@ -84,20 +86,19 @@ def build_dataset(repo: hub.Repo) -> dict[str, list[D.Document]]:
     return files
 
 
-def build_model(repo: hub.Repo, m: P.ModelParams, train_texts: list[str]) -> None:
+def build_model(repo: hub.Repo, m: P.ModelParams, tokenizer, seed: int = 0, branch: str = "main") -> None:
     import torch
 
     from pipeline.models import tiny_gpt_neox
 
-    tokenizer = D.train_bpe_tokenizer(train_texts, TOKENIZER_VOCAB)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = tiny_gpt_neox(m, tokenizer, vocab_rows=padded_rows(len(tokenizer)))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
-                add_file(repo, path.relative_to(tmp).as_posix(), path.read_bytes())
+                add_file(repo, path.relative_to(tmp).as_posix(), path.read_bytes(), branch)
 
 
 def build(cache_dir: Path, params: P.Params | None = None) -> P.Params:
@@ -105,8 +106,11 @@ def build(cache_dir: Path, params: P.Params | None = None) -> P.Params:
     params = params or P.load(REHEARSAL_PARAMS)
     files = build_dataset(hub.Repo("dataset", params.data.hf_dataset, params.data.hf_revision, cache_dir))
     train_texts = [d.text for name in params.data.hf_train_files for d in files[name]]
-    build_model(hub.Repo("model", params.model.hf_name, params.model.hf_revision, cache_dir), params.model,
-                train_texts)
+    tokenizer = D.train_bpe_tokenizer(train_texts, TOKENIZER_VOCAB)
+    build_model(hub.Repo("model", params.model.hf_name, params.model.hf_revision, cache_dir), params.model, tokenizer)
+    for branch, commit in params.frontier.hf_revisions.items():
+        build_model(hub.Repo("model", params.model.hf_name, commit, cache_dir), params.model, tokenizer,
+                    seed=int(branch.removeprefix("step")), branch=branch)
     return params
 
 

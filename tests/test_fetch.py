@@ -249,6 +249,10 @@ def test_fetch_needs_exactly_what_the_profile_reads(monkeypatch, tmp_path):
                                                                    "fedc38a16eea3bd36a96b906d78d11d2ce18ed79")
     assert "*.safetensors" in model_need.patterns and "*.bin" not in model_need.patterns
     assert fetch.needs(P.load(REPO / "params.yaml")) == []
+    rehearsal = P.load(REPO / "profiles" / "rehearsal.yaml")     # the frontier's intermediate checkpoints too
+    models = [(n.repo.repo_id, n.repo.revision) for n in fetch.needs(rehearsal) if n.repo.repo_type == "model"]
+    assert models == [(rehearsal.model.hf_name, rehearsal.model.hf_revision),
+                      *((rehearsal.model.hf_name, c) for c in rehearsal.frontier.hf_revisions.values())]
 
 
 @pytest.mark.slow   # lm-eval's task registry takes ~15 s to build

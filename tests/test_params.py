@@ -233,8 +233,9 @@ def test_seed_not_in_params_is_refused(workspace_copy, capsys):
 # --- profiles --------------------------------------------------------------------------------------
 
 def key_structure(node, prefix=""):
-    """Every dotted key path; free-form mappings (arm overrides) count as one leaf."""
-    if not isinstance(node, dict) or prefix == "train.arm_overrides":
+    """Every dotted key path; free-form mappings (arm overrides, pinned revisions) count as one leaf."""
+    if not isinstance(node, dict) or prefix in ("train.arm_overrides", "benchmarks.dataset_revisions",
+                                                "frontier.hf_revisions"):
         return {prefix}
     return {prefix} | set().union(*(key_structure(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()))
 

@@ -3,6 +3,7 @@ Pile layout, the model's own tokenizer, Pythia's padded vocabulary) from the fix
 builds, with every socket connection refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -29,7 +30,7 @@ def test_rehearsal_stages_run_offline_from_the_fixture(scratch, tmp_path, monkey
     ws.mkdir()
     shutil.copy(rehearsal.REHEARSAL_PARAMS, ws / "params.yaml")
     for argv in (["data"], ["pretrain"], ["monotonic_init"], ["train", "--arm", "baseline", "--seed", "0"],
-                 ["assess", "--arm", "baseline", "--seed", "0"]):
+                 ["assess", "--arm", "baseline", "--frontier", "--seed", "0"], ["assess", "--frontier", "--seed", "0"]):
         assert run_stage(ws, *argv) == 0, argv
     assert "documents/s on" in capsys.readouterr().out
 
@@ -60,3 +61,13 @@ def test_rehearsal_stages_run_offline_from_the_fixture(scratch, tmp_path, monkey
     assert (ws / "outputs" / "train" / "baseline-s0" / "model" / "model.safetensors").exists()
     assert (ws / "outputs" / "eval" / "baseline-s0" / "metrics.json").exists()
     assert len(list((ws / "outputs" / "attacks" / "baseline-s0").iterdir())) >= 3   # uat, hotflip, controls
+
+    # the frontier: Pythia's intermediate branch at its pinned commit, and a recovery checkpoint, both attacked
+    for step, commit in params.frontier.hf_revisions.items():
+        hub_step = load_causal_lm(hub.model_dir(dataclasses.replace(params.model, hf_revision=commit))).state_dict()
+        saved = load_causal_lm(ws / "outputs" / "models" / "pretrain_steps" / step).state_dict()
+        assert all(torch.equal(v, hub_step[k]) for k, v in saved.items())
+        assert not all(torch.equal(v, reference[k]) for k, v in saved.items())
+        assert (ws / "outputs" / "frontier" / "s0" / f"pretrained-{step}" / "attacks" / "hotflip.json").exists()
+    for step in params.frontier.recovery_steps:
+        assert (ws / "outputs" / "recovery" / "baseline-s0" / f"baseline-step{step}" / "attacks" / "uat.json").exists()
