@@ -177,8 +177,9 @@ def methods(summary: dict) -> list[str]:
         "applies this to the per-example differences (seed s of one arm with seed s of the other); its p-value is "
         "the t test with the interval's effective df, so p < 0.05 exactly when the interval excludes 0.",
         seed_sentence(summary["seeds"]),
-        f"Family: all {summary['family_size']} paired tests below (arm comparisons on test NLL, attack NLL "
-        "increase and clean NLL of the attacked examples, and every gradient attack against its random control). "
+        f"Family: all {summary['family_size']} paired tests of this report (the matched-NLL comparisons above, arm "
+        "comparisons on test NLL, attack NLL increase and clean NLL of the attacked examples, and every gradient "
+        "attack against its random control). "
         "Holm's step-down correction controls the family-wise error at "
         f"{100 - conf}%; both raw and Holm-adjusted p-values are shown. Equivalence: two one-sided tests (TOST) "
         f"against the margin +/-{m:g} nats/token declared in params (aggregate.equivalence_margin_nats), Holm over "
