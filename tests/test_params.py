@@ -114,8 +114,8 @@ BAD_CASES = [
     ("frontier-step-at-the-end-of-pretraining", lambda r: set_key(r, "frontier.steps", [150, 450]), "frontier.steps",
      [150, 450], "before the end of pretraining"),
     ("frontier-hub-step-unpinned", lambda r: set_key(set_key(set_key(r, "model.source", "hf"), "tokenizer.source",
-                                                             "model"), "frontier.hf_revisions", {"step150": "step150"}),
-     "frontier.hf_revisions.step150", "step150", "40-hex commit"),
+                                                             "model"), "frontier.hf_revisions", {"step100": "step100"}),
+     "frontier.hf_revisions.step100", "step100", "40-hex commit"),
 ]
 
 
