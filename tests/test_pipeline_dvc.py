@@ -156,7 +156,8 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     for step in smoke.frontier.steps:     # saved by pretrain as it passed the step, measured per seed
         assert json.loads((ws / f"outputs/models/pretrain_steps/step{step}/pipeline_meta.json").read_text())["arm"] \
             == f"pretrained-step{step}"
-        assert (ws / f"outputs/frontier/s{smoke.seeds[0]}/pretrained-step{step}/attacks/hotflip.json").is_file()
+        attacks = ws / f"outputs/frontier/s{smoke.seeds[0]}/pretrained-step{step}/attacks"
+        assert (attacks / "hotflip.json").is_file() and not (attacks / "controls.json").exists()   # arms only
     for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png", "frontier.png"):
         assert (ws / "outputs/report/plots" / plot).stat().st_size > 1000
 

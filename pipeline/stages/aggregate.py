@@ -45,11 +45,12 @@ def checkpoint_labels(params) -> list[str]:
     return [label for arm in ARMS for label in checkpoints_of(arm, params.frontier)]
 
 
-def _measured(arm: str, seed: int) -> dict:
+def _measured(arm: str, seed: int, controls: bool = True) -> dict:
     attack_dir = paths.attack_dir(arm, seed)
+    names = (*ATTACKS, "controls") if controls else ATTACKS
     return {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
             "per_doc": _require(paths.eval_dir(arm, seed) / "per_doc.json"),
-            **{name: _require(attack_dir / f"{name}.json") for name in (*ATTACKS, "controls")}}
+            **{name: _require(attack_dir / f"{name}.json") for name in names}}
 
 
 def load_runs(params) -> dict:
@@ -58,7 +59,7 @@ def load_runs(params) -> dict:
     runs = {arm: {} for arm in (*ARMS, *checkpoint_labels(params))}
     for seed in params.seeds:
         for label in checkpoint_labels(params):
-            runs[label][seed] = _measured(label, seed)
+            runs[label][seed] = _measured(label, seed, controls=False)      # checkpoints: no controls
         for arm in ARMS:
             run = _measured(arm, seed)
             if arm in TRAINED_ARMS:
@@ -344,7 +345,7 @@ def summarize(params, loaded: dict) -> dict:
                            "relative": params.attack.success_threshold_relative},
             "variant": params.monotonic.variant, "init": params.monotonic.init,
             "input_params_hashes": sorted({runs[a][s][k]["provenance"]["params_hash"] for a in runs for s in seeds
-                                           for k in ("eval", *ATTACKS, "controls")})}
+                                           for k in ("eval", *ATTACKS, "controls") if k in runs[a][s]})}
 
 
 def flat_metrics(summary: dict) -> dict:

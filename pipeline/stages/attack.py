@@ -28,6 +28,7 @@ import torch
 from .. import attacks as A
 
 STEPS = ("uat", "hotflip", "controls")
+CHECKPOINT_STEPS = ("uat", "hotflip")     # the frontier's checkpoints: what the matched comparison reads
 CONTROLS = ("random", "greedy")
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 CODE = ("attacks.py", "stages/attack.py", "data.py", "device.py")
