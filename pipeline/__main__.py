@@ -48,16 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if arm_choices:
-            steps = arm_choices == ARM_NAMES and name != "benchmarks"     # the frontier's checkpoints too
-            sp.add_argument("--arm", required=name != "assess", choices=None if steps else arm_choices,
+            checkpoints = arm_choices == ARM_NAMES and name != "benchmarks"     # <arm>-step<N> too: check_arm
+            sp.add_argument("--arm", required=name != "assess", choices=None if checkpoints else arm_choices,
                             nargs="+" if name in ("assess", "benchmarks") else None,
                             help="; ".join(f"{a}: {ARMS[a].description}" for a in arm_choices)
                             + ("; <arm>-step<N>: a checkpoint from along the arm's training (pretrained: N in "
-                               "frontier.steps; baseline, monotonic: N in frontier.recovery_steps)" if steps else ""))
+                               "frontier.steps; baseline, monotonic: N in frontier.recovery_steps)"
+                               if checkpoints else ""))
             sp.add_argument("--seed", required=True, type=int)
             if name == "assess":
                 sp.add_argument("--frontier", action="store_true",
-                                help="also every checkpoint of frontier.steps (outputs/frontier/s<seed>/)")
+                                help="the frontier's checkpoints too: with no --arm, pretraining's (frontier.steps); "
+                                     "with --arm, those arms' recovery checkpoints (frontier.recovery_steps)")
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arm(name: str, params) -> None:
-    """--arm of a stage without fixed choices: an arm of the table, or a checkpoint in frontier.steps."""
+    """--arm of a stage without fixed choices: an arm of the table, or a checkpoint along an arm's training that
+    params.frontier lists (pretraining: frontier.steps; recovery: frontier.recovery_steps)."""
     try:
         arm = arms_mod.get(name)
     except ValueError:
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
             return importlib.import_module("pipeline.fetch").run(params)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
-        for arm in [args.arm] if isinstance(getattr(args, "arm", None), str) else getattr(args, "arm", None) or []:
+        requested = getattr(args, "arm", None)
+        for arm in [requested] if isinstance(requested, str) else requested or []:
             check_arm(arm, params)
     except params_mod.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)

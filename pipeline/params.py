@@ -479,7 +479,8 @@ def _check_frontier(p: Params) -> None:
     f = p.frontier
     for key in ("steps", "recovery_steps"):
         steps = getattr(f, key)
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps) or steps != sorted(set(steps)):
+        positive_ints = all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps)
+        if not positive_ints or steps != sorted(set(steps)):
             raise ParamsError(f"frontier.{key}", steps, "a list of distinct, ascending integers > 0 (may be empty)")
     shortest = min(p.train_for_arm(arm).max_steps for arm in TRAINED_ARMS)
     if f.recovery_steps and f.recovery_steps[-1] >= shortest:

@@ -43,7 +43,8 @@ def step_saver(steps, tokenizer, out_dir, origin: dict, prov: dict):
     def save(step: int, model, _root) -> None:
         if step in steps:
             save_causal_lm(model, tokenizer, out_dir / f"step{step}",
-                           {"arm": at_step("pretrained", step).name, "variant": None, **origin, "steps": step, "provenance": prov})
+                           {"arm": at_step("pretrained", step).name, "variant": None, **origin, "steps": step,
+                            "provenance": prov})
     return save
 
 
