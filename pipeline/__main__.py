@@ -110,7 +110,7 @@ def check_arm(name: str, params) -> None:
     except ValueError:
         raise params_mod.ParamsError("--arm", name, f"one of {', '.join(ARM_NAMES)} or <arm>-step<N>") from None
     if arm.checkpoint_of is not None and name not in arms_mod.checkpoints_of(arm.checkpoint_of, params.frontier):
-        key = "frontier.steps" if arm.checkpoint_of == "pretrained" else "frontier.recovery_steps"
+        key = arms_mod.frontier_key(arm.checkpoint_of)
         raise params_mod.ParamsError(key, getattr(params.frontier, key.split(".")[1]),
                                      f"a list containing {arm.step} (--arm {name})")
 
