@@ -204,6 +204,10 @@ class HotFlipParams:
     candidates_per_flip: int = at_least(1)   # candidates scored per example and step
 
 
+ATTACKS = ("uat", "hotflip")            # the gradient attacks (attack.uat, attack.hotflip)
+CONTROLS = ("random", "greedy")         # their controls at the same forward budget
+
+
 @dataclass(frozen=True)
 class AttackParams:
     prompt_tokens: int = at_least(1)      # editable prefix of each example
@@ -408,7 +412,7 @@ def _check_consistency(p: Params) -> None:
     if a.hotflip.candidates_per_flip > pool:
         raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
                           f"at most prompt_tokens x topk ({pool})")
-    for section in ("uat", "hotflip"):
+    for section in ATTACKS:
         s = getattr(a, section)
         cap = s.iterations if section == "uat" else s.steps
         if s.patience > cap:
@@ -453,13 +457,13 @@ def _check_data_files(d: DataParams) -> None:
                           "train shards, the held-out splits from the held-out files)")
 
 
-LOCAL_BENCHMARK = "pipeline_lastword"   # pipeline/benchmarks.py LOCAL_TASK (kept torch- and harness-free here)
+LOCAL_TASK = "pipeline_lastword"   # pipeline/benchmarks.py's own last-word task (named here: no harness import)
 def _check_benchmarks(b: BenchmarksParams) -> None:
     if not b.tasks or not all(isinstance(t, str) and t for t in b.tasks) or len(set(b.tasks)) != len(b.tasks):
         raise ParamsError("benchmarks.tasks", b.tasks, f"a non-empty list of distinct lm-eval task names "
-                          f"({LOCAL_BENCHMARK!r} is the local task)")
+                          f"({LOCAL_TASK!r} is the local task)")
     for task in b.tasks:
-        if task != LOCAL_BENCHMARK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
+        if task != LOCAL_TASK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
             raise ParamsError(f"benchmarks.dataset_revisions.{task}", b.dataset_revisions.get(task),
                               "the 40-hex commit of the task's dataset on the HF hub (every harness task's data is "
                               "pinned, fetched by `python -m pipeline fetch` and read offline)")

@@ -78,7 +78,8 @@ def test_a_new_arm_joins_its_family_its_checkpoints_and_its_paths_from_the_table
     assert families(frontier) == {
         "unconstrained": ["pretrained-step10", "pretrained", "baseline-step20", "baseline"],
         "monotonic": ["monotonic_init", "monotonic-step20", "monotonic", "monotonic_long-step20", "monotonic_long"]}
-    assert arms.frontier_key("monotonic_long") == "frontier.recovery_steps" and arms.frontier_key("monotonic_init") is None
+    assert arms.frontier_key("monotonic_long") == "frontier.recovery_steps"
+    assert arms.frontier_key("monotonic_init") is None
     assert paths.eval_dir("monotonic_long-step20", 1) == Path(
         "outputs/recovery/monotonic_long-s1/monotonic_long-step20/eval")
     with pytest.raises(ValueError, match="unknown arm"):

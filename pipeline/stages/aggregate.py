@@ -18,11 +18,10 @@ from ..arms import ARMS as ARMS_BY_NAME
 from ..arms import TRAINED_ARMS, checkpoints_of, get
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
+from ..params import ATTACKS, CONTROLS
 from ..provenance import provenance, record_run
 from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
-ATTACKS = ("uat", "hotflip")
-CONTROLS = ("random", "greedy")
 ATTACK_FIELDS = ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")
 CONTROL_FIELDS = ("abs_increase", "success_abs")
 COMPARISONS = (("monotonic", "baseline"), ("monotonic_init", "pretrained"), ("baseline", "pretrained"),
@@ -323,7 +322,8 @@ def summarize(params, loaded: dict) -> dict:
     between_arms = arm_comparisons(design, agg)
     family_labels = families(params.frontier)
     curve_labels = family_labels["unconstrained"]
-    at_matched_nll = matched_comparisons(design, agg, curve_labels, [label for label in family_labels["monotonic"] if get(label).trained])
+    recovered = [label for label in family_labels["monotonic"] if get(label).trained]
+    at_matched_nll = matched_comparisons(design, agg, curve_labels, recovered)
     family = with_holm(between_arms + [c for c, _ in at_matched_nll] + control_comparisons(design, agg))
     n_arm, n_matched = len(between_arms), len(at_matched_nll)
     transfer = {}
