@@ -451,10 +451,23 @@ def _check_data_files(d: DataParams) -> None:
     if shared:
         raise ParamsError("data.hf_heldout_files", d.hf_heldout_files,
                           f"files disjoint from data.hf_train_files (both name {', '.join(shared)})")
-    if d.source == "hf" and d.max_documents < len(SPLITS):
-        raise ParamsError("data.max_documents", d.max_documents,
-                          f"at least {len(SPLITS)} when data.source is 'hf' (the documents read: train from the "
-                          "train shards, the held-out splits from the held-out files)")
+    if d.source == "hf":    # the documents read: train from the train shards, the held-out splits from the others
+        try:
+            split_counts(d.max_documents, d.fractions)
+        except ValueError as exc:
+            raise ParamsError("data.max_documents", d.max_documents,
+                              f"enough to leave train at least one document when data.source is 'hf' ({exc}; "
+                              "every held-out split takes at least one)") from None
+
+
+def split_counts(n: int, fractions: dict) -> dict[str, int]:
+    """Documents per split out of n: every held-out split at least one, train the remainder (ValueError if none
+    is left; checked here for the hf source, whose n is data.max_documents)."""
+    counts = {s: max(1, int(n * fractions[s])) for s in HELD_OUT}
+    train = n - sum(counts.values())
+    if train < 1:
+        raise ValueError(f"{n} documents leave none for train with data.fractions {fractions}")
+    return {"train": train, **counts}
 
 
 LOCAL_TASK = "pipeline_lastword"   # pipeline/benchmarks.py's own last-word task (named here: no harness import)
