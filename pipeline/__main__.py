@@ -38,12 +38,37 @@ class _OneLineHelpFormatter(argparse.RawDescriptionHelpFormatter):
         self._action_max_length = max(map(len, STAGES)) + 6
 
 
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser whose `arguments(parser)` run when that subcommand is parsed (its --help too), so a
+    tool's module is imported only by its own subcommand. Tools (preflight, fetch, verify) are imported by name,
+    like the stages: a stage run loads this file, its stage module and their imports, never a tool
+    (tests/test_pipeline_dvc.py compares that with dvc.yaml's code deps)."""
+
+    def __init__(self, *args, arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._arguments is not None:
+            self._arguments(self)
+            self._arguments = None
+        return super().parse_known_args(args, namespace)
+
+
+def _preflight_arguments(sp: argparse.ArgumentParser) -> None:
+    preflight = importlib.import_module("pipeline.preflight")
+    sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
+    sp.add_argument("--mfu", type=float, help=f"achieved fraction of the dense peak (default {preflight.MFU_DEFAULT})")
+    sp.add_argument("--resources", default=str(preflight.RESOURCES))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=_OneLineHelpFormatter,
                                      epilog="Switch every setting at once: python -m pipeline profile cluster "
                                             "(profiles/: embedded = params.yaml default, smoke, rehearsal, cluster).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>", parser_class=_SubParser)
     for name, (_, help_text, arm_choices) in STAGES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -64,14 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--seed", required=True, type=int)
     sp = sub.add_parser("check-params", help="validate a params file and print its hash")
     sp.add_argument("--params", default="params.yaml")
-    # tools (preflight, fetch, verify) are imported by name, like the stages: a stage's code deps are its own
-    # module's imports and this file's (tests/test_pipeline_dvc.py), never a tool's
-    preflight = importlib.import_module("pipeline.preflight")
-    sp = sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU")
-    sp.add_argument("--params", default="params.yaml")
-    sp.add_argument("--gpu", choices=sorted(preflight.DEVICES), help="default: a100-80gb for model.source hf, else cpu")
-    sp.add_argument("--mfu", type=float, help=f"achieved fraction of the dense peak (default {preflight.MFU_DEFAULT})")
-    sp.add_argument("--resources", default=str(preflight.RESOURCES))
+    sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU",
+                   arguments=_preflight_arguments)
     sp = sub.add_parser("fetch", help="download what the params need into the HF hub cache (network; login node)")
     sp.add_argument("--params", default="params.yaml")
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
@@ -91,7 +110,7 @@ def check_arm(name: str, params) -> None:
     except ValueError:
         raise params_mod.ParamsError("--arm", name, f"one of {', '.join(ARM_NAMES)} or <arm>-step<N>") from None
     if arm.checkpoint_of is not None and name not in arms_mod.checkpoints_of(arm.checkpoint_of, params.frontier):
-        key = "frontier.steps" if arm.checkpoint_of == "pretrained" else "frontier.recovery_steps"
+        key = arms_mod.frontier_key(arm.checkpoint_of)
         raise params_mod.ParamsError(key, getattr(params.frontier, key.split(".")[1]),
                                      f"a list containing {arm.step} (--arm {name})")
 

@@ -47,10 +47,18 @@ ARM_NAMES = tuple(ARMS)
 TRAINED_ARMS = tuple(a.name for a in ARM_TABLE if a.trained)
 
 
+def frontier_key(name: str) -> str | None:
+    """The params key listing the steps of an arm's checkpoints along training: frontier.steps (pretraining, of
+    pretrained), frontier.recovery_steps (a trained arm); None for an arm never trained."""
+    if name == "pretrained":
+        return "frontier.steps"
+    return "frontier.recovery_steps" if ARMS[name].trained else None
+
+
 def at_step(name: str, step: int) -> Arm:
     """A checkpoint from along an arm's training: pretraining (pretrained) or recovery (a trained arm)."""
     arm = ARMS[name]
-    if not (arm.trained or name == "pretrained"):
+    if frontier_key(name) is None:
         raise ValueError(f"arm {name!r} is never trained: it has no checkpoints along training")
     what = "pretraining" if name == "pretrained" else "recovery training"
     return Arm(f"{name}-step{step}", arm.constrained, arm.trained, arm.start, checkpoint_of=name, step=step,
@@ -58,10 +66,9 @@ def at_step(name: str, step: int) -> Arm:
 
 
 def checkpoints_of(name: str, frontier) -> list[str]:
-    """The frontier's checkpoints of an arm (params.frontier): pretraining steps of pretrained, recovery steps of
-    a trained arm, none of an untrained one."""
-    steps = frontier.steps if name == "pretrained" else frontier.recovery_steps if ARMS[name].trained else []
-    return [at_step(name, step).name for step in steps]
+    """The frontier's checkpoints of an arm (params.frontier, frontier_key): none of an untrained arm."""
+    key = frontier_key(name)
+    return [at_step(name, step).name for step in (getattr(frontier, key.split(".")[1]) if key else [])]
 
 
 def get(name: str) -> Arm:

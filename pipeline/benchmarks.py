@@ -16,7 +16,8 @@ import json
 import re
 from pathlib import Path
 
-LOCAL_TASK = "pipeline_lastword"
+from .params import LOCAL_TASK
+
 ITEMS_FILE = "lastword.jsonl"
 LAST_WORD = re.compile(r"(?s)^(.*\S) ([A-Za-z]{2,})[^\w\s]*$")   # a passage ending in " word" (+ punctuation)
 # what the harness's results hold that varies between identical runs (time, host, environment, paths)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import HELD_OUT, SPLITS, DataParams
+from .params import HELD_OUT, SPLITS, DataParams, split_counts
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -195,15 +195,6 @@ def load_splits(p: DataParams, paths: dict[str, Path] | None = None) -> dict[str
 
 
 # --- splitting ----------------------------------------------------------------------------------
-
-def split_counts(n: int, fractions: dict) -> dict[str, int]:
-    """Documents per split out of n: every held-out split at least one, train the remainder."""
-    counts = {s: max(1, int(n * fractions[s])) for s in HELD_OUT}
-    train = n - sum(counts.values())
-    if train < 1:
-        raise ValueError(f"{n} documents leave none for train with fractions {fractions}")
-    return {"train": train, **counts}
-
 
 def _cut(docs: list[Document], counts: dict[str, int], seed: int) -> dict[str, list[Document]]:
     order = np.random.default_rng(seed).permutation(len(docs))

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import MONOTONIC_SPEC_FILE, load_causal_lm, save_causal_lm
-from .params import MONOTONICITY_SCOPE, VARIANT_MODULES
+from .params import INIT_MODES, MONOTONICITY_SCOPE, VARIANT_MODULES
 
 STATE_FILE = "monotonic_state.safetensors"
 PARAM_SUFFIX = ".parametrizations.weight.original"
@@ -42,7 +42,7 @@ class Softplus(nn.Module):
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         if not bool((w > 0).all()):
-            raise MonotonicityError("softplus^-1 needs W > 0: apply an init mode (abs or clamp) first")
+            raise MonotonicityError(f"softplus^-1 needs W > 0: apply an init mode ({' or '.join(INIT_MODES)}) first")
         w64 = w.double()
         return (w64 + torch.log(-torch.expm1(-w64))).to(w.dtype)
 
@@ -52,7 +52,7 @@ def initial_weight(w: torch.Tensor, init: str, eps: float) -> torch.Tensor:
         return w.abs() + eps
     if init == "clamp":
         return w.clamp_min(eps)
-    raise ValueError(f"unknown init mode {init!r}; allowed: abs, clamp")
+    raise ValueError(f"unknown init mode {init!r}; allowed: {', '.join(INIT_MODES)}")
 
 
 def _layer_count(model) -> int:

@@ -204,6 +204,10 @@ class HotFlipParams:
     candidates_per_flip: int = at_least(1)   # candidates scored per example and step
 
 
+ATTACKS = ("uat", "hotflip")            # the gradient attacks (attack.uat, attack.hotflip)
+CONTROLS = ("random", "greedy")         # their controls at the same forward budget
+
+
 @dataclass(frozen=True)
 class AttackParams:
     prompt_tokens: int = at_least(1)      # editable prefix of each example
@@ -408,7 +412,7 @@ def _check_consistency(p: Params) -> None:
     if a.hotflip.candidates_per_flip > pool:
         raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
                           f"at most prompt_tokens x topk ({pool})")
-    for section in ("uat", "hotflip"):
+    for section in ATTACKS:
         s = getattr(a, section)
         cap = s.iterations if section == "uat" else s.steps
         if s.patience > cap:
@@ -447,19 +451,32 @@ def _check_data_files(d: DataParams) -> None:
     if shared:
         raise ParamsError("data.hf_heldout_files", d.hf_heldout_files,
                           f"files disjoint from data.hf_train_files (both name {', '.join(shared)})")
-    if d.source == "hf" and d.max_documents < len(SPLITS):
-        raise ParamsError("data.max_documents", d.max_documents,
-                          f"at least {len(SPLITS)} when data.source is 'hf' (the documents read: train from the "
-                          "train shards, the held-out splits from the held-out files)")
+    if d.source == "hf":    # the documents read: train from the train shards, the held-out splits from the others
+        try:
+            split_counts(d.max_documents, d.fractions)
+        except ValueError as exc:
+            raise ParamsError("data.max_documents", d.max_documents,
+                              f"enough to leave train at least one document when data.source is 'hf' ({exc}; "
+                              "every held-out split takes at least one)") from None
 
 
-LOCAL_BENCHMARK = "pipeline_lastword"   # pipeline/benchmarks.py LOCAL_TASK (kept torch- and harness-free here)
+def split_counts(n: int, fractions: dict) -> dict[str, int]:
+    """Documents per split out of n: every held-out split at least one, train the remainder (ValueError if none
+    is left; checked here for the hf source, whose n is data.max_documents)."""
+    counts = {s: max(1, int(n * fractions[s])) for s in HELD_OUT}
+    train = n - sum(counts.values())
+    if train < 1:
+        raise ValueError(f"{n} documents leave none for train with data.fractions {fractions}")
+    return {"train": train, **counts}
+
+
+LOCAL_TASK = "pipeline_lastword"   # pipeline/benchmarks.py's own last-word task (named here: no harness import)
 def _check_benchmarks(b: BenchmarksParams) -> None:
     if not b.tasks or not all(isinstance(t, str) and t for t in b.tasks) or len(set(b.tasks)) != len(b.tasks):
         raise ParamsError("benchmarks.tasks", b.tasks, f"a non-empty list of distinct lm-eval task names "
-                          f"({LOCAL_BENCHMARK!r} is the local task)")
+                          f"({LOCAL_TASK!r} is the local task)")
     for task in b.tasks:
-        if task != LOCAL_BENCHMARK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
+        if task != LOCAL_TASK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
             raise ParamsError(f"benchmarks.dataset_revisions.{task}", b.dataset_revisions.get(task),
                               "the 40-hex commit of the task's dataset on the HF hub (every harness task's data is "
                               "pinned, fetched by `python -m pipeline fetch` and read offline)")

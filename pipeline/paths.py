@@ -40,11 +40,14 @@ def recovery_dir(arm: str, seed: int) -> Path:
     return RECOVERY_DIR / run_name(arm, seed)
 
 
-def _measured(kind: str, arm: str, seed: int) -> Path:
-    base, _, step = arm.rpartition("-step")
-    if not step.isdigit():
-        return OUT / kind / run_name(arm, seed)
-    return (frontier_dir(seed) if base == "pretrained" else recovery_dir(base, seed)) / arm / kind
+def _measured(kind: str, label: str, seed: int) -> Path:
+    from .arms import get   # arms reads this module's directories: imported when first needed
+
+    arm = get(label)
+    if arm.checkpoint_of is None:
+        return OUT / kind / run_name(label, seed)
+    # a checkpoint of a trained arm is along its recovery; of an untrained one, along pretraining
+    return (recovery_dir(arm.checkpoint_of, seed) if arm.trained else frontier_dir(seed)) / label / kind
 
 
 def eval_dir(arm: str, seed: int) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .arms import ARM_NAMES as ARMS
-from .arms import ARM_TABLE, TRAINED_ARMS
+from .arms import ARM_TABLE, TRAINED_ARMS, get
 from .params import MONOTONICITY_SCOPE
 from .stats import verdict
 
@@ -110,8 +110,8 @@ def matched_paragraph(summary: dict) -> list[str]:
         attack, m = c["metric"].split(".")[0], c["match"]
         where = (f"extrapolated from {m['lower']} and {m['upper']}: the curve does not reach it" if m["extrapolated"]
                  else f"between {m['lower']} and {m['upper']}")
-        if c["arm_a"] != "monotonic":
-            step = c["arm_a"].rpartition("-step")[2]
+        step = get(c["arm_a"]).step
+        if step is not None:
             sweep.append(f"{c['arm_a']} (recovery step {step}): difference {_stats(c, conf)} under {_name(attack)} "
                          f"at clean NLL {m['target_clean']:.3f} ({where}): {judgement(c, alpha, less, more)}")
             continue

@@ -65,3 +65,22 @@ def test_cli_accepts_only_the_frontier_steps_in_params(tmp_path, capsys):
     assert main(["assess", "--seed", "0"]) == 2                                # neither --arm nor --frontier
     assert main(["assess", "--arm", "baseline-step41", "--seed", "0"]) == 2
     assert "'frontier.recovery_steps'" in capsys.readouterr().err
+
+
+def test_a_new_arm_joins_its_family_its_checkpoints_and_its_paths_from_the_table_alone(monkeypatch):
+    from pipeline import paths
+    from pipeline.params import FrontierParams
+    from pipeline.stages.aggregate import families
+
+    monkeypatch.setitem(arms.ARMS, "monotonic_long", arms.Arm(
+        "monotonic_long", constrained=True, trained=True, start="monotonic_init", description="trained longer"))
+    frontier = FrontierParams(steps=[10], hf_revisions={}, recovery_steps=[20])
+    assert families(frontier) == {
+        "unconstrained": ["pretrained-step10", "pretrained", "baseline-step20", "baseline"],
+        "monotonic": ["monotonic_init", "monotonic-step20", "monotonic", "monotonic_long-step20", "monotonic_long"]}
+    assert arms.frontier_key("monotonic_long") == "frontier.recovery_steps"
+    assert arms.frontier_key("monotonic_init") is None
+    assert paths.eval_dir("monotonic_long-step20", 1) == Path(
+        "outputs/recovery/monotonic_long-s1/monotonic_long-step20/eval")
+    with pytest.raises(ValueError, match="unknown arm"):
+        paths.attack_dir("ensemble-step3", 1)     # a label the table does not know has no place

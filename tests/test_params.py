@@ -259,6 +259,23 @@ def test_params_and_profiles_have_identical_key_structure():
         assert key_structure(yaml.safe_load(path.read_text())) == reference, path
 
 
+def test_hf_documents_that_leave_none_for_train_fail_check_params(tmp_path, capsys):
+    """The hf source reads exactly data.max_documents: whether train gets any is known from params alone."""
+    from pipeline.__main__ import main
+
+    raw = yaml.safe_load((REPO / "profiles" / "cluster.yaml").read_text())
+    set_key(set_key(raw, "data.max_documents", 5), "data.fractions",
+            fractions(train=0.01, validation=0.96, test=0.01, attack_opt=0.01, attack_eval=0.01))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["check-params", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'data.max_documents'" in err and "5" in err and "leave train at least one document" in err
+    set_key(raw, "data.max_documents", 300)       # 288 + 3 x 3 held out: 3 left for train
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["check-params", "--params", str(path)]) == 0
+
+
 def test_profile_switch_round_trip(tmp_path, capsys):
     from pipeline.__main__ import main
 

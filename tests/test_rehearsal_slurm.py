@@ -109,7 +109,8 @@ def test_rehearsal_dag_as_slurm_jobs_with_two_training_processes_and_a_requeue(r
     for stage in [s for s in lock if s.startswith("train-")]:
         arm, seed = re.match(r"train-(\w+)@(\d+)", stage).groups()
         metrics = json.loads((cluster / f"outputs/train/{arm}-s{seed}/metrics.json").read_text())
-        assert metrics["processes"] == 2 and metrics["global_batch_sequences"] == 8, stage
+        record = json.loads((run_dir / "records" / f"train-{arm}-s{seed}.json").read_text())   # stage.sbatch
+        assert record["processes"] == 2 and metrics["global_batch_sequences"] == 8, stage
     report = cluster / "outputs" / "report"
     assert (report / "report.md").stat().st_size > 0 and (report / "results.json").exists()
     gather_log = (run_dir / "logs" / "gather.log").read_text()

@@ -163,7 +163,8 @@ def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smok
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
     record = json.loads((ws / "outputs/runs/train-monotonic-s0.json").read_text())
     assert record["runs"] == 3 and [r["step"] for r in record["timing"]] == [int(r["step"]) for r in log]
-    assert "runs" not in json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text())
+    assert record["processes"] == 1
+    assert not {"runs", "processes"} & set(json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text()))
 
 
 def test_updates_rounding_to_zero_fail_the_run(smoke_workspace, tmp_path):

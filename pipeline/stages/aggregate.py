@@ -15,14 +15,13 @@ import numpy as np
 from .. import paths, report
 from ..arms import ARM_NAMES as ARMS
 from ..arms import ARMS as ARMS_BY_NAME
-from ..arms import TRAINED_ARMS, checkpoints_of
+from ..arms import TRAINED_ARMS, checkpoints_of, get
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
+from ..params import ATTACKS, CONTROLS
 from ..provenance import provenance, record_run
 from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
-ATTACKS = ("uat", "hotflip")
-CONTROLS = ("random", "greedy")
 ATTACK_FIELDS = ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")
 CONTROL_FIELDS = ("abs_increase", "success_abs")
 COMPARISONS = (("monotonic", "baseline"), ("monotonic_init", "pretrained"), ("baseline", "pretrained"),
@@ -42,7 +41,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 def checkpoint_labels(params) -> list[str]:
     """The frontier's checkpoints along pretraining and recovery (pipeline.arms.at_step)."""
-    return [label for arm in ARMS for label in checkpoints_of(arm, params.frontier)]
+    return [label for labels in families(params.frontier).values() for label in labels if get(label).checkpoint_of]
 
 
 def _measured(arm: str, seed: int, controls: bool = True) -> dict:
@@ -215,10 +214,11 @@ MATCHED_LABEL = "unconstrained at matched clean NLL"
 
 
 def families(frontier) -> dict[str, list[str]]:
-    """The models of each family along training, the unconstrained one being the reference curve."""
-    return {"unconstrained": [*checkpoints_of("pretrained", frontier), "pretrained",
-                              *checkpoints_of("baseline", frontier), "baseline"],
-            "monotonic": ["monotonic_init", *checkpoints_of("monotonic", frontier), "monotonic"]}
+    """The models of each family (the arms constrained or not) along training, each arm after its checkpoints;
+    the unconstrained family is the reference curve."""
+    return {family: [label for arm in ARMS_BY_NAME.values() if arm.constrained == constrained
+                     for label in (*checkpoints_of(arm.name, frontier), arm.name)]
+            for family, constrained in (("unconstrained", False), ("monotonic", True))}
 
 
 def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
@@ -322,7 +322,8 @@ def summarize(params, loaded: dict) -> dict:
     between_arms = arm_comparisons(design, agg)
     family_labels = families(params.frontier)
     curve_labels = family_labels["unconstrained"]
-    at_matched_nll = matched_comparisons(design, agg, curve_labels, family_labels["monotonic"][1:])
+    recovered = [label for label in family_labels["monotonic"] if get(label).trained]
+    at_matched_nll = matched_comparisons(design, agg, curve_labels, recovered)
     family = with_holm(between_arms + [c for c, _ in at_matched_nll] + control_comparisons(design, agg))
     n_arm, n_matched = len(between_arms), len(at_matched_nll)
     transfer = {}

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from .. import attacks as A
+from ..params import ATTACKS, CONTROLS
 
-STEPS = ("uat", "hotflip", "controls")
-CHECKPOINT_STEPS = ("uat", "hotflip")     # the frontier's checkpoints: what the matched comparison reads
-CONTROLS = ("random", "greedy")
+STEPS = (*ATTACKS, "controls")
+CHECKPOINT_STEPS = ATTACKS     # the frontier's checkpoints: what the matched comparison reads
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 CODE = ("attacks.py", "stages/attack.py", "data.py", "device.py")
 

@@ -144,7 +144,7 @@ def run(params, args) -> int:
             "validation_windows": result.val_windows, "validation_tokens": result.val_windows * seq_len,
             "best_validation_loss": state.best_val_loss, "best_step": state.best_step,
             "steps": state.step, "tokens_seen": tokens_seen, "sequences_seen": state.step * result.global_batch,
-            "global_batch_sequences": result.global_batch, "processes": result.num_processes,
+            "global_batch_sequences": result.global_batch,
             "update_norm_total": total_update, "update_norm_path": state.update_norm_sum,
             "param_groups": {g: len(names) for g, names in result.groups.items()},
             "overrides": dict(params.train.arm_overrides.get(name, {})),
@@ -160,7 +160,8 @@ def run(params, args) -> int:
         write_json(out / "metrics.json", metrics)
     tokens_per_s = tokens_seen / state.step_seconds
     record_run(f"train-{run_name(name, seed)}", prov, result.model, seconds=round(state.wall_seconds, 2),
-               step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing)
+               step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing,
+               processes=result.num_processes)     # how it ran, not what it made: outside the hashed metrics
     moved = ", ".join(f"{g} {n:.3g}" for g, n in total_update.items())
     print(f"train {name} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} "
           f"steps ({tokens_seen} tokens, {tokens_per_s:.0f} tokens/s); total update norm: {moved}")

@@ -13,10 +13,10 @@ from ..arms import ARM_NAMES
 from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, record_run
-from .attack import CONTROLS, load_setup
+from ..params import ATTACKS, CONTROLS
+from .attack import load_setup
 
 METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel")
-KINDS = ("uat", "hotflip")
 
 
 def _load_source(arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
@@ -24,7 +24,7 @@ def _load_source(arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"transfer needs {path}: run `python -m pipeline {name} --arm {arm} --seed {seed}`")
     result = read_json(path)   # current with its params by DVC's deps; a variation of train.* leaves it valid
-    for res in ([result[m][k] for m in CONTROLS for k in KINDS] if name == "controls" else [result]):
+    for res in ([result[m][k] for m in CONTROLS for k in ATTACKS] if name == "controls" else [result]):
         if [e["id"] for e in res["examples"]] != eval_ids:
             raise ValueError(f"{path}: its examples differ from the current attack-evaluation examples")
     return result
@@ -57,12 +57,12 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dic
         setup = load_setup(params, target, seed)
         if sources is None:
             sources = {arm: {name: _load_source(arm, seed, name, setup.eval.ids)
-                             for name in (*KINDS, "controls")} for arm in arms}
+                             for name in (*ATTACKS, "controls")} for arm in arms}
         scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates, setup.precision)
         out["clean_nll"][target] = setup.clean_nll.mean().item()
         own = sources[target]
         faced = {kind: {"gradient": _attacked(own[kind]["examples"]),
-                        **{m: _attacked(own["controls"][m][kind]["examples"]) for m in CONTROLS}} for kind in KINDS}
+                        **{m: _attacked(own["controls"][m][kind]["examples"]) for m in CONTROLS}} for kind in ATTACKS}
         for source in arms:
             uat = sources[source]["uat"]
             flips = [e["flips"] for e in sources[source]["hotflip"]["examples"]]
@@ -80,7 +80,7 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dic
                     out["own_result_deviation"][name][target] = abs(summary["abs_increase"] - own_abs)
                 else:
                     faced[name][f"transfer_from_{source}"] = nll
-        for kind in KINDS:
+        for kind in ATTACKS:
             out["worst_case"][kind][target] = worst_case(params, setup, faced[kind])
     return out
 
@@ -91,7 +91,7 @@ def run(params, args) -> int:
     result = transfer_matrix(params, args.seed)
     write_json(transfer_dir(args.seed) / "transfer.json", {**result, "provenance": prov})
     record_run(f"transfer-s{args.seed}", prov, seconds=round(time.time() - t0, 1))
-    for name in KINDS:
+    for name in ATTACKS:
         rows = "; ".join(f"{src}->" + ",".join(f"{v:+.2f}" for v in row.values())
                          for src, row in result[name]["abs_increase"].items())
         print(f"transfer s{args.seed} {name} abs increase (source -> targets {', '.join(result['arms'])}): {rows}")
