@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,23 @@ def resumable():
             sys.exit(75)
     Path("resumable.txt").write_text(state["digest"] + "\\n")
 
+def claimed():   # writes a run's checkpoint directory under the trainer's claim (pipeline/training.py)
+    from pipeline.training import claim_run
+
+    root = Path("outputs/checkpoints/claimed/run")
+    owner = claim_run(root, "claimed")   # the lock lives as long as this open file
+    root.mkdir(parents=True, exist_ok=True)
+    job = os.environ["SLURM_JOB_ID"]
+    with open(root / "writers.log", "a") as log:
+        log.write(f"start {job}\\n")
+    deadline = time.time() + 120      # the test releases the holder once the other job waits
+    while not Path(os.environ["SYN_BARRIER"], "release").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    with open(root / "writers.log", "a") as log:
+        log.write(f"end {job}\\n")
+    Path("claimed.txt").write_text("trained\\n")
+    owner.close()
+
 def broken():
     sys.exit("broken: failing on purpose")
 
@@ -105,6 +123,10 @@ stages:
     deps: [stages.py, prep.txt]
     params: [steps]
     outs: [resumable.txt]
+  claimed:
+    cmd: python stages.py claimed
+    deps: [stages.py]
+    outs: [claimed.txt]
   broken:
     cmd: python stages.py broken
     deps: [stages.py, prep.txt]
@@ -215,6 +237,46 @@ def test_failing_stage_cancels_its_dependents_with_a_clear_message(synthetic):
     assert status.returncode == 1
     assert re.search(r"after_broken\s+\d+\s+CANCELLED\s+not run: upstream broken failed", status.stdout), status.stdout
     assert not (ws / "dvc.lock").exists()    # nothing half-recorded in the main workspace
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_jobs_training_the_same_run_take_turns_on_its_checkpoint_directory(synthetic):
+    """Two submissions of one stage (same state dir, hence one checkpoint directory): the second job blocks on
+    the first one's claim (a waiter in /proc/locks), its log names the owning job, and the directory is
+    written by one job at a time."""
+    ws, state, resources, env = synthetic
+    env = {**env, "PYTHONPATH": str(REPO)}
+    barrier = Path(env["SYN_BARRIER"])
+    writers = state / "checkpoints" / "claimed" / "run" / "writers.log"
+    _, first = submit(env, ws, state, resources, "--stage", "claimed")
+    first_id = jobs_of(first)[0]["job_id"]
+    wait_until(lambda: writers.exists() and f"start {first_id}" in writers.read_text(), 120, first)
+    _, second = submit(env, ws, state, resources, "--stage", "claimed")
+    second_id = jobs_of(second)[0]["job_id"]
+    wait_until(lambda: any(map(waits_for_a_lock, pids_catching("stages.py claimed", None, second))), 120, second)
+    assert writers.read_text() == f"start {first_id}\n"       # the second job waits, not writes
+    (barrier / "release").touch()
+    for run_dir in (first, second):
+        states = wait_for_jobs(env, run_dir, timeout=240)
+        assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
+    assert writers.read_text().split("\n") == [f"start {first_id}", f"end {first_id}", f"start {second_id}",
+                                                f"end {second_id}", ""]
+    log = (second / "logs" / "claimed.log").read_text()
+    assert f"is in use by job {first_id} on " in log and "waiting for it to finish" in log, log
+
+
+def waits_for_a_lock(pid: int) -> bool:
+    """/proc/locks lists a process blocked in flock(2) as a waiter: `N: -> FLOCK ADVISORY WRITE PID ...`."""
+    return any(parts[1] == "->" and int(parts[5]) == pid
+               for parts in (line.split() for line in Path("/proc/locks").read_text().splitlines()))
+
+
+def wait_until(predicate, timeout: float, run_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, logs_text(run_dir)
+        time.sleep(0.3)
 
 
 def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str, signum=signal.SIGUSR1):
