@@ -385,7 +385,8 @@ def submit(args) -> int:
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": pipeline_module(STOPPING, workspace)["REQUEUE_EXIT_CODE"], "PIPELINE_DVC_REMOTE": args.remote or "",
+           "PIPELINE_REQUEUE_EXIT_CODE": pipeline_module(STOPPING, workspace)["REQUEUE_EXIT_CODE"],
+           "PIPELINE_DVC_REMOTE": args.remote or "",
            "PIPELINE_EXPERIMENT": experiment}
     if any("," in str(v) for v in env.values()):
         fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
