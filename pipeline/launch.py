@@ -12,10 +12,11 @@ fails (they would wait forever in a collective).
 Several nodes (`nodes = K` in resources.ini): the launcher on the batch node starts one launcher per node
 with `srun --ntasks-per-node=1`; node r's workers get ranks r*N..r*N+N-1 and the rendezvous is the first
 host of $SLURM_JOB_NODELIST at a port derived from the job id. Host mode only: inside the container image
-there is no srun."""
+there is no srun, so a multi-node job there fails before any compute (and slurm/submit.py refuses it)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,17 +76,21 @@ def combined_status(codes: list[int]) -> int:
     return failed[0] if failed else (REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in codes else 0)
 
 
-def run_workers(argv: list[str], processes: int) -> int:
-    """This node's `processes` workers running `python -m pipeline ARGV`; their combined exit status."""
+def worker_envs(processes: int) -> list[dict]:
+    """The environments of this node's `processes` workers: global rank node * processes + local rank, world
+    size nodes * processes, one rendezvous for all."""
     count = nodes()
     node = int(os.environ.get("SLURM_NODEID") or 0) if count > 1 else 0
     address, port = rendezvous()
     world = count * processes
     print(f"launch: {processes} training processes on node {node} of {count} (world size {world}, "
           f"rendezvous {address}:{port})", flush=True)
-    workers = [subprocess.Popen([sys.executable, "-m", "pipeline", *argv],
-                                env=worker_env(node * processes + i, i, world, processes, address, port))
-               for i in range(processes)]
+    return [worker_env(node * processes + i, i, world, processes, address, port) for i in range(processes)]
+
+
+def run_workers(argv: list[str], processes: int) -> int:
+    """This node's `processes` workers running `python -m pipeline ARGV`; their combined exit status."""
+    workers = [subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=env) for env in worker_envs(processes)]
 
     def forward(signum, _frame):
         for w in workers:
@@ -114,6 +119,10 @@ def run_workers(argv: list[str], processes: int) -> int:
 def relaunch(argv: list[str], processes: int) -> int:
     """Run `python -m pipeline ARGV` as `processes` workers per node (one launcher per node via srun)."""
     if nodes() > 1 and NODE_LAUNCHER_ENV not in os.environ:
+        if shutil.which("srun") is None:
+            raise ParamsError("$SLURM_NNODES", nodes(), "1: srun, which starts one launcher per node, is not on "
+                              "PATH (the container image has none); several nodes need `slurm/submit.py --mode "
+                              "host`, else set nodes = 1 in slurm/resources.ini")
         cmd = ["srun", "--ntasks-per-node=1", f"--nodes={nodes()}", "--kill-on-bad-exit=0",
                f"--export=ALL,{NODE_LAUNCHER_ENV}=1", sys.executable, "-m", "pipeline", *argv]
         print(f"launch: {' '.join(cmd)}", flush=True)

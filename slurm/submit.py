@@ -44,6 +44,7 @@ CHECKPOINTS = "outputs/checkpoints"       # pipeline/paths.py: checkpoint_dir(ar
 UNCHECKED = re.compile(r"(^|/)(dvc\.lock|\.gitignore)$")   # DVC rewrites these; they never change a stage
 SEED_IN_CMD = re.compile(r"--seed[= ](\d+)\b")
 STOPPING = Path("pipeline") / "stopping.py"   # REQUEUE_EXIT_CODE, the stop protocol (standard library only)
+IO = Path("pipeline") / "io.py"               # atomic writes (standard library only)
 JOB_PREFIX = "pl:"
 VARIATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SIGNAL_LEAD_S = 600                       # slurm/stage.sbatch: #SBATCH --signal=B:USR1@600
@@ -213,8 +214,8 @@ def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Pat
     if link.is_symlink() or link.exists():
         fail(f"{CHECKPOINTS} exists in the submitted tree; it must stay out of git and DVC")
     link.symlink_to(checkpoint_dir, target_is_directory=True)
-    (run_dir / "source.json").write_text(json.dumps({"outs": dag["outs"],
-                                                     "files": file_digests(workspace, dag["outs"])}, indent=1) + "\n")
+    pipeline_module(IO, workspace)["write_json"](run_dir / "source.json", {
+        "outs": dag["outs"], "files": file_digests(workspace, dag["outs"])})
 
 
 def check_snapshot(run_dir: Path) -> int:
@@ -245,10 +246,14 @@ def seconds(slurm_time: str) -> int:
     return {1: lambda m: m * 60, 2: lambda m, s: m * 60 + s, 3: lambda h, m, s: h * 3600 + m * 60 + s}[len(parts)](*parts)
 
 
-def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> list[str]:
-    """The options of the longest section whose kind covers the stage (see in_kind), else [DEFAULT]'s."""
+def resource_section(resources: configparser.ConfigParser, stage_name: str) -> configparser.SectionProxy:
+    """The longest section whose kind covers the stage (see in_kind), else [DEFAULT]."""
     kinds = sorted((k for k in resources.sections() if in_kind(stage_name, k)), key=len)
-    section = resources[kinds[-1]] if kinds else resources[resources.default_section]
+    return resources[kinds[-1]] if kinds else resources[resources.default_section]
+
+
+def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> list[str]:
+    section = resource_section(resources, stage_name)
     options = {key: value for key, value in section.items() if value != ""}
     lead = int(options.get("signal", f"B:USR1@{SIGNAL_LEAD_S}").rpartition("@")[2])
     if "time" in options and seconds(options["time"]) <= lead:
@@ -257,12 +262,30 @@ def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> lis
     return [f"--{key}={value}" for key, value in options.items()]
 
 
-def requeue_exit_code(workspace: Path) -> int:
-    """REQUEUE_EXIT_CODE of the submitted tree's pipeline/stopping.py (else of this submitter's checkout)."""
-    for path in (workspace / STOPPING, HERE.parent / STOPPING):
+def check_one_node(resources: configparser.ConfigParser, path: str, stage_names: list[str], extra: list[str]) -> None:
+    """Container mode runs every job on one node: pipeline/launch.py starts a launcher per node with srun, and
+    the image has no srun."""
+    def several(nodes: str) -> bool:   # sbatch's --nodes: N or MIN-MAX
+        return any(int(n) > 1 for n in re.findall(r"\d+", nodes))
+
+    why = "allowed: 1 (or empty) in container mode, whose image has no srun to start a launcher per node; " \
+          "several nodes need --mode host"
+    for name in stage_names:
+        section = resource_section(resources, name)
+        if several(section.get("nodes", "")):
+            fail(f"{name}: nodes = {section['nodes']} in [{section.name}] of {path}; {why}")
+    for option in extra:
+        if option.startswith("--nodes=") and several(option.partition("=")[2]):
+            fail(f"--sbatch={option}; {why}")
+
+
+def pipeline_module(rel: Path, workspace: Path) -> dict:
+    """The globals of a standard-library-only module of the submitted tree (else of this submitter's
+    checkout), loaded by path: the submitter runs without the project's environment."""
+    for path in (workspace / rel, HERE.parent / rel):
         if path.is_file():
-            return runpy.run_path(str(path))["REQUEUE_EXIT_CODE"]
-    fail(f"{STOPPING} not found in {workspace} or {HERE.parent}")
+            return runpy.run_path(str(path))
+    fail(f"{rel} not found in {workspace} or {HERE.parent}")
 
 
 def state_dir_for(workspace: Path) -> Path:
@@ -346,6 +369,8 @@ def submit(args) -> int:
     if blocked:
         fail("these stages cannot be restored from DVC's run-cache, so their results could not reach dvc.lock:\n  "
              + "\n  ".join(blocked))
+    if args.mode == "container":
+        check_one_node(resources, args.resources, [s["name"] for s in chosen] + ["gather"], args.sbatch)
 
     for stage in chosen:
         if stage["uncached_out"]:
@@ -360,7 +385,8 @@ def submit(args) -> int:
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": requeue_exit_code(workspace), "PIPELINE_DVC_REMOTE": args.remote or "",
+           "PIPELINE_REQUEUE_EXIT_CODE": pipeline_module(STOPPING, workspace)["REQUEUE_EXIT_CODE"],
+           "PIPELINE_DVC_REMOTE": args.remote or "",
            "PIPELINE_EXPERIMENT": experiment}
     if any("," in str(v) for v in env.values()):
         fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
@@ -371,6 +397,7 @@ def submit(args) -> int:
         for tool in (WRAPPER, Path(__file__).resolve()):   # the jobs use these copies, whatever happens to slurm/
             shutil.copy2(tool, run_dir / tool.name)
     wrapper = run_dir / WRAPPER.name
+    write_json = pipeline_module(IO, workspace)["write_json"]
 
     job_ids: dict[str, str] = {}
 
@@ -387,7 +414,7 @@ def submit(args) -> int:
             return f"<{name}>"
         job_id = run(cmd).strip().split(";")[0]
         meta["jobs"].append({"stage": name, "job_id": job_id, "log": str(log), "after": after})
-        (run_dir / "jobs.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_json(run_dir / "jobs.json", meta)
         return job_id
 
     for stage in chosen:

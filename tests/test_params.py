@@ -276,6 +276,44 @@ def test_hf_documents_that_leave_none_for_train_fail_check_params(tmp_path, caps
     assert main(["check-params", "--params", str(path)]) == 0
 
 
+REHEARSAL_DEVIATIONS = {"data.hf_dataset", "data.hf_revision", "data.hf_train_files", "model.hf_name",
+                        "model.hf_revision", "model.hf_local_path", "frontier.steps", "frontier.hf_revisions"}
+
+
+def value_at(raw: dict, dotted: str):
+    for part in dotted.split("."):
+        raw = raw[part]
+    return raw
+
+
+def no_larger(small, large) -> bool:
+    """A size shrunk or kept: a number <= the other, or a list of numbers no longer and no larger."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(small) and number(large):
+        return small <= large
+    if isinstance(small, list) and isinstance(large, list) and all(map(number, small + large)):
+        return len(small) <= len(large) and max(small, default=0) <= max(large, default=0)
+    return False
+
+
+def test_rehearsal_is_the_cluster_profile_with_only_sizes_shrunk():
+    """Any other difference is one of REHEARSAL_DEVIATIONS, each explained in the profile's header comment."""
+    cluster, rehearsal = (yaml.safe_load((REPO / "profiles" / f"{name}.yaml").read_text())
+                          for name in ("cluster", "rehearsal"))
+    keys = key_structure(cluster) - {"", "profile"}
+    leaves = {k for k in keys if not any(other.startswith(k + ".") for other in keys)}
+    for key in sorted(leaves - REHEARSAL_DEVIATIONS):
+        small, large = value_at(rehearsal, key), value_at(cluster, key)
+        assert small == large or no_larger(small, large), \
+            f"{key}: rehearsal {small!r}, cluster {large!r}: not a size shrunk; align it or document it"
+    text = (REPO / "profiles" / "rehearsal.yaml").read_text()
+    header = text[:text.index("\nprofile:")]
+    for key in REHEARSAL_DEVIATIONS:
+        assert key in header, f"{key} differs from the cluster profile without a reason in the header"
+
+
 def test_profile_switch_round_trip(tmp_path, capsys):
     from pipeline.__main__ import main
 

@@ -4,7 +4,8 @@ with the reason when they are not installed). Host mode: the jobs run DVC and th
 A synthetic DVC project (real DVC, tiny Python stages) proves the mechanics fast: parallel stages and one
 complete dvc.lock, a failing stage cancelling its dependents, USR1 -> checkpoint -> requeue -> identical
 result. The smoke pipeline then runs end to end as SLURM jobs and must equal a direct `dvc repro`, and the
-real trainer is interrupted by USR1 and must produce bit-identical weights."""
+real trainer is interrupted by USR1 and must produce bit-identical weights. Those tests are marked slurm and
+slow; the submitter's plan, its checks and records, and the wrapper's contract need no cluster (fast tier)."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,6 @@ from conftest import git_commit_all, smoke_checkout
 from slurm_harness import (REPO, jobs_of, job_env, pids_catching, slurm_cluster, submit,  # noqa: F401
                            wait_for_jobs)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 DVC = [sys.executable, "-m", "dvc"]
 LOCK_ERRORS = re.compile(r"Unable to acquire lock|is busy|lock .* failed", re.I)
 
@@ -72,6 +73,23 @@ def resumable():
             sys.exit(75)
     Path("resumable.txt").write_text(state["digest"] + "\\n")
 
+def claimed():   # writes a run's checkpoint directory under the trainer's claim (pipeline/training.py)
+    from pipeline.training import claim_run
+
+    root = Path("outputs/checkpoints/claimed/run")
+    owner = claim_run(root, "claimed")   # the lock lives as long as this open file
+    root.mkdir(parents=True, exist_ok=True)
+    job = os.environ["SLURM_JOB_ID"]
+    with open(root / "writers.log", "a") as log:
+        log.write(f"start {job}\\n")
+    deadline = time.time() + 120      # the test releases the holder once the other job waits
+    while not Path(os.environ["SYN_BARRIER"], "release").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    with open(root / "writers.log", "a") as log:
+        log.write(f"end {job}\\n")
+    Path("claimed.txt").write_text("trained\\n")
+    owner.close()
+
 def broken():
     sys.exit("broken: failing on purpose")
 
@@ -105,6 +123,10 @@ stages:
     deps: [stages.py, prep.txt]
     params: [steps]
     outs: [resumable.txt]
+  claimed:
+    cmd: python stages.py claimed
+    deps: [stages.py]
+    outs: [claimed.txt]
   broken:
     cmd: python stages.py broken
     deps: [stages.py, prep.txt]
@@ -158,6 +180,8 @@ def logs_text(run_dir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.log")))
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_parallel_stages_share_a_cache_and_gather_into_one_complete_lock(synthetic):
     ws, state, resources, env = synthetic
     out, run_dir = submit(env, ws, state, resources, "--stage", "merge")
@@ -191,6 +215,8 @@ def test_parallel_stages_share_a_cache_and_gather_into_one_complete_lock(synthet
     assert again.returncode == 0 and "every selected stage is up to date" in again.stdout, again.stdout
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_failing_stage_cancels_its_dependents_with_a_clear_message(synthetic):
     ws, state, resources, env = synthetic
     _, run_dir = submit(env, ws, state, resources, "--stage", "after_broken")
@@ -213,6 +239,46 @@ def test_failing_stage_cancels_its_dependents_with_a_clear_message(synthetic):
     assert not (ws / "dvc.lock").exists()    # nothing half-recorded in the main workspace
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_jobs_training_the_same_run_take_turns_on_its_checkpoint_directory(synthetic):
+    """Two submissions of one stage (same state dir, hence one checkpoint directory): the second job blocks on
+    the first one's claim (a waiter in /proc/locks), its log names the owning job, and the directory is
+    written by one job at a time."""
+    ws, state, resources, env = synthetic
+    env = {**env, "PYTHONPATH": str(REPO)}
+    barrier = Path(env["SYN_BARRIER"])
+    writers = state / "checkpoints" / "claimed" / "run" / "writers.log"
+    _, first = submit(env, ws, state, resources, "--stage", "claimed")
+    first_id = jobs_of(first)[0]["job_id"]
+    wait_until(lambda: writers.exists() and f"start {first_id}" in writers.read_text(), 120, first)
+    _, second = submit(env, ws, state, resources, "--stage", "claimed")
+    second_id = jobs_of(second)[0]["job_id"]
+    wait_until(lambda: any(map(waits_for_a_lock, pids_catching("stages.py claimed", None, second))), 120, second)
+    assert writers.read_text() == f"start {first_id}\n"       # the second job waits, not writes
+    (barrier / "release").touch()
+    for run_dir in (first, second):
+        states = wait_for_jobs(env, run_dir, timeout=240)
+        assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
+    assert writers.read_text().split("\n") == [f"start {first_id}", f"end {first_id}", f"start {second_id}",
+                                                f"end {second_id}", ""]
+    log = (second / "logs" / "claimed.log").read_text()
+    assert f"is in use by job {first_id} on " in log and "waiting for it to finish" in log, log
+
+
+def waits_for_a_lock(pid: int) -> bool:
+    """/proc/locks lists a process blocked in flock(2) as a waiter: `N: -> FLOCK ADVISORY WRITE PID ...`."""
+    return any(parts[1] == "->" and int(parts[5]) == pid
+               for parts in (line.split() for line in Path("/proc/locks").read_text().splitlines()))
+
+
+def wait_until(predicate, timeout: float, run_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, logs_text(run_dir)
+        time.sleep(0.3)
+
+
 def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str, signum=signal.SIGUSR1):
     """An on_poll callback: once the stage's process runs (with a handler for signum, unless None), signal
     the job's batch shell as `--signal=B:USR1@lead` does, exactly once."""
@@ -226,6 +292,8 @@ def send_usr1_when_caught(env: dict, run_dir: Path, stage: str, pattern: str, si
     return poll, sent
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(synthetic, tmp_path):
     ws, state, resources, env = synthetic
     _, run_dir = submit(env, ws, state, resources, "--stage", "resumable")
@@ -246,6 +314,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(synthetic, tmp
     assert (ws / "resumable.txt").read_text() == (direct / "resumable.txt").read_text()
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_variations_run_side_by_side_submit_only_what_they_change_and_become_experiments(synthetic):
     ws, state, resources, env = synthetic
     env = {**env, "SYN_BARRIER": "", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -320,6 +390,7 @@ def smoke_runs(slurm_cluster, smoke_dvc_repro, tmp_path_factory):
             "state": base / "state", "resources": resources, "submitted": out}
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_smoke_pipeline_as_slurm_jobs_equals_a_direct_dvc_repro(smoke_runs):
     direct, cluster, run_dir = smoke_runs["direct"], smoke_runs["cluster"], smoke_runs["run_dir"]
@@ -343,6 +414,7 @@ def test_smoke_pipeline_as_slurm_jobs_equals_a_direct_dvc_repro(smoke_runs):
         assert (cluster / rel).read_bytes() == (direct / rel).read_bytes(), f"{rel} differs from the direct run"
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_trainer_interrupted_by_usr1_is_requeued_and_bit_identical(smoke_runs, tmp_path):
     """The real trainer (longer run: 60 steps) gets USR1 mid-run as a SLURM job, checkpoints, exits 75, is
@@ -376,14 +448,24 @@ def test_trainer_interrupted_by_usr1_is_requeued_and_bit_identical(smoke_runs, t
 
 # --- without a cluster: the submitter's plan and the wrapper's constants ------------------------------
 
+def dry_run(ws: Path, tmp_path: Path, *args: str, mode: str = "host") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", mode, "--dry-run",
+                           "--state-dir", str(tmp_path / "state"), *args],
+                          cwd=ws, capture_output=True, text=True, env=job_env({"PATH": "/usr/bin:/bin"}))
+
+
+def sbatch_lines(stdout: str) -> dict[str, str]:
+    return {re.search(r"--job-name=pl:(\S+)", line).group(1): line
+            for line in stdout.splitlines() if line.startswith("sbatch ")}
+
+
 def test_dry_run_maps_the_dag_to_afterok_jobs_with_per_kind_resources(tmp_path):
+    from pipeline.stopping import REQUEUE_EXIT_CODE
+
     ws = smoke_checkout(tmp_path / "ws")
-    result = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "submit", "--mode", "host",
-                             "--dry-run", "--seed", "0", "--state-dir", str(tmp_path / "state")],
-                            cwd=ws, capture_output=True, text=True, env=job_env({"PATH": "/usr/bin:/bin"}))
+    result = dry_run(ws, tmp_path, "--seed", "0")
     assert result.returncode == 0, result.stderr
-    commands = {re.search(r"--job-name=pl:(\S+)", line).group(1): line
-                for line in result.stdout.splitlines() if line.startswith("sbatch ")}
+    commands = sbatch_lines(result.stdout)
     assert "train-baseline@0" in commands and "transfer@0" in commands and "gather" in commands
     assert not any(name.endswith(("-1", "@1")) for name in commands)       # only seed 0's stages
     assert "--dependency" not in commands["data"]
@@ -393,10 +475,29 @@ def test_dry_run_maps_the_dag_to_afterok_jobs_with_per_kind_resources(tmp_path):
     assert "--gres" not in commands["data"] and "PIPELINE_SEED=none" in commands["data"]
     assert "--gres=gpu:1" in commands["assess-ref@0"]                           # [assess] covers assess-ref
     assert "PIPELINE_SEED=0" in train and "PIPELINE_MODE=host" in train
+    assert all(f"PIPELINE_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}," in line for line in commands.values())
     stages = [name for name in commands if name != "gather"]
     assert commands["gather"].endswith("stage.sbatch --gather " + " ".join(stages))
     assert "--dependency=afterok:" + ":".join(f"<{name}>" for name in stages) in commands["gather"]
     assert not (tmp_path / "state").exists()                                 # a dry run creates nothing
+
+
+def test_container_mode_refuses_several_nodes_naming_the_section_and_key(tmp_path):
+    ws = smoke_checkout(tmp_path / "ws")
+    resources = tmp_path / "resources.ini"
+    resources.write_text((REPO / "slurm" / "resources.ini").read_text().replace("[train]\n", "[train]\nnodes = 2\n"))
+    image = tmp_path / "pipeline.sif"
+    image.write_bytes(b"")
+    container = ("--resources", str(resources), "--image", str(image), "--stage", "train-baseline@0")
+    result = dry_run(ws, tmp_path, *container, mode="container")
+    assert result.returncode != 0 and "sbatch" not in result.stdout
+    assert f"train-baseline@0: nodes = 2 in [train] of {resources}" in result.stderr, result.stderr
+    assert "no srun" in result.stderr and "--mode host" in result.stderr
+    result = dry_run(ws, tmp_path, "--image", str(image), "--stage", "data", "--sbatch=--nodes=1-2", mode="container")
+    assert result.returncode != 0 and "--sbatch=--nodes=1-2" in result.stderr, result.stderr
+    result = dry_run(ws, tmp_path, "--resources", str(resources), "--stage", "train-baseline@0")   # host: srun exists
+    assert result.returncode == 0, result.stderr
+    assert "--nodes=2" in sbatch_lines(result.stdout)["train-baseline@0"]
 
 
 def test_wrapper_and_submitter_agree_with_the_pipeline():
@@ -410,11 +511,48 @@ def test_wrapper_and_submitter_agree_with_the_pipeline():
     wrapper = (REPO / "slurm" / "stage.sbatch").read_text()
     assert f"#SBATCH --signal=B:USR1@{submitter.SIGNAL_LEAD_S}" in wrapper
     assert "#SBATCH --requeue" in wrapper and "#SBATCH --open-mode=append" in wrapper
-    assert f"PIPELINE_REQUEUE_EXIT_CODE:-{stopping.REQUEUE_EXIT_CODE}" in wrapper
+    assert submitter.pipeline_module(submitter.STOPPING, REPO)["REQUEUE_EXIT_CODE"] == stopping.REQUEUE_EXIT_CODE
+    assert "REQUEUE_EXIT_CODE=$PIPELINE_REQUEUE_EXIT_CODE\n" in wrapper   # the submitter's value, no default
     assert f'export {stopping.STOP_FILE_ENV}="$PIPELINE_CHECKPOINT_DIR/' in wrapper
     assert Path(submitter.CHECKPOINTS) == paths.checkpoint_dir("baseline", 0).parent
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "stage.sbatch")]).returncode == 0
     assert submitter.seconds("1-02:03:04") == 93784 and submitter.seconds("30") == 1800
+
+
+def test_wrapper_started_without_the_submitter_stops_before_doing_anything(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **{f"PIPELINE_{key}": str(tmp_path / key.lower()) for key in
+                                                              ("RUN_DIR", "WORKSPACE", "CACHE_DIR", "CHECKPOINT_DIR")}}
+    result = subprocess.run(["bash", str(REPO / "slurm" / "stage.sbatch"), "prep"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert "PIPELINE_REQUEUE_EXIT_CODE" in result.stderr and "submit via slurm/submit.py" in result.stderr
+    assert list(tmp_path.iterdir()) == []                                    # no scratch, logs or stop file
+
+
+FAKE_SBATCH = """#!/bin/sh
+# test double for `sbatch --parsable`: prints a job id; notes the inode of the run's jobs.json as it stands
+for arg in "$@"; do case $arg in --chdir=*) run=${arg#--chdir=} ;; esac; done
+[ -f "$run/jobs.json" ] && stat -c %i "$run/jobs.json" >> "$FAKE_INODES"
+echo $$
+"""
+
+
+def test_submission_records_are_replaced_whole_never_rewritten_in_place(tmp_path):
+    """jobs.json and source.json go through pipeline/io.py's atomic writer: each write is a new file renamed
+    over the old one, so `status` or the gather job never read a half-written record."""
+    ws = new_dvc_project(tmp_path / "ws", {"stages.py": STAGES_PY, "dvc.yaml": DVC_YAML, "params.yaml": "steps: 60\n"})
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text(FAKE_SBATCH)
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    resources = tmp_path / "resources.ini"
+    resources.write_text(TEST_RESOURCES)
+    env = job_env({"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}, FAKE_INODES=str(tmp_path / "inodes"))
+    _, run_dir = submit(env, ws, tmp_path / "state", resources, "--stage", "merge")
+    assert [job["stage"] for job in jobs_of(run_dir)] == ["prep", "arm@a", "arm@b", "merge", "gather"]
+    inodes = (tmp_path / "inodes").read_text().split()
+    assert len(inodes) == 4 and all(a != b for a, b in zip(inodes, inodes[1:])), inodes
+    assert "stages.py" in json.loads((run_dir / "source.json").read_text())["files"]
+    assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
 
 
 APPTAINER_DOUBLE = r'''#!/bin/bash
@@ -429,6 +567,8 @@ exec "$@"
 '''
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_container_mode_runs_each_stage_through_apptainer_exec(synthetic, tmp_path):
     ws, state, resources, env = synthetic
     (tmp_path / "bin").mkdir()
