@@ -365,14 +365,28 @@ def stop_after(k: int):
 
 
 @pytest.mark.parametrize("kind", ["uat", "hotflip"])
-def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind):
+@pytest.mark.parametrize("method", ["gradient", "random"])
+def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind, method):
+    """The searches and the random controls (polled per chunk of draws) alike."""
     setup, params, runs = acceptance_runs
     store = A.StateStore(tmp_path / "state.pt")
     with pytest.raises(A.SearchStopped):
-        S.RUNNERS[kind](setup, params.attack, 0, "gradient", should_stop=stop_after(3), store=store)
+        S.RUNNERS[kind](setup, params.attack, 0, method, should_stop=stop_after(3), store=store)
     assert store.path.exists()
-    resumed = S.RUNNERS[kind](setup, params.attack, 0, "gradient", store=store)
-    assert resumed == runs[kind, "gradient"]          # results, budgets, curves, correlations: all equal
+    resumed = S.RUNNERS[kind](setup, params.attack, 0, method, store=store)
+    assert resumed == runs[kind, method]              # results, budgets, curves, correlations: all equal
+
+
+def test_search_state_is_written_atomically_and_durably(tmp_path, monkeypatch):
+    """StateStore writes through pipeline.io: temp name, fsync, rename (no temp file left behind)."""
+    from pipeline import io
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    store = A.StateStore(tmp_path / "state.pt")
+    store.save({"rng": torch.Generator().manual_seed(1).get_state(), "step": 3})
+    assert synced and os.listdir(tmp_path) == ["state.pt"]
+    assert store.load()["step"] == 3
 
 
 @pytest.mark.slow

@@ -91,7 +91,8 @@ def run_uat(setup: AttackSetup, a, seed: int, method: str, *, should_stop=A.neve
     tokens = setup.opt.tokens
     if method == "random":
         found = A.uat_random_search(scorer, tokens, candidates=setup.candidates, trigger_length=u.trigger_length,
-                                    draws=A.uat_forward_cap(u, 1), at=at, gen=A.generator(seed, "random_uat"))
+                                    draws=A.uat_forward_cap(u, 1), at=at, gen=A.generator(seed, "random_uat"),
+                                    should_stop=should_stop, store=store)
     else:
         guided = method == "gradient"
         found = A.uat_search(scorer, tokens, candidates=setup.candidates, uat=u, at=at, guided=guided,
@@ -124,7 +125,7 @@ def run_hotflip(setup: AttackSetup, a, seed: int, method: str, *, should_stop=A.
     if method == "random":
         found = A.hotflip_random_search(scorer, tokens, setup.clean_nll, flips=h.flips,
                                         draws=A.hotflip_forward_cap(h, 1), gen=A.generator(seed, "random_hotflip"),
-                                        **common)
+                                        should_stop=should_stop, store=store, **common)
     else:
         guided = method == "gradient"
         found = A.hotflip_search(scorer, tokens, setup.clean_nll, hotflip=h, guided=guided,
