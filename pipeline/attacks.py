@@ -29,9 +29,9 @@ of an attack, in "budget_limit". Each search also records its budget curve (best
 forward passes), so methods and arms can be compared at any equal forward count.
 
 Resumable searches: the searches and the random controls take a keyword-only `should_stop` callable, polled
-before every step (a control's: every chunk of draws), and a `store`; when it fires, the search saves its whole state (tokens, triggers, RNG, pass counters,
-traces) to the store and raises SearchStopped; called again with the same store it resumes and ends
-bit-identical to an uninterrupted run.
+before every step (a control's: every chunk of draws), and a `store`; when it fires, the search saves its
+whole state (tokens, triggers, RNG, pass counters, traces) to the store and raises SearchStopped; called again
+with the same store it resumes and ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
