@@ -424,7 +424,7 @@ def test_fingerprint_covers_the_example_sets_and_the_candidate_pool(smoke_setup,
 @pytest.mark.slow
 def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_params, monkeypatch):
     ws = workspace_copy
-    assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # as dvc.yaml's assess-ref
+    assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # two arms in one process
     outputs = {"evaluate": "eval/{run}/metrics.json", **{name: f"attacks/{{run}}/{name}.json"
                                                          for name in ("uat", "hotflip", "controls", "diagnostics")}}
 
