@@ -69,7 +69,8 @@ def run(params, args) -> int:
         cache = attack.cache_for(params, setup, arm, args.seed)
         caches.append(cache)
         steps = attack.CHECKPOINT_STEPS if checkpoint_of(arm) else attack.STEPS
-        if cache.result(RECORD) == record(params, arm, args.seed, steps):
+        done = cache.result(RECORD)
+        if done is not None and done == record(params, arm, args.seed, steps):
             print(f"assess {arm} s{args.seed}: finished by an earlier attempt, outputs unchanged; skipped")
             continue
         evaluate.evaluate(params, arm, args.seed, model, meta)
