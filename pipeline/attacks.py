@@ -28,14 +28,13 @@ current loss). Searches may stop early (patience), so the summary records the pa
 of an attack, in "budget_limit". Each search also records its budget curve (best loss increase against
 forward passes), so methods and arms can be compared at any equal forward count.
 
-Resumable searches: the long searches take a keyword-only `should_stop` callable, polled before every step,
-and a `store`; when it fires, the search saves its whole state (tokens, triggers, RNG, pass counters,
-traces) to the store and raises SearchStopped; called again with the same store it resumes and ends
-bit-identical to an uninterrupted run.
+Resumable searches: the searches and the random controls take a keyword-only `should_stop` callable, polled
+before every step (a control's: every chunk of draws), and a `store`; when it fires, the search saves its
+whole state (tokens, triggers, RNG, pass counters, traces) to the store and raises SearchStopped; called again
+with the same store it resumes and ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from .data import TokenSplit
 from .device import eval_autocast
+from .io import atomic_torch_save
 
 EXAMPLE_SELECTION_SEED = 20190801   # fixed: the same examples for every arm and seed
 # independent random streams per method, derived from the run seed
@@ -217,10 +217,7 @@ class StateStore:
         return torch.load(self.path, weights_only=True) if self.path.exists() else None
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_torch_save(self.path, state)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -310,19 +307,25 @@ def _uat_step(s: dict, scorer: Scorer, tokens, candidates, uat, at: int, positio
 
 
 def uat_random_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor, trigger_length: int,
-                      draws: int, at: int, gen: torch.Generator) -> dict:
-    """Best of `draws` uniformly random triggers by mean continuation NLL over `tokens`, with its curve."""
-    best, curve = None, []
+                      draws: int, at: int, gen: torch.Generator, should_stop=never,
+                      store: StateStore | None = None) -> dict:
+    """Best of `draws` uniformly random triggers by mean continuation NLL over `tokens`, with its curve.
+    Resumable between chunks of triggers, like the searches."""
     chunk = max(1, scorer.batch_size // len(tokens))
-    for start in range(0, draws, chunk):
-        triggers = candidates[torch.randint(len(candidates), (min(chunk, draws - start), trigger_length),
+
+    def advance(s):
+        triggers = candidates[torch.randint(len(candidates), (min(chunk, draws - s["start"]), trigger_length),
                                             generator=gen)]
         losses = scorer.nll(_triggered_batch(triggers, tokens, at)).view(len(triggers), len(tokens)).mean(dim=1)
         top = int(losses.argmax())
-        if best is None or losses[top].item() > best[1]:
-            best = (triggers[top], losses[top].item())
-        curve.append([scorer.forward_passes, best[1]])
-    return {"trigger": best[0], "opt_nll": best[1], "curve": curve}
+        if s["best"] is None or losses[top].item() > s["best"][1]:
+            s["best"] = [triggers[top], losses[top].item()]
+        s["start"] += chunk
+        _point(s, scorer, s["best"][1])
+
+    s = _drive({"start": 0, "best": None, "curve": []}, advance, lambda s: s["start"] >= draws, scorer=scorer,
+               gen=gen, should_stop=should_stop, store=store)
+    return {"trigger": s["best"][0], "opt_nll": s["best"][1], "curve": s["curve"]}
 
 
 def uat_forward_cap(uat, examples: int) -> int:
@@ -407,29 +410,36 @@ def diff_flips(original: torch.Tensor, attacked: torch.Tensor) -> list[list[list
 
 
 def hotflip_random_search(scorer: Scorer, tokens: torch.Tensor, clean_nll: torch.Tensor, *, prompt_tokens: int,
-                          candidates: torch.Tensor, flips: int, draws: int, gen: torch.Generator) -> dict:
+                          candidates: torch.Tensor, flips: int, draws: int, gen: torch.Generator, should_stop=never,
+                          store: StateStore | None = None) -> dict:
     """Per example, the best of `draws` random perturbations with exactly `flips` random tokens at distinct
-    random prompt positions (kept only if it beats the clean loss, like an attack's flips)."""
+    random prompt positions (kept only if it beats the clean loss, like an attack's flips). Resumable
+    between chunks of examples, like the searches."""
     n = len(tokens)
-    current_tokens = tokens.clone()
-    best_so_far = torch.empty(n, draws, dtype=torch.float64)
     per_chunk = max(1, scorer.batch_size // draws)
-    for start in range(0, n, per_chunk):
-        idx = torch.arange(start, min(start + per_chunk, n))
+
+    def advance(s):
+        idx = torch.arange(s["start"], min(s["start"] + per_chunk, n))
         m = len(idx)
         pos = torch.rand(m, draws, prompt_tokens, generator=gen).argsort(dim=2)[:, :, :flips]   # [m, D, F]
         tok = candidates[torch.randint(len(candidates), (m, draws, flips), generator=gen)]
         perturbed = tokens[idx].repeat_interleave(draws, dim=0)                                # [m*D, S]
         perturbed.scatter_(1, pos.reshape(m * draws, flips), tok.reshape(m * draws, flips))
         losses = torch.maximum(scorer.nll(perturbed).view(m, draws), clean_nll[idx].unsqueeze(1))
-        best_so_far[idx] = losses.cummax(dim=1).values
+        s["best_so_far"][idx] = losses.cummax(dim=1).values
         top = losses.argmax(dim=1)
         for j, i in enumerate(idx.tolist()):
             if losses[j, top[j]] > clean_nll[i]:
-                current_tokens[i] = perturbed[j * draws + int(top[j])]
+                s["tokens"][i] = perturbed[j * draws + int(top[j])]
+        s["start"] += per_chunk
+
+    initial = {"start": 0, "tokens": tokens.clone(), "best_so_far": torch.empty(n, draws, dtype=torch.float64)}
+    s = _drive(initial, advance, lambda s: s["start"] >= n, scorer=scorer, gen=gen, should_stop=should_stop,
+               store=store)
+    best_so_far = s["best_so_far"]
     marks = sorted({max(1, round(draws * (q + 1) / CURVE_POINTS)) for q in range(CURVE_POINTS)})
     curve = [[d * n, (best_so_far[:, d - 1] - clean_nll).mean().item()] for d in marks]
-    return {"tokens": current_tokens, "nll": best_so_far[:, -1].clone(), "flips": diff_flips(tokens, current_tokens),
+    return {"tokens": s["tokens"], "nll": best_so_far[:, -1].clone(), "flips": diff_flips(tokens, s["tokens"]),
             "curve": curve}
 
 

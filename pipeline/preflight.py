@@ -383,16 +383,16 @@ def attack_work(c: Context) -> tuple[float, int]:
     return flops, transient
 
 
-def assess_stage(c: Context, arms: int) -> Estimate:
+def assess_stage(c: Context, ref: bool) -> Estimate:
+    """One job per arm and seed: the two trained arms (`assess`) or the two untrained ones (`assess-ref`)."""
     p, s = c.params, c.shape
     flops, transient = attack_work(c)
     peak = 4 * s.params + transient
-    name = "assess" if arms == 1 else "assess-ref"
     bf16 = c.bf16(p.eval.precision)
-    return Estimate(name, len(p.seeds) * (2 if arms == 1 else 1), peak / GIB, c.host(peak, 4 * s.params),
-                    arms * hours(flops, c.tflops(bf16), c.mfu), 0.0,
+    return Estimate("assess-ref" if ref else "assess", 2 * len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
+                    hours(flops, c.tflops(bf16), c.mfu), 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"{arms} arm(s): test NLL, UAT, HotFlip, controls; {'bf16 autocast' if bf16 else 'fp32'} "
+                    note=f"1 arm: test NLL, UAT, HotFlip, controls; {'bf16 autocast' if bf16 else 'fp32'} "
                          "(eval.precision)",
                     fix=f"lower attack.batch_size (now {p.attack.batch_size}), attack.uat.batch_size (now "
                         f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
@@ -436,7 +436,7 @@ def aggregate_stage(c: Context) -> Estimate:
 
 def estimates(c: Context) -> list[Estimate]:
     return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c), train_stage(c, "baseline"),
-            train_stage(c, "monotonic"), assess_stage(c, 1), assess_stage(c, 2), benchmarks_stage(c, True),
+            train_stage(c, "monotonic"), assess_stage(c, False), assess_stage(c, True), benchmarks_stage(c, True),
             benchmarks_stage(c, False), transfer_stage(c), aggregate_stage(c)]
 
 

@@ -126,7 +126,7 @@ def load_dag(workspace: Path, mode: str, image: Path) -> dict:
 
 
 def in_kind(stage_name: str, kind: str) -> bool:
-    """`train` covers train-baseline@0 and train-monotonic@1; `assess` covers assess@... and assess-ref@..."""
+    """`train` covers train-baseline@0 and train-monotonic@1; `assess` covers assess@... and assess-ref@0-pretrained"""
     base = stage_name.split("@")[0]
     return base == kind or base.startswith(kind + "-")
 

@@ -365,20 +365,35 @@ def stop_after(k: int):
 
 
 @pytest.mark.parametrize("kind", ["uat", "hotflip"])
-def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind):
+@pytest.mark.parametrize("method", ["gradient", "random"])
+def test_stopped_search_resumes_bit_identical(acceptance_runs, tmp_path, kind, method):
+    """The searches and the random controls (polled per chunk of draws) alike."""
     setup, params, runs = acceptance_runs
     store = A.StateStore(tmp_path / "state.pt")
     with pytest.raises(A.SearchStopped):
-        S.RUNNERS[kind](setup, params.attack, 0, "gradient", should_stop=stop_after(3), store=store)
+        S.RUNNERS[kind](setup, params.attack, 0, method, should_stop=stop_after(3), store=store)
     assert store.path.exists()
-    resumed = S.RUNNERS[kind](setup, params.attack, 0, "gradient", store=store)
-    assert resumed == runs[kind, "gradient"]          # results, budgets, curves, correlations: all equal
+    resumed = S.RUNNERS[kind](setup, params.attack, 0, method, store=store)
+    assert resumed == runs[kind, method]              # results, budgets, curves, correlations: all equal
+
+
+def test_search_state_is_written_atomically_and_durably(tmp_path, monkeypatch):
+    """StateStore writes through pipeline.io: temp name, fsync, rename (no temp file left behind)."""
+    from pipeline import io
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    store = A.StateStore(tmp_path / "state.pt")
+    store.save({"rng": torch.Generator().manual_seed(1).get_state(), "step": 3})
+    assert synced and os.listdir(tmp_path) == ["state.pt"]
+    assert store.load()["step"] == 3
 
 
 @pytest.mark.slow
 def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs, tmp_path, monkeypatch):
     """attack(): a stop mid-way keeps finished methods' results and the stopped search's state under the
-    fingerprint directory; the rerun computes only the rest and writes what an uninterrupted run writes."""
+    fingerprint directory; the rerun computes only the rest, writes what an uninterrupted run writes and
+    keeps every method's result."""
     setup, params, runs = acceptance_runs
     monkeypatch.chdir(tmp_path)
     cache = S.cache_for(params, setup, "pretrained", 0)
@@ -386,7 +401,7 @@ def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs
         S.attack(params, setup, "pretrained", 0, should_stop=stop_after(8))
     assert cache.result("uat-gradient") == runs["uat", "gradient"] and cache.store("hotflip-gradient").path.exists()
     S.attack(params, setup, "pretrained", 0)
-    assert not cache.root.exists()
+    assert all(cache.result(f"{k}-{m}") == runs[k, m] for k in S.RUNNERS for m in METHODS)   # assess clears it
     written = json.loads((tmp_path / "outputs/attacks/pretrained-s0/controls.json").read_text())
     assert written["greedy"]["hotflip"]["examples"] == runs["hotflip", "greedy"]["examples"]
     hotflip = json.loads((tmp_path / "outputs/attacks/pretrained-s0/hotflip.json").read_text())
@@ -395,12 +410,21 @@ def test_stopped_stage_keeps_finished_methods_and_ends_identical(acceptance_runs
     assert S.fingerprint(other, setup, "pretrained", 0) != cache.root.name
 
 
+def test_fingerprint_covers_the_example_sets_and_the_candidate_pool(smoke_setup, smoke_params):
+    base = S.fingerprint(smoke_params, smoke_setup, "pretrained", 0)
+    changed = {"opt": dataclasses.replace(smoke_setup.opt, tokens=smoke_setup.opt.tokens.flip(0)),
+               "eval": dataclasses.replace(smoke_setup.eval, tokens=smoke_setup.eval.tokens.flip(0)),
+               "candidates": smoke_setup.candidates[:-1]}
+    for field, value in changed.items():
+        assert S.fingerprint(smoke_params, dataclasses.replace(smoke_setup, **{field: value}), "pretrained", 0) != base, field
+
+
 # --- stages -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_params, monkeypatch):
     ws = workspace_copy
-    assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # as dvc.yaml's assess-ref
+    assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # two arms in one process
     outputs = {"evaluate": "eval/{run}/metrics.json", **{name: f"attacks/{{run}}/{name}.json"
                                                          for name in ("uat", "hotflip", "controls", "diagnostics")}}
 
@@ -478,33 +502,43 @@ def test_bad_search_params_are_refused_by_the_params_loader(smoke_params, sectio
 
 @pytest.mark.slow
 def test_assess_stopped_by_the_stop_file_requeues_and_resumes_to_the_same_outputs(workspace_copy, tmp_path,
-                                                                                 monkeypatch):
-    """The real stop request (the batch script's stop file, polled at every search step): `assess` exits with
-    the requeue code, and the rerun ends with exactly the outputs of an uninterrupted run."""
+                                                                                 monkeypatch, capsys):
+    """The real stop request (the batch script's stop file, polled at every search step), mid-search in the
+    second arm of a two-arm `assess`: it exits with the requeue code, the rerun skips the finished first arm
+    (no evaluate, no attack) and ends with exactly the outputs of an uninterrupted run, caches removed."""
     import shutil
 
     from pipeline import stopping
     from pipeline.stopping import REQUEUE_EXIT_CODE, STOP_FILE_ENV
 
+    argv = ("assess", "--arm", *ARMS_HERE, "--seed", "0")
     reference = tmp_path / "reference"
     shutil.copytree(workspace_copy, reference)
-    assert run_stage(reference, "assess", "--arm", "pretrained", "--seed", "0") == 0
+    assert run_stage(reference, *argv) == 0
     stop = tmp_path / "stop-requests" / "job-1"
     stop.parent.mkdir()
     monkeypatch.setenv(STOP_FILE_ENV, str(stop))
+    first_done = workspace_copy / f"outputs/attacks/{ARMS_HERE[0]}-s0/diagnostics.json"
     polls, poll = [], stopping.stop_requested
 
-    def file_appears_at_the_sixth_poll():          # the batch script's request, mid-search, at a fixed point
-        polls.append(1)
-        if len(polls) == 6:
+    def file_appears_at_the_sixth_poll_of_the_second_arm():     # the batch script's request, at a fixed point
+        polls.append(first_done.exists())
+        if sum(polls) == 6:
             stop.touch()
         return poll()
 
-    monkeypatch.setattr(stopping, "stop_requested", file_appears_at_the_sixth_poll)
-    assert run_stage(workspace_copy, "assess", "--arm", "pretrained", "--seed", "0") == REQUEUE_EXIT_CODE
-    assert len(polls) == 6
+    monkeypatch.setattr(stopping, "stop_requested", file_appears_at_the_sixth_poll_of_the_second_arm)
+    assert run_stage(workspace_copy, *argv) == REQUEUE_EXIT_CODE
+    assert sum(polls) == 6
     stop.unlink()                                  # stage.sbatch clears it at the start of the next attempt
-    assert run_stage(workspace_copy, "assess", "--arm", "pretrained", "--seed", "0") == 0
-    for name in ("uat", "hotflip", "controls", "diagnostics"):
-        path = f"outputs/attacks/pretrained-s0/{name}.json"
-        assert (workspace_copy / path).read_bytes() == (reference / path).read_bytes(), name
+    capsys.readouterr()
+    assert run_stage(workspace_copy, *argv) == 0
+    log = capsys.readouterr().out
+    assert f"assess {ARMS_HERE[0]} s0: finished by an earlier attempt" in log
+    assert f"evaluate {ARMS_HERE[0]} s0" not in log and f"uat {ARMS_HERE[0]} s0" not in log
+    assert f"uat {ARMS_HERE[1]} s0" in log
+    for arm in ARMS_HERE:
+        for path in (f"outputs/eval/{arm}-s0/metrics.json", f"outputs/eval/{arm}-s0/per_doc.json",
+                     *(f"outputs/attacks/{arm}-s0/{name}.json" for name in ("uat", "hotflip", "controls", "diagnostics"))):
+            assert (workspace_copy / path).read_bytes() == (reference / path).read_bytes(), path
+    assert not list((workspace_copy / "outputs/checkpoints").glob("*/assess/*"))

@@ -134,7 +134,7 @@ def test_two_processes_equal_one_within_tolerance_and_untrained_stages_identical
     cluster_lock = yaml.safe_load((cluster / "dvc.lock").read_text())["stages"]
     assert set(cluster_lock) == set(direct_lock)
     untouched = [s for s in direct_lock if not TRAINED.match(s) or s.startswith(("assess-ref", "benchmarks-ref"))]
-    assert "data" in untouched and "assess-ref@0" in untouched
+    assert "data" in untouched and "assess-ref@0-pretrained" in untouched
     for stage in untouched:                 # nothing downstream of training: hash-identical
         assert cluster_lock[stage] == direct_lock[stage], stage
 
@@ -166,7 +166,7 @@ def test_a_variation_reruns_training_and_downstream_only_and_becomes_an_experime
                           "-S", "train.lr=2e-5", "--name", "lr2e-5")
     submitted = {job["stage"] for job in json.loads((run_dir / "jobs.json").read_text())["jobs"]}
     assert {"train-baseline@0", "train-monotonic@1", "assess@baseline-0", "aggregate", "gather"} <= submitted, out
-    assert not submitted & {"data", "pretrain", "monotonic_init", "assess-ref@0", "benchmarks-ref"}, out
+    assert not submitted & {"data", "pretrain", "monotonic_init", "assess-ref@0-pretrained", "benchmarks-ref"}, out
     states = wait_for_jobs(env, run_dir, timeout=2400)
     assert {i["JobState"] for i in states.values()} == {"COMPLETED"}, logs_text(run_dir)
     assert "recorded the experiment 'lr2e-5'" in (run_dir / "logs" / "gather.log").read_text()

@@ -5,24 +5,52 @@ outputs/frontier/s<seed>/); with trained arms, their recovery checkpoints (front
 under outputs/recovery/<arm>-s<seed>/). A checkpoint gets `evaluate`, `uat` and `hotflip`, what the matched-NLL
 comparison reads; the controls and their diagnostics are the arms' own.
 Each step writes exactly the files its own subcommand writes, with the same results (the attacks draw from
-their own seeded streams). Stopped by SIGUSR1/SIGTERM it exits REQUEUE_EXIT_CODE; a rerun skips finished
-arms' attack methods (their cached results) and resumes the stopped search.
+their own seeded streams). Stopped by SIGUSR1/SIGTERM it exits REQUEUE_EXIT_CODE; a rerun skips
+every arm an earlier attempt finished (the record in its attack cache matches: same attack fingerprint,
+evaluate's inputs and the outputs as written), then finished attack methods, and resumes the stopped search;
+the caches go once every arm of the job is done.
 
-dvc.yaml runs `assess` per trained arm and seed, and once per seed for both untrained reference arms (they
-need no training, so on a cluster that job overlaps the training jobs; `assess --arm <one>` also works, so
-a cluster can run one reference arm per job). A process that loads a model spends ~8 s importing torch and
-transformers on a 2-core machine, more than most of these steps compute at the embedded scale."""
+dvc.yaml runs `assess` per trained arm and seed, and per untrained reference arm and seed (`assess-ref`: they
+need no training, so on a cluster those jobs overlap the training jobs). A process that loads a model spends
+~8 s importing torch and transformers on a 2-core machine, more than most of these steps compute at the
+embedded scale."""
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
 
 from ..arms import checkpoints_of, get
 from ..loading import load_arm_model
 from ..params import ParamsError
-from ..paths import frontier_dir, recovery_dir
+from ..paths import DATA_DIR, attack_dir, eval_dir, frontier_dir, recovery_dir
 from . import attack, evaluate
+
+RECORD = "assessed"     # an arm's record in its attack cache: evaluate's inputs and the outputs as written
 
 
 def checkpoint_of(arm: str) -> str | None:
     return get(arm).checkpoint_of
+
+
+def outputs(arm: str, seed: int, steps) -> list[Path]:
+    named = [*steps, "diagnostics"] if "controls" in steps else steps
+    return [eval_dir(arm, seed) / "metrics.json", eval_dir(arm, seed) / "per_doc.json",
+            *(attack_dir(arm, seed) / f"{name}.json" for name in named)]
+
+
+def record(params, arm: str, seed: int, steps) -> dict:
+    """What an arm's finished assessment depends on beyond its attack fingerprint (evaluate's params, test
+    split and code), and the sha256 of every output as it stands."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(params.eval), sort_keys=True).encode())
+    code = Path(attack.__file__).parent
+    attack.hash_files(h, [DATA_DIR / "tokens/test.bin", DATA_DIR / "tokens/test.offsets.npy",
+                          DATA_DIR / "docs/test.jsonl", code / "evaluate.py", code.parent / "evaluation.py"])
+    files = {}
+    for path in outputs(arm, seed, steps):
+        files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return {"evaluate": h.hexdigest(), "outputs": files}
 
 
 def run(params, args) -> int:
@@ -34,12 +62,22 @@ def run(params, args) -> int:
             arms += checkpoints_of(name, params.frontier)
             out = recovery_dir(name, args.seed) if args.arm else frontier_dir(args.seed)
             out.mkdir(parents=True, exist_ok=True)
+    caches = []
     for arm in arms:
         model, meta = load_arm_model(params, arm, args.seed)
-        evaluate.evaluate(params, arm, args.seed, model, meta)
         setup = attack.load_setup(params, arm, args.seed, loaded=(model, meta))
+        cache = attack.cache_for(params, setup, arm, args.seed)
+        caches.append(cache)
         steps = attack.CHECKPOINT_STEPS if checkpoint_of(arm) else attack.STEPS
-        code = attack.run_stopping(params, setup, arm, args.seed, steps)
+        done = cache.result(RECORD)
+        if done is not None and done == record(params, arm, args.seed, steps):
+            print(f"assess {arm} s{args.seed}: finished by an earlier attempt, outputs unchanged; skipped")
+            continue
+        evaluate.evaluate(params, arm, args.seed, model, meta)
+        code = attack.run_stopping(params, setup, arm, args.seed, steps, cache)
         if code:
             return code
+        cache.put(RECORD, record(params, arm, args.seed, steps))
+    for cache in caches:
+        cache.clear()
     return 0

@@ -9,10 +9,11 @@ setup, method dispatch and I/O around the pure searches of pipeline/attacks.py.
             method's budget curve sampled at fractions of the cap
 
 Resumable: every method's result is cached as it completes under
-outputs/checkpoints/<arm>-s<seed>/assess/<fingerprint>/ (fingerprint: attack and eval params, the model's
-weights and this code), and a search stopped by SIGUSR1/SIGTERM saves its state there; a rerun skips
-finished methods, resumes the stopped search, and the stage exits REQUEUE_EXIT_CODE (75) when stopped.
-The cache directory is removed once all three steps' outputs are written. Not a DVC output."""
+outputs/checkpoints/<arm>-s<seed>/assess/<fingerprint>/ (fingerprint: attack and eval params, the example
+sets and candidate pool, the model's weights and this code), and a search or random control stopped by
+SIGUSR1/SIGTERM saves its state there; a rerun skips finished methods, resumes the stopped one, and the stage
+exits REQUEUE_EXIT_CODE (75) when stopped. `assess` removes the cache once every arm of its job is done; a
+single step's run keeps it for the next step (e.g. controls after uat). Not a DVC output."""
 from __future__ import annotations
 
 import dataclasses
@@ -91,7 +92,8 @@ def run_uat(setup: AttackSetup, a, seed: int, method: str, *, should_stop=A.neve
     tokens = setup.opt.tokens
     if method == "random":
         found = A.uat_random_search(scorer, tokens, candidates=setup.candidates, trigger_length=u.trigger_length,
-                                    draws=A.uat_forward_cap(u, 1), at=at, gen=A.generator(seed, "random_uat"))
+                                    draws=A.uat_forward_cap(u, 1), at=at, gen=A.generator(seed, "random_uat"),
+                                    should_stop=should_stop, store=store)
     else:
         guided = method == "gradient"
         found = A.uat_search(scorer, tokens, candidates=setup.candidates, uat=u, at=at, guided=guided,
@@ -124,7 +126,7 @@ def run_hotflip(setup: AttackSetup, a, seed: int, method: str, *, should_stop=A.
     if method == "random":
         found = A.hotflip_random_search(scorer, tokens, setup.clean_nll, flips=h.flips,
                                         draws=A.hotflip_forward_cap(h, 1), gen=A.generator(seed, "random_hotflip"),
-                                        **common)
+                                        should_stop=should_stop, store=store, **common)
     else:
         guided = method == "gradient"
         found = A.hotflip_search(scorer, tokens, setup.clean_nll, hotflip=h, guided=guided,
@@ -169,17 +171,25 @@ def diagnostics(results: dict) -> dict:
 
 # --- resumable per-method cache -------------------------------------------------------------------------
 
-def fingerprint(params, setup: AttackSetup, arm: str, seed: int) -> str:
-    """Everything that determines the attack results: attack and eval params, the model's weights, the code."""
-    h = hashlib.sha256(json.dumps({"attack": dataclasses.asdict(params.attack), "eval": params.eval.precision,
-                                   "precision": setup.precision, "arm": arm, "seed": seed}, sort_keys=True).encode())
-    for path in sorted(Path(setup.model_dir).glob("*.safetensors")) if setup.model_dir else ():
+def hash_files(h, paths) -> None:
+    """Feed the bytes of every file in `paths`, in order, to the hash object h."""
+    for path in paths:
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
+
+
+def fingerprint(params, setup: AttackSetup, arm: str, seed: int) -> str:
+    """Everything that determines the attack results: attack and eval params, the data (both example sets
+    and the candidate pool), the model's weights, the code."""
+    h = hashlib.sha256(json.dumps({"attack": dataclasses.asdict(params.attack), "eval": params.eval.precision,
+                                   "precision": setup.precision, "arm": arm, "seed": seed,
+                                   "examples": [setup.opt.ids, setup.eval.ids]}, sort_keys=True).encode())
+    for tensor in (setup.opt.tokens, setup.eval.tokens, setup.candidates):
+        h.update(tensor.numpy().tobytes())
+    hash_files(h, sorted(Path(setup.model_dir).glob("*.safetensors")) if setup.model_dir else ())
     root = Path(A.__file__).parent
-    for name in CODE:
-        h.update((root / name).read_bytes())
+    hash_files(h, [root / name for name in CODE])
     return h.hexdigest()[:16]
 
 
@@ -224,10 +234,12 @@ def method_result(params, setup: AttackSetup, seed: int, kind: str, method: str,
     return result
 
 
-def attack(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, should_stop=A.never) -> dict:
+def attack(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, should_stop=A.never,
+           cache: MethodCache | None = None) -> dict:
     """Run the steps on one arm, writing attacks/<arm>-s<seed>/<step>.json (and diagnostics.json with
-    controls). Raises attacks.SearchStopped when should_stop fires (state and finished methods kept)."""
-    cache = cache_for(params, setup, arm, seed)
+    controls). Raises attacks.SearchStopped when should_stop fires (state and finished methods kept).
+    The cache (default: cache_for this arm) is kept; assess removes it once every arm of its job is done."""
+    cache = cache or cache_for(params, setup, arm, seed)
     wanted = [("uat", "gradient"), ("hotflip", "gradient")] if "controls" in steps else []
     wanted += [(kind, "gradient") for kind in RUNNERS if kind in steps]
     wanted += [(kind, m) for m in CONTROLS for kind in RUNNERS if "controls" in steps]
@@ -245,8 +257,6 @@ def attack(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, should_
             payload, parts = results[step, "gradient"], [("gradient", step)]
         _write(params, step, arm, seed, setup, payload, sum(seconds.get((k, m), 0.0) for m, k in parts))
         _print(step, arm, seed, payload)
-    if set(steps) == set(STEPS):
-        cache.clear()       # a single step's run keeps its methods for the next step (e.g. controls after uat)
     return results
 
 
@@ -276,13 +286,13 @@ def _print(step: str, arm: str, seed: int, payload: dict) -> None:
         print(f"{step} {arm} s{seed}:{extra} {line(payload)}")
 
 
-def run_stopping(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS) -> int:
+def run_stopping(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, cache: MethodCache | None = None) -> int:
     """attack() under SIGUSR1/SIGTERM stop requests: 0 when done, REQUEUE_EXIT_CODE when stopped."""
     from ..stopping import REQUEUE_EXIT_CODE, StopRequests
 
     with StopRequests(enabled=True) as stops:
         try:
-            attack(params, setup, arm, seed, steps, should_stop=lambda: stops.received is not None)
+            attack(params, setup, arm, seed, steps, should_stop=lambda: stops.received is not None, cache=cache)
         except A.SearchStopped:
             print(f"attack {arm} s{seed}: stopped ({stops.received}); state saved, rerun to resume")
             return REQUEUE_EXIT_CODE
