@@ -2,6 +2,8 @@
 where the policy says, and evaluation under bf16 autocast ranks attack candidates as fp32 does."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,3 +62,10 @@ def test_bf16_autocast_ranks_attack_candidates_as_fp32(smoke_workspace, smoke_pa
     same = (pools["bf16"].unsqueeze(-1) == pools["fp32"].unsqueeze(-2)).any(-1).float().mean().item()
     assert same >= 0.9, f"only {same:.0%} of the bf16 top-{a.hotflip.topk} pools are in the fp32 pools"
     assert torch.allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("output", ["pretrain.json", "monotonic_init.json"])
+def test_validation_metrics_record_the_precision_they_ran_in(smoke_workspace, output):
+    """eval.precision auto, as the policy resolves it for the model's device (the CPU here: fp32)."""
+    metrics = json.loads((smoke_workspace / "outputs/metrics" / output).read_text())
+    assert metrics["provenance"]["precision"] == device.resolve_precision("auto", torch.device("cpu")) == "fp32"
