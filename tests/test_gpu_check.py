@@ -10,16 +10,17 @@ import pytest
 
 from conftest import REPO, pipeline_env
 
-# the stages whose run records name their model's device (assess runs as evaluate, uat, hotflip, controls)
-MODEL_STAGES = {"pretrain", "monotonic_init", "train", "evaluate", "uat", "hotflip", "controls", "transfer",
-                "benchmarks"}
+# the steps whose run records name their model's device (assess records evaluate, uat, hotflip, controls and
+# diagnostics; with --frontier, for each checkpoint too)
+MODEL_STAGES = {"pretrain", "monotonic_init", "train", "evaluate", "uat", "hotflip", "controls", "diagnostics",
+                "transfer", "benchmarks"}
 
 
 @pytest.mark.slow
 def test_gpu_check_on_cpu_finds_every_model_step_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--cpu", "--steps", "4", "--out", str(out)],
-                          env=pipeline_env(), capture_output=True, text=True, timeout=1800)
+    argv = [sys.executable, str(REPO / "bench/gpu_check.py"), "--cpu", "--steps", "4", "--out", str(out)]
+    proc = subprocess.run(argv, env=pipeline_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     smoke = json.loads(out.read_text())["smoke"]
     assert {name.split("-")[0] for name in smoke["model_devices"]} == MODEL_STAGES
