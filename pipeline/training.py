@@ -98,6 +98,8 @@ def policy_accelerator(precision: str):
     got = accelerator.device
     if got.type == "cuda" and got.index is None:     # one process: accelerate says "cuda", the current GPU
         got = torch.device("cuda", torch.cuda.current_device())
+    elif got.type == "cpu":                          # gloo processes: accelerate says "cpu:0", the one CPU device
+        got = torch.device("cpu")
     if got != want:
         raise RuntimeError(f"accelerate put training on {got} but the device policy (pipeline/device.py) says {want}: "
                            "set LOCAL_RANK/CUDA_VISIBLE_DEVICES consistently (ACCELERATE_USE_CPU only without CUDA)")
