@@ -2,8 +2,9 @@
 
   python bench/gpu_check.py [--cpu] [--out FILE]
 
-1. The smoke profile's whole `dvc repro` in a fresh clone of HEAD on the accelerator: every step's run record
-   must name a CUDA device for its model (and evaluation must have run in bf16 autocast).
+1. The smoke profile's whole `dvc repro` in a fresh clone of HEAD on the accelerator: the run record of every
+   step but data and aggregate must name a CUDA device for its model, and every output but train's must record
+   bf16 autocast as its precision (the benchmarks' harness: fp32; with --cpu: fp32 everywhere).
 2. Train-step throughput (MFU) and peak memory of a Pythia-410M-shaped, randomly initialised GPT-NeoX with the
    real trainer (pipeline.training.train, bf16 autocast, fp32 master weights) against `preflight`'s estimate.
 3. Attack candidate scoring (pipeline.attacks.Scorer.nll) in bf16 autocast vs fp32: candidates/s and the
@@ -30,6 +31,8 @@ sys.path.insert(0, str(REPO))
 
 PYTHIA_410M = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096}
 TOY = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512}
+MODEL_FREE_STAGES = ("data", "aggregate")   # every other stage's run record must name its model's device
+FP32_STAGES = ("benchmarks",)                # the harness runs the fp32 model (pipeline/stages/benchmarks.py)
 
 
 class RandomTokens:
@@ -66,13 +69,16 @@ def smoke_on_device(cpu: bool) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"smoke dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         records = {p.stem: json.loads(p.read_text()) for p in sorted((ws / "outputs/runs").glob("*.json"))}
-    devices = {name: r["model_device"] for name, r in records.items() if "model_device" in r}
-    precisions = {name: r["provenance"].get("precision") for name, r in records.items()
-                  if r["provenance"].get("precision")}
+    stage = {name: r["provenance"]["stage"] for name, r in records.items()}
+    devices = {name: r.get("model_device") for name, r in records.items()   # None: a model step that recorded none
+               if stage[name] not in MODEL_FREE_STAGES}
+    # the precision in each output's provenance (train's is train.precision, in its metrics)
+    precisions = {name: records[name]["provenance"].get("precision") for name in devices if stage[name] != "train"}
+    expected = {name: "fp32" if cpu or stage[name] in FP32_STAGES else "bf16" for name in precisions}
     want = "cpu" if cpu else "cuda"
-    return {"seconds": round(time.time() - t0, 1), "model_devices": devices, "eval_precisions": precisions,
-            "all_on_expected_device": bool(devices) and all(d.startswith(want) for d in devices.values()),
-            "eval_in_bf16": all(p == "bf16" for p in precisions.values())}
+    return {"seconds": round(time.time() - t0, 1), "model_devices": devices, "precisions": precisions,
+            "all_on_expected_device": bool(devices) and all(str(d).startswith(want) for d in devices.values()),
+            "precisions_as_expected": precisions == expected}
 
 
 def shaped_params(cpu: bool):
@@ -178,7 +184,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     smoke = report["smoke"]
-    return 0 if smoke["all_on_expected_device"] and (args.cpu or smoke["eval_in_bf16"]) else 1
+    return 0 if smoke["all_on_expected_device"] and smoke["precisions_as_expected"] else 1
 
 
 if __name__ == "__main__":

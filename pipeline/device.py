@@ -1,7 +1,7 @@
 """The one device policy of every stage that touches a model: CUDA when present (the GPU of this process's
 LOCAL_RANK under a multi-process launch), else the CPU; evaluation and attacks under bf16 autocast on CUDA
 (eval.precision auto), with their losses and candidate comparisons in fp32 and TF32 matmuls allowed.
-The trainer places its model through accelerate, which follows the same rule."""
+The trainer places its model here too, and fails if accelerate picks another device."""
 from __future__ import annotations
 
 import contextlib

@@ -17,7 +17,7 @@ FRAME_KEYS = {"document_nll": "eval.batch_size", "uat_search": "attack.uat.batch
               "hotflip_random_search": "attack.batch_size"}
 STAGE_KEYS = {"pretrain": "eval.batch_size", "monotonic_init": "eval.batch_size", "evaluate": "eval.batch_size",
               "uat": "attack.uat.batch_size", "hotflip": "attack.batch_size", "controls": "attack.batch_size",
-              "assess": "attack.batch_size", "transfer": "attack.batch_size"}
+              "assess": "attack.batch_size", "transfer": "attack.batch_size", "benchmarks": "benchmarks.batch_size"}
 
 
 def is_oom(exc: BaseException) -> bool:

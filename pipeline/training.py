@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoints as ckpt
+from . import device
 from .io import staged_dir
 from .params import ParamsError, TrainParams
 from .stopping import REQUEUE_EXIT_CODE, StopRequests  # noqa: F401  (REQUEUE_EXIT_CODE: re-exported)
@@ -84,10 +85,25 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_precision(precision: str) -> str:
-    """accelerate's mixed_precision for train.precision (autocast only; weights stay fp32)."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no", "bf16": "bf16"}[precision]
+    """accelerate's mixed_precision for train.precision on the policy's device (autocast only; weights stay fp32)."""
+    return {"fp32": "no", "bf16": "bf16"}[device.resolve_precision(precision, device.model_device())]
+
+
+def policy_accelerator(precision: str):
+    """accelerate's Accelerator on the device policy's rank-local device; fails where accelerate picks another."""
+    from accelerate import Accelerator
+
+    want = device.model_device()
+    accelerator = Accelerator(mixed_precision=precision, cpu=want.type == "cpu")
+    got = accelerator.device
+    if got.type == "cuda" and got.index is None:     # one process: accelerate says "cuda", the current GPU
+        got = torch.device("cuda", torch.cuda.current_device())
+    elif got.type == "cpu":                          # gloo processes: accelerate says "cpu:0", the one CPU device
+        got = torch.device("cpu")
+    if got != want:
+        raise RuntimeError(f"accelerate put training on {got} but the device policy (pipeline/device.py) says {want}: "
+                           "set LOCAL_RANK/CUDA_VISIBLE_DEVICES consistently (ACCELERATE_USE_CPU only without CUDA)")
+    return accelerator
 
 
 def parameter_groups(model, constrained: Sequence[nn.Parameter]) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -283,14 +299,13 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainState, dict]:
 def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: Sequence[nn.Parameter],
               checkpoint_base: Path | None, identity: dict | None, desc: str) -> Run:
     """Accelerator, optimizer and state (resumed from the newest valid checkpoint of this run if any)."""
-    from accelerate import Accelerator
-
     not_fp32 = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
     if not_fp32:
         raise ValueError(f"master weights must be fp32 (bf16 weights round small updates to zero); "
                          f"got {len(not_fp32)} non-fp32 parameters, e.g. {not_fp32[0]}")
+    device.place(model)     # by the policy; accelerate must agree (policy_accelerator)
     precision = mixed_precision(tp.precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = policy_accelerator(precision)
     accumulation = accumulation_per_process(tp.grad_accum, accelerator.num_processes)
     global_batch = tp.batch_size * tp.grad_accum
     fingerprint = run_fingerprint(identity or {}, tp, global_batch)
@@ -298,7 +313,6 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
     if tp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model.to(accelerator.device)
     optimizer, groups, base_lrs = build_optimizer(model, tp, constrained)
     state = TrainState(update_norm_sum={g: 0.0 for g in groups})
     owner = claim_run(root, desc) if root is not None and accelerator.is_main_process else None

@@ -460,7 +460,7 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
     from pipeline.stages.transfer import transfer_matrix
 
     monkeypatch.chdir(ws)
-    matrix = transfer_matrix(smoke_params, 0, ARMS_HERE)
+    matrix, _ = transfer_matrix(smoke_params, 0, ARMS_HERE)
     for name in ("uat", "hotflip"):
         for arm in ARMS_HERE:
             assert matrix[name]["abs_increase"][arm][arm] == pytest.approx(

@@ -39,6 +39,7 @@ def test_harness_log_likelihoods_equal_the_pipelines_own_scorer(workspace_copy, 
              (workspace_copy / "outputs/data/benchmarks" / B.ITEMS_FILE).read_text().splitlines()]
     assert len(task["items"]) == len(items) and 0 <= task["acc,none"] <= 1
     assert metrics["provenance"]["packages"]["lm_eval"] and metrics["provenance"]["task_versions"]
+    assert metrics["provenance"]["precision"] == "fp32"          # the harness runs the fp32 model, no autocast
 
     from pipeline.models import load_causal_lm
 

@@ -2,6 +2,8 @@
 where the policy says, and evaluation under bf16 autocast ranks attack candidates as fp32 does."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,13 +13,24 @@ from pipeline import device
 from pipeline.stages.attack import load_setup
 
 
-@pytest.mark.parametrize("argv", [["evaluate", "--arm", "monotonic_init", "--seed", "0"],
-                                  ["assess", "--arm", "pretrained", "--seed", "0"],
-                                  ["benchmarks", "--arm", "pretrained", "--seed", "0"],
-                                  ["monotonic_init"]], ids=lambda argv: argv[0])
-def test_every_model_stage_places_its_model_with_the_device_policy(workspace_copy, monkeypatch, argv):
+POLICY_MISMATCH = "device policy"     # the trainer's error when accelerate's device is not the policy's
+SEED = ["--seed", "0"]
+MODEL_STAGES = [
+    pytest.param(["pretrain"], POLICY_MISMATCH, id="pretrain"),          # from scratch: the trainer places it
+    pytest.param(["train", "--arm", "baseline", *SEED], POLICY_MISMATCH, id="train"),
+    pytest.param(["evaluate", "--arm", "monotonic_init", *SEED], None, id="evaluate"),
+    *[pytest.param([step, "--arm", "pretrained", *SEED], None, id=step)
+      for step in ("uat", "hotflip", "controls", "assess", "benchmarks")],
+    pytest.param(["assess", "--frontier", *SEED], None, id="assess-frontier"),   # pretraining's checkpoints
+    pytest.param(["transfer", *SEED], None, id="transfer"),
+    pytest.param(["monotonic_init"], None, id="monotonic_init")]
+
+
+@pytest.mark.parametrize("argv, error", MODEL_STAGES)
+def test_every_model_stage_places_its_model_with_the_device_policy(workspace_copy, monkeypatch, argv, error):
     """Under a policy that answers the meta device (no data: any computation on it fails), each stage fails,
-    and every model it loaded went there: none was left on the default device to compute."""
+    and every model it loaded went there: none was left on the default device to compute. The trainer fails
+    first of all because accelerate does not train where the policy says."""
     placed = []
     place = device.place
 
@@ -27,7 +40,7 @@ def test_every_model_stage_places_its_model_with_the_device_policy(workspace_cop
 
     monkeypatch.setattr(device, "model_device", lambda: torch.device("meta"))
     monkeypatch.setattr(device, "place", spy)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=error):
         run_stage(workspace_copy, *argv)
     assert placed and all(p.device.type == "meta" for model in placed for p in model.parameters())
 
@@ -49,3 +62,10 @@ def test_bf16_autocast_ranks_attack_candidates_as_fp32(smoke_workspace, smoke_pa
     same = (pools["bf16"].unsqueeze(-1) == pools["fp32"].unsqueeze(-2)).any(-1).float().mean().item()
     assert same >= 0.9, f"only {same:.0%} of the bf16 top-{a.hotflip.topk} pools are in the fp32 pools"
     assert torch.allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("output", ["pretrain.json", "monotonic_init.json"])
+def test_validation_metrics_record_the_precision_they_ran_in(smoke_workspace, output):
+    """eval.precision auto, as the policy resolves it for the model's device (the CPU here: fp32)."""
+    metrics = json.loads((smoke_workspace / "outputs/metrics" / output).read_text())
+    assert metrics["provenance"]["precision"] == device.resolve_precision("auto", torch.device("cpu")) == "fp32"

@@ -59,6 +59,14 @@ def test_attack_and_eval_advice_names_the_key_of_the_failing_call(smoke_params, 
         oom.advice(info.value, "assess", smoke_params)
 
 
+def test_benchmarks_advice_names_the_harness_batch_size(smoke_params):
+    with pytest.raises(RuntimeError) as info:
+        _allocate_too_much()
+    size = smoke_params.benchmarks.batch_size
+    assert f"(micro-batch benchmarks.batch_size={size} sequences): set benchmarks.batch_size {size} -> {size // 2}" \
+        in oom.advice(info.value, "benchmarks", smoke_params)
+
+
 def test_only_out_of_memory_errors_get_advice(smoke_params):
     assert oom.advice(RuntimeError("shape mismatch"), "assess", smoke_params) is None
     assert oom.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))

@@ -20,6 +20,7 @@ from ..loading import load_arm_model
 from ..paths import DATA_DIR, benchmark_dir, run_name
 from ..provenance import provenance, record_run
 
+PRECISION = "fp32"   # the harness runs the fp32 model as loaded, without autocast
 FETCH_HINT = "on a machine with network: python -m pipeline fetch (it downloads what params.yaml pins)"
 
 
@@ -49,7 +50,8 @@ def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
                             num_fewshot=b.num_fewshot, limit=b.limit, batch_size=b.batch_size,
                             bootstrap_iters=b.bootstrap_iters, seed=seed)
     stable, volatile = B.stable_results(results)
-    prov = provenance(params, "benchmarks", seed=seed, arm=arm, task_versions=stable.get("versions", {}))
+    prov = provenance(params, "benchmarks", seed=seed, arm=arm, precision=PRECISION,
+                      task_versions=stable.get("versions", {}))
     metrics = {"arm": arm, "seed": seed, "tasks": B.flat_metrics(stable), "model_meta": meta, "provenance": prov}
     label = run_name(arm, seed) if ARMS[arm].trained else arm
     with staged_dir(benchmark_dir(label)) as out:

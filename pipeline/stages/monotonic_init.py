@@ -7,6 +7,7 @@ import time
 from .. import data as D
 from ..evaluation import document_nll, perplexity
 from .. import arms
+from ..device import resolve_precision
 from ..io import staged_dir, write_json
 from ..loading import load_arm_model
 from ..monotonic import apply_monotonic, load_parametrized, save_parametrized
@@ -20,7 +21,8 @@ def run(params, args) -> int:
     model, _ = load_arm_model(params, "pretrained", None)
     report = apply_monotonic(model, m.variant, m.init, m.eps)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
-    prov = provenance(params, "monotonic_init", seed=None)
+    prov = provenance(params, "monotonic_init", seed=None,
+                      precision=resolve_precision(params.eval.precision, next(model.parameters()).device))
     spec = {"variant": m.variant, "init": m.init, "eps": m.eps}
     with staged_dir(arms.get("monotonic_init").model_dir()) as out:
         save_parametrized(model, tokenizer, out, m.variant,

@@ -87,6 +87,8 @@ def run(params, args) -> int:
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
                               params.eval.batch_size, desc="validation", precision=params.eval.precision)
+    # the validation NLL's precision: in this output's provenance and the run record (not in the models' meta)
+    eval_prov = {**prov, "precision": device.resolve_precision(params.eval.precision, next(model.parameters()).device)}
     metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
                "parameters": count_parameters(model), **origin}
     if params.tokenizer.source == "train_bpe":
@@ -95,11 +97,11 @@ def run(params, args) -> int:
                                                                       len(tokenizer))
     with staged_dir(ARMS["pretrained"].model_dir()) as out:
         save_causal_lm(model, tokenizer, out, {"arm": "pretrained", "variant": None, **origin, "provenance": prov})
-    write_json(METRICS_DIR / "pretrain.json", {**metrics, "provenance": prov})
+    write_json(METRICS_DIR / "pretrain.json", {**metrics, "provenance": eval_prov})
     log_columns, log, timing = split_log(log_columns, log)
     write_csv(METRICS_DIR / "pretrain_log.csv", log_columns, log)
     seconds = round(time.time() - t0, 1)
-    record_run("pretrain", prov, model, seconds=seconds, timing=timing)
+    record_run("pretrain", eval_prov, model, seconds=seconds, timing=timing)
     print(f"pretrain: validation perplexity {metrics['validation_perplexity']:.2f}"
           + (f" (unigram {metrics['unigram_validation_perplexity']:.1f})" if "unigram_validation_perplexity" in metrics else "")
           + f", {seconds} s")

@@ -47,7 +47,8 @@ def _attacked(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([r["attacked_nll"] for r in rows], dtype=torch.float64)
 
 
-def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dict:
+def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES):
+    """(the matrices, the last target's setup: its model and resolved precision, which every target shares)."""
     a = params.attack
     at = trigger_offset(a.uat.placement, a.prompt_tokens)
     out = {"arms": list(arms), "uat": {m: {} for m in METRICS}, "hotflip": {m: {} for m in METRICS},
@@ -82,15 +83,15 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES) -> dic
                     faced[name][f"transfer_from_{source}"] = nll
         for kind in ATTACKS:
             out["worst_case"][kind][target] = worst_case(params, setup, faced[kind])
-    return out
+    return out, setup
 
 
 def run(params, args) -> int:
     t0 = time.time()
-    prov = provenance(params, "transfer", seed=args.seed)
-    result = transfer_matrix(params, args.seed)
+    result, setup = transfer_matrix(params, args.seed)
+    prov = provenance(params, "transfer", seed=args.seed, precision=setup.precision)
     write_json(transfer_dir(args.seed) / "transfer.json", {**result, "provenance": prov})
-    record_run(f"transfer-s{args.seed}", prov, seconds=round(time.time() - t0, 1))
+    record_run(f"transfer-s{args.seed}", prov, setup.model, seconds=round(time.time() - t0, 1))
     for name in ATTACKS:
         rows = "; ".join(f"{src}->" + ",".join(f"{v:+.2f}" for v in row.values())
                          for src, row in result[name]["abs_increase"].items())
