@@ -56,8 +56,8 @@ DEVICES = {
     "a100-80gb": Device("A100-SXM4-80GB", 80.0, 312.0, 19.5),
     "h100-80gb": Device("H100-SXM5-80GB", 79.6, 989.0, 67.0),
     "h200": Device("H200-SXM-141GB", 140.0, 989.0, 67.0),
-    # CPU: x 0.4 gives 20 GFLOP/s, two cores at the ~11 GFLOP/s per core bench/RESULTS.md measured (embedded train)
-    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.05),
+    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.17,
+                  "the fp32 matmul peak of torch 2.13 on 2 AVX-512 EPYC cores, measured (bench/RESULTS.md)"),
 }
 MFU_DEFAULT = 0.4           # achieved fraction of the dense peak (assumed; stated in the output)
 
