@@ -337,7 +337,8 @@ def monotonic_init_stage(c: Context) -> Estimate:
     peak = sum(parts.values())
     return Estimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
                     c.eval_hours(eval_flops(s, p, "validation")), (4 * s.params + 4 * s.constrained) / GIB,
-                    parts=_gib(parts), note=f"softplus init, plain export + V, validation NLL in {numerics(c.eval_bf16)}",
+                    parts=_gib(parts),
+                    note=f"softplus init, plain export + V, validation NLL in {numerics(c.eval_bf16)} (eval.precision)",
                     fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
@@ -352,8 +353,8 @@ def train_stage(c: Context, arm: str) -> Estimate:
     flops = t.max_steps * global_batch * per_seq + val
     state = 12 * s.params                                           # model + Adam states, fp32
     model_out = 4 * s.params + (4 * s.constrained if constrained else 0)
-    exports = 2 * len(p.frontier.recovery_steps) * model_out          # steps/step<N>: checkpoint dir and output
-    scratch = (t.keep_checkpoints + 1) * state + 2 * model_out + exports    # checkpoints (+1 being written), best, final
+    exports = 2 * len(p.frontier.recovery_steps) * model_out        # steps/step<N>: checkpoint dir and output
+    scratch = (t.keep_checkpoints + 1) * state + 2 * model_out + exports    # checkpoints (+1 written), best, final
     peak = mem["peak"] * GIB
     step_s = per_seq * global_batch / (c.tflops(bf16) * 1e12 * c.mfu) if c.tflops(bf16) else 0.0
     return Estimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
@@ -480,9 +481,10 @@ def benchmarks_stage(c: Context, ref: bool) -> Estimate:
     seq = p.eval.context_length
     transient = inference_bytes(s, b.batch_size, seq, seq)
     peak = 4 * s.params + transient
+    work = n * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu)
     return Estimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
-                    c.host(peak, 4 * s.params), n * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu),
-                    0.0, parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
+                    c.host(peak, 4 * s.params), work, 0.0,
+                    parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
                     note=f"{n} arms x {requests} requests (<= {seq} tokens; {HARNESS_ITEMS_ASSUMED} items x 4 choices "
                          "assumed per harness task); fp32",
                     fix=f"lower benchmarks.batch_size (now {b.batch_size})")
