@@ -9,7 +9,7 @@ Memory model (bytes; P parameters, T trainable, C constrained, h hidden, f inter
 L layers, n tokens of a micro-batch; "e" is 4 in fp32 and 2 under bf16 autocast):
   weights 4P fp32 master; grads 4T (during backward only the head's, unless grad_accum > 1 keeps them);
   Adam 8T; bf16 autocast keeps a bf16 copy of each matmul weight for backward (2 x matmul weights);
-  the monotonic arm's parametrization materializes W = softplus(V) each forward (kept for backward);
+  a constrained arm's parametrization materializes W = softplus(V) each forward (kept for backward);
   activations saved per layer and token (SDPA attention: no s x s matrix; counted with saved-tensor hooks):
     fp32  x, ln1, ln2, q, k, v, attention out and its [B, T, h] copy for the dense layer (8h) + fc1 out,
           gelu out (2f), 4 bytes each
@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import arms
 from .params import ParamsError
 
 GIB = 2 ** 30
@@ -47,6 +48,7 @@ class Device:
     memory_gib: float
     bf16_tflops: float      # dense peak
     fp32_tflops: float      # without TF32 (torch's default for matmul)
+    source: str = "the vendor's dense peak"
 
 
 DEVICES = {
@@ -54,8 +56,8 @@ DEVICES = {
     "a100-80gb": Device("A100-SXM4-80GB", 80.0, 312.0, 19.5),
     "h100-80gb": Device("H100-SXM5-80GB", 79.6, 989.0, 67.0),
     "h200": Device("H200-SXM-141GB", 140.0, 989.0, 67.0),
-    # CPU: x 0.4 gives 20 GFLOP/s, two cores at the ~11 GFLOP/s per core bench/RESULTS.md measured (embedded train)
-    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.05),
+    "cpu": Device("CPU (host memory = the SLURM mem request)", 0.0, 0.0, 0.17,
+                  "the fp32 matmul peak of torch 2.13 on 2 AVX-512 EPYC cores, measured (bench/RESULTS.md)"),
 }
 MFU_DEFAULT = 0.4           # achieved fraction of the dense peak (assumed; stated in the output)
 
@@ -89,6 +91,11 @@ class Estimate:
     fix: str = ""                                   # the setting that lowers device_gib
     resumable: bool = False                         # stops on USR1 and requeues (train)
     gpu: bool = True
+    dvc: str = ""                                   # dvc.yaml's stage name, if not the first word of `stage`
+
+    @property
+    def dvc_stage(self) -> str:
+        return self.dvc or self.stage.split(" ")[0]
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -151,7 +158,7 @@ def logits_bytes(s: Shape, bf16: bool) -> int:
     return s.vocab * (4 + 8 + (2 if bf16 else 0))
 
 
-def train_memory(s: Shape, tokens: int, bf16: bool, checkpointing: bool, grad_accum: int, monotonic: bool,
+def train_memory(s: Shape, tokens: int, bf16: bool, checkpointing: bool, grad_accum: int, constrained: bool,
                  cuda: bool) -> dict:
     """Peak device memory of one training step in GiB, by part. The forward/backward peak is the static
     part plus the saved activations plus the larger of the loss's backward (logits) and one layer's backward
@@ -161,9 +168,9 @@ def train_memory(s: Shape, tokens: int, bf16: bool, checkpointing: bool, grad_ac
     head_in = 8 * s.hidden * tokens                             # the final norm's input and output, fp32
     saved_full = s.layers * layer + head_in
     saved_ckpt = s.layers * 4 * s.hidden * tokens + head_in     # each layer's input only
-    matmul_weights = s.params - s.embedding - (s.constrained if monotonic else 0)
-    w_bytes = (2 if bf16 else 4) * s.constrained if monotonic else 0
-    if monotonic and checkpointing:
+    matmul_weights = s.params - s.embedding - (s.constrained if constrained else 0)
+    w_bytes = (2 if bf16 else 4) * s.constrained if constrained else 0
+    if constrained and checkpointing:
         w_bytes //= s.layers
     parts = {
         "weights": 4 * s.params, "grads": 4 * (s.params if grad_accum > 1 else s.head), "adam": 8 * s.params,
@@ -257,9 +264,21 @@ class Context:
     def tflops(self, bf16: bool) -> float:
         return self.device.bf16_tflops if bf16 else self.device.fp32_tflops
 
+    @property
+    def eval_bf16(self) -> bool:
+        """eval.precision as resolved here: every evaluation, attack and transfer forward pass runs in it."""
+        return self.bf16(self.params.eval.precision)
+
+    def eval_hours(self, flops: float) -> float:
+        return hours(flops, self.tflops(self.eval_bf16), self.mfu)
+
     def host(self, device_bytes: float, extra: float = 0.0) -> float:
         """Host GiB: the process, plus (on a CPU run) everything that would sit on the device."""
         return HOST_BASE_GIB + extra / GIB + (0 if self.cuda else device_bytes / GIB)
+
+
+def numerics(bf16: bool) -> str:
+    return "bf16 autocast" if bf16 else "fp32"
 
 
 def _gib(parts: dict) -> dict:
@@ -280,20 +299,25 @@ def data_stage(c: Context) -> Estimate:
 def pretrain_stage(c: Context) -> Estimate:
     p, s = c.params, c.shape
     evaluation = eval_flops(s, p, "validation")
+    frontier = len(p.frontier.steps)
+    scratch = (1 + frontier) * 4 * s.params / GIB                  # the model and frontier.steps' checkpoints
     if p.model.source == "scratch":
-        bf16 = c.bf16("auto")
+        bf16 = c.bf16(p.train.precision)                            # pretrain takes train.precision
         mem = train_memory(s, p.pretrain.batch_size * p.data.seq_len, bf16, False, 1, False, c.cuda)
         seqs = p.pretrain.steps * p.pretrain.batch_size
         flops = 3 * seqs * forward_flops(s, p.data.seq_len, p.data.seq_len)
         peak = mem["peak"] * GIB
         return Estimate("pretrain", 1, peak / GIB, c.host(peak), hours(flops, c.tflops(bf16), c.mfu)
-                        + hours(evaluation, c.tflops(False), c.mfu), 4 * s.params / GIB, parts=_rounded(mem),
-                        note=f"{_activations_note(mem)}; trains the scratch model, then validation NLL",
+                        + c.eval_hours(evaluation), scratch, parts=_rounded(mem),
+                        note=f"{_activations_note(mem)}; trains the scratch model, saving {frontier} checkpoints "
+                             "(frontier.steps), then validation NLL",
                         fix=f"lower pretrain.batch_size (now {p.pretrain.batch_size})")
     peak = 4 * s.params + eval_memory(s, p)
-    return Estimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params), hours(evaluation, c.tflops(False), c.mfu),
-                    4 * s.params / GIB, parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
-                    note="loads the checkpoint; validation NLL in fp32",
+    return Estimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params),
+                    c.eval_hours(evaluation) + (1 + frontier) * load_hours(s), scratch,
+                    parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
+                    note=f"loads the checkpoint and saves {frontier} of frontier.steps; validation NLL in "
+                         f"{numerics(c.eval_bf16)} (eval.precision)",
                     fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
@@ -312,36 +336,38 @@ def monotonic_init_stage(c: Context) -> Estimate:
     parts = {"weights": 4 * s.params, "export_copy": 4 * s.params, "evaluation": eval_memory(s, p)}
     peak = sum(parts.values())
     return Estimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
-                    hours(eval_flops(s, p, "validation"), c.tflops(False), c.mfu),
-                    (4 * s.params + 4 * s.constrained) / GIB, parts=_gib(parts),
-                    note="softplus init, plain export + V, validation NLL",
+                    c.eval_hours(eval_flops(s, p, "validation")), (4 * s.params + 4 * s.constrained) / GIB,
+                    parts=_gib(parts),
+                    note=f"softplus init, plain export + V, validation NLL in {numerics(c.eval_bf16)} (eval.precision)",
                     fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
 def train_stage(c: Context, arm: str) -> Estimate:
     p, s = c.params, c.shape
     t = p.train_for_arm(arm)
-    seq, monotonic, bf16 = p.data.seq_len, arm == "monotonic", c.bf16(t.precision)
-    mem = train_memory(s, t.batch_size * seq, bf16, t.gradient_checkpointing, t.grad_accum, monotonic, c.cuda)
+    seq, constrained, bf16 = p.data.seq_len, arms.get(arm).constrained, c.bf16(t.precision)
+    mem = train_memory(s, t.batch_size * seq, bf16, t.gradient_checkpointing, t.grad_accum, constrained, c.cuda)
     global_batch = t.batch_size * t.grad_accum
     per_seq = (4 if t.gradient_checkpointing else 3) * forward_flops(s, seq, seq)
     val = (t.max_steps // t.eval_interval + 1) * t.eval_batches * global_batch * forward_flops(s, seq, seq)
     flops = t.max_steps * global_batch * per_seq + val
     state = 12 * s.params                                           # model + Adam states, fp32
-    model_out = 4 * s.params + (4 * s.constrained if monotonic else 0)
-    scratch = (t.keep_checkpoints + 1) * state + 2 * model_out      # checkpoints (+1 being written), best, final
+    model_out = 4 * s.params + (4 * s.constrained if constrained else 0)
+    exports = 2 * len(p.frontier.recovery_steps) * model_out        # steps/step<N>: checkpoint dir and output
+    scratch = (t.keep_checkpoints + 1) * state + 2 * model_out + exports    # checkpoints (+1 written), best, final
     peak = mem["peak"] * GIB
     step_s = per_seq * global_batch / (c.tflops(bf16) * 1e12 * c.mfu) if c.tflops(bf16) else 0.0
     return Estimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
                     hours(flops, c.tflops(bf16), c.mfu), scratch / GIB, parts=_rounded(mem), resumable=True,
-                    fix=train_fix(c, t, monotonic),
-                    note=f"{_activations_note(mem)}; {'bf16 autocast' if bf16 else 'fp32'}, micro-batch "
+                    dvc=f"train-{arm}",
+                    fix=train_fix(c, t, constrained),
+                    note=f"{_activations_note(mem)}; {numerics(bf16)}, micro-batch "
                          f"{t.batch_size}x{seq} tokens, global batch {global_batch}, {t.max_steps} steps of "
                          f"~{step_s:.2f} s"
-                         + (", W = softplus(V) materialized each forward" if monotonic else ""))
+                         + (", W = softplus(V) materialized each forward" if constrained else ""))
 
 
-def train_fix(c: Context, t, monotonic: bool) -> str:
+def train_fix(c: Context, t, constrained: bool) -> str:
     """The first change that fits: gradient checkpointing, then also halving the micro-batch (global batch kept)."""
     seq, usable = c.params.data.seq_len, usable_gib(c)
     ckpt = "" if t.gradient_checkpointing else " with train.gradient_checkpointing: true"
@@ -352,25 +378,36 @@ def train_fix(c: Context, t, monotonic: bool) -> str:
         options.append((b, g, f"train.batch_size {t.batch_size} -> {b} and train.grad_accum {t.grad_accum} -> "
                               f"{g}{ckpt}"))
     for b, g, text in options:
-        need = train_memory(c.shape, b * seq, c.bf16(t.precision), True, g, monotonic, c.cuda)["peak"]
+        need = train_memory(c.shape, b * seq, c.bf16(t.precision), True, g, constrained, c.cuda)["peak"]
         if not c.cuda or need * FRAGMENTATION <= usable:
             return f"set {text} ({need:.1f} GiB)"
     return "use a GPU with more memory (--gpu h200) or shorter data.seq_len"
 
 
-def attack_work(c: Context) -> tuple[float, int]:
-    """FLOPs of evaluate + UAT + HotFlip + controls for one arm (every method at the hard forward cap that
-    pipeline/attacks.py gives it; backward passes for the gradient searches), and their peak transient
-    device bytes."""
+REF_ARMS = tuple(a.name for a in arms.ARM_TABLE if not a.trained)    # one model serves every seed
+
+
+def load_hours(s: Shape) -> float:
+    """Reading one fp32 model at ~1 GB/s (assumed)."""
+    return 4 * s.params / 1e9 / 3600
+
+
+def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
+    """FLOPs of what `assess` does to one model with these attack steps (pipeline/stages/attack.py: STEPS for an
+    arm, CHECKPOINT_STEPS for a frontier checkpoint): test NLL, gradient UAT and HotFlip, and with "controls"
+    their greedy and random controls, every method at the hard forward cap that pipeline/attacks.py gives it
+    (backward passes for the gradient searches); and their peak transient device bytes."""
     from .attacks import hotflip_forward_cap, uat_forward_cap
+    from .stages.attack import CONTROLS
 
     p, s, a = c.params, c.shape, c.params.attack
     u, h = a.uat, a.hotflip
+    methods = 1 + (len(CONTROLS) if "controls" in steps else 0)
     seq_u, seq_h, scored = u.trigger_length + a.prompt_tokens + a.continuation_tokens, \
         a.prompt_tokens + a.continuation_tokens, a.continuation_tokens + 1
-    fwd_u = 3 * uat_forward_cap(u, a.opt_examples) + 3 * a.eval_examples      # gradient, greedy, random
+    fwd_u = methods * (uat_forward_cap(u, a.opt_examples) + a.eval_examples)      # each search, then its trigger
     bwd_u = u.restarts * u.iterations * a.opt_examples
-    fwd_h = 3 * hotflip_forward_cap(h, a.eval_examples) + 4 * a.eval_examples
+    fwd_h = methods * (hotflip_forward_cap(h, a.eval_examples) + a.eval_examples) + a.eval_examples   # + clean loss
     bwd_h = h.steps * a.eval_examples
     f_u, f_h = forward_flops(s, seq_u, scored), forward_flops(s, seq_h, scored)
     flops = (fwd_u * f_u + bwd_u * (2 * f_u + 2 * u.trigger_length * s.head)
@@ -383,32 +420,52 @@ def attack_work(c: Context) -> tuple[float, int]:
     return flops, transient
 
 
-def assess_stage(c: Context, ref: bool) -> Estimate:
-    """One job per arm and seed: the two trained arms (`assess`) or the two untrained ones (`assess-ref`)."""
+def assess_stage(c: Context, name: str, models: list[str], what: str) -> Estimate:
+    """One `assess` job per seed on these models (arms.get names), one after another as pipeline/stages/assess.py
+    runs them: each loaded, then attacked with STEPS, or CHECKPOINT_STEPS if it is a frontier checkpoint."""
+    from .stages.attack import CHECKPOINT_STEPS, STEPS
+
     p, s = c.params, c.shape
-    flops, transient = attack_work(c)
-    peak = 4 * s.params + transient
-    bf16 = c.bf16(p.eval.precision)
-    return Estimate("assess-ref" if ref else "assess", 2 * len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
-                    hours(flops, c.tflops(bf16), c.mfu), 0.0,
-                    parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"1 arm: test NLL, UAT, HotFlip, controls; {'bf16 autocast' if bf16 else 'fp32'} "
-                         "(eval.precision)",
+    work = [attack_work(c, CHECKPOINT_STEPS if arms.get(m).checkpoint_of else STEPS) for m in models]
+    transient = max((t for _, t in work), default=0)
+    weights = 4 * s.params if models else 0
+    return Estimate(name, len(p.seeds), (weights + transient) / GIB, c.host(weights + transient, weights),
+                    sum(c.eval_hours(flops) + load_hours(s) for flops, _ in work), 0.0,
+                    parts=_gib({"weights": weights, "largest_batch": transient}),
+                    note=f"{what}; {numerics(c.eval_bf16)} (eval.precision)",
                     fix=f"lower attack.batch_size (now {p.attack.batch_size}), attack.uat.batch_size (now "
                         f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
+
+
+def assess_stages(c: Context) -> list[Estimate]:
+    """dvc.yaml's assess jobs: each trained arm with its recovery checkpoints (`assess --arm A --frontier`), each
+    reference arm alone (`assess-ref`), and pretraining's checkpoints (`assess-frontier`, `assess --frontier`)."""
+    f = c.params.frontier
+    arm_work = "test NLL, UAT, HotFlip, controls"
+    rows = []
+    for arm in arms.TRAINED_ARMS:
+        steps = arms.checkpoints_of(arm, f)
+        rows.append(assess_stage(c, f"assess ({arm})", [arm, *steps],
+                                 f"{arm}: {arm_work}; its {len(steps)} recovery checkpoints (frontier.recovery_steps "
+                                 f"{f.recovery_steps}): test NLL, UAT, HotFlip"))
+    rows += [assess_stage(c, f"assess-ref ({arm})", [arm], f"{arm}: {arm_work}") for arm in REF_ARMS]
+    steps = arms.checkpoints_of("pretrained", f)
+    return rows + [assess_stage(c, "assess-frontier", steps, f"{len(steps)} pretraining checkpoints (frontier.steps "
+                                                              f"{f.steps}): test NLL, UAT, HotFlip")]
 
 
 def transfer_stage(c: Context) -> Estimate:
     p, s, a = c.params, c.shape, c.params.attack
     seq = a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens
-    arms = 4
-    flops = arms * (1 + 2 * arms) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
+    n = len(arms.ARM_NAMES)
+    flops = n * (1 + 2 * n) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
     transient = inference_bytes(s, a.batch_size, seq, a.continuation_tokens + 1)
     peak = 4 * s.params + transient
     return Estimate("transfer", len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
-                    hours(flops, c.tflops(False), c.mfu) + arms * 4 * s.params / 1e9 / 3600, 0.0,
+                    c.eval_hours(flops) + n * load_hours(s), 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note="every arm's triggers and flips on every arm (4 model loads at ~1 GB/s)",
+                    note=f"every arm's triggers and flips on every arm ({n} model loads at ~1 GB/s); "
+                         f"{numerics(c.eval_bf16)} (eval.precision)",
                     fix=f"lower attack.batch_size (now {a.batch_size})")
 
 
@@ -416,16 +473,19 @@ HARNESS_ITEMS_ASSUMED = 5000    # per lm-eval task (LAMBADA 5153, ARC-Easy 2376,
 
 
 def benchmarks_stage(c: Context, ref: bool) -> Estimate:
-    """lm-eval on two arms per job: one forward of at most eval.context_length tokens per request."""
+    """lm-eval on the reference arms (one job) or the trained arms (per seed), one after the other: one fp32
+    forward of at most eval.context_length tokens per request."""
     p, s, b = c.params, c.shape, c.params.benchmarks
+    n = len(REF_ARMS if ref else arms.TRAINED_ARMS)
     requests = sum(b.local_items if t == "pipeline_lastword" else 4 * HARNESS_ITEMS_ASSUMED for t in b.tasks)
     seq = p.eval.context_length
     transient = inference_bytes(s, b.batch_size, seq, seq)
     peak = 4 * s.params + transient
+    work = n * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu)
     return Estimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
-                    c.host(peak, 4 * s.params), 2 * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu),
-                    0.0, parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"2 arms x {requests} requests (<= {seq} tokens; {HARNESS_ITEMS_ASSUMED} items x 4 choices "
+                    c.host(peak, 4 * s.params), work, 0.0,
+                    parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
+                    note=f"{n} arms x {requests} requests (<= {seq} tokens; {HARNESS_ITEMS_ASSUMED} items x 4 choices "
                          "assumed per harness task); fp32",
                     fix=f"lower benchmarks.batch_size (now {b.batch_size})")
 
@@ -435,8 +495,8 @@ def aggregate_stage(c: Context) -> Estimate:
 
 
 def estimates(c: Context) -> list[Estimate]:
-    return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c), train_stage(c, "baseline"),
-            train_stage(c, "monotonic"), assess_stage(c, False), assess_stage(c, True), benchmarks_stage(c, True),
+    return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c),
+            *(train_stage(c, arm) for arm in arms.TRAINED_ARMS), *assess_stages(c), benchmarks_stage(c, True),
             benchmarks_stage(c, False), transfer_stage(c), aggregate_stage(c)]
 
 
@@ -453,9 +513,11 @@ def read_resources(path: Path = RESOURCES) -> configparser.ConfigParser:
     return ini
 
 
-def section_of(ini, stage: str) -> str:
-    kind = stage.split(" ")[0].split("-")[0]
-    return kind if ini.has_section(kind) else ini.default_section
+def section_of(ini, dvc_stage: str) -> str:
+    """The longest section whose kind covers the stage ([assess] covers assess-ref), else [DEFAULT]: the rule of
+    slurm/submit.py's sbatch_options."""
+    kinds = [k for k in ini.sections() if dvc_stage == k or dvc_stage.startswith(k + "-")]
+    return max(kinds, key=len) if kinds else ini.default_section
 
 
 def slurm_hours(value: str) -> float:
@@ -476,7 +538,7 @@ def gpu_count(gres: str) -> int:
 
 def problems(c: Context, e: Estimate, ini) -> list[str]:
     """Why a stage will not run as requested, each with the setting to change."""
-    sect = section_of(ini, e.stage)
+    sect = section_of(ini, e.dvc_stage)
     req = ini[sect]
     out = []
     if c.cuda and e.gpu:
@@ -509,7 +571,7 @@ def table(c: Context, rows: list[Estimate], ini) -> str:
              f"| {fits_head} |",
              "|---|---|---|---|---|---|---|"]
     for e in rows:
-        req = ini[section_of(ini, e.stage)]
+        req = ini[section_of(ini, e.dvc_stage)]
         limit = slurm_hours(req.get("time", "0:0:0"))
         when = f"{e.hours:.2f} / {req.get('time')}"
         if e.resumable and e.hours > limit:
@@ -546,10 +608,12 @@ def run(params, args) -> int:
     print(f"config: {s.source}\n")
     print(table(c, rows, ini))
     print("\nbreakdown of the device peak:\n" + breakdown(rows))
-    print(f"\nassumptions: {c.mfu:g} of the dense peak ({d.bf16_tflops:g} TFLOP/s bf16, {d.fp32_tflops:g} fp32) "
-          f"is achieved; evaluation and attacks run in fp32, training in bf16 autocast on a GPU (train.precision "
-          f"auto); fits = peak x {FRAGMENTATION} <= memory - {CUDA_RESERVED_GIB:g} GiB; host = {HOST_BASE_GIB:g} GiB "
-          f"process + weights loaded or checkpoints written; {split_tokens(params, 'test')[2]}.")
+    bf16_peak = f"{d.bf16_tflops:g} TFLOP/s bf16, " if d.bf16_tflops else ""
+    print(f"\nassumptions: {c.mfu:g} of the dense peak ({bf16_peak}{d.fp32_tflops:g} TFLOP/s fp32: "
+          f"{d.source}) is achieved; evaluation, attacks and transfer in {numerics(c.eval_bf16)} (eval.precision "
+          f"{params.eval.precision}), benchmarks in fp32, training as its row says (train.precision); fits = peak x "
+          f"{FRAGMENTATION} <= memory - {CUDA_RESERVED_GIB:g} GiB; host = {HOST_BASE_GIB:g} GiB process + weights "
+          f"loaded or checkpoints written; {split_tokens(params, 'test')[2]}.")
     found = [p for e in rows for p in problems(c, e, ini)]
     for line in found:
         print(f"error: {line}")

@@ -1,6 +1,7 @@
 """`python -m pipeline preflight`: the model built on the meta device (Pythia-1.4B's exact parameter count),
-a memory estimate that matches a measured training peak, every dvc.yaml stage kind in the table, and exit 2
-naming the stage and the setting when something does not fit."""
+a memory estimate that matches a measured training peak, every dvc.yaml stage kind in the table (assess with the
+frontier's checkpoints, one reference arm per assess-ref job), times at eval.precision, slurm/resources.ini read
+as slurm/submit.py reads it, and exit 2 naming the stage and the setting when something does not fit."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from pipeline import arms
 from pipeline import params as P
 from pipeline import preflight
 from pipeline.__main__ import main
@@ -24,12 +26,19 @@ def preflight_run(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().out
 
 
-def edited_profile(tmp_path, name: str, **train) -> str:
+def edited_profile(tmp_path, name: str, section: str = "train", **values) -> str:
     raw = yaml.safe_load((PROFILES / f"{name}.yaml").read_text())
-    raw["train"].update(train)
+    raw[section].update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
+
+
+def rows_of(params_path, device: str = "a100-80gb") -> dict:
+    params = P.load(params_path)
+    c = preflight.Context(params, preflight.model_shape(params), preflight.DEVICES[device], device,
+                          preflight.MFU_DEFAULT)
+    return {e.stage: e for e in preflight.estimates(c)}
 
 
 def test_pythia_1_4b_layout_from_the_profile_keys_has_the_exact_parameter_count():
@@ -71,7 +80,9 @@ def test_every_stage_kind_of_dvc_yaml_is_estimated_for_every_profile(capsys, pro
     table = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     kinds = {name.split("-")[0] for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]}
     assert kinds <= {row.split(" ")[0].split("-")[0] for row in table}
-    assert {"train (baseline)", "train (monotonic)", "assess-ref"} <= set(table)
+    ref = [a.name for a in arms.ARM_TABLE if not a.trained]
+    assert {*(f"{kind} ({arm})" for kind in ("train", "assess") for arm in arms.TRAINED_ARMS),
+            *(f"assess-ref ({arm})" for arm in ref), "assess-frontier"} <= set(table)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert rc == (2 if errors else 0) and (profile == "cluster" or not errors)   # the small profiles fit
     assert all(" set " in line or " raise " in line for line in errors)
@@ -110,3 +121,59 @@ def test_slurm_request_is_checked(capsys, tmp_path):
     assert "error: train (monotonic): needs a GPU, slurm/resources.ini [train] requests none: set gres = gpu:1" in out
     assert ("error: train (baseline): needs 18.8 GiB of host memory, slurm/resources.ini [train] mem = 8G: "
             "raise mem to") in out
+
+
+def test_assess_counts_the_frontier_checkpoints_without_controls(tmp_path):
+    """assess --arm A --frontier: the arm with its controls plus each recovery checkpoint (UAT, HotFlip, no
+    controls); assess-ref: one reference arm; assess-frontier: each pretraining checkpoint."""
+    pinned = edited_profile(tmp_path, "cluster", "frontier", steps=[1000, 2000],
+                            hf_revisions={"step1000": "a" * 40, "step2000": "b" * 40})
+    params = P.load(pinned)
+    rows = rows_of(pinned)
+    arm, ref = rows["assess (baseline)"], rows["assess-ref (pretrained)"]
+    checkpoint = rows["assess-frontier"].hours / len(params.frontier.steps)
+    assert 0 < checkpoint < ref.hours / 2                       # no greedy and random controls
+    assert arm.hours == pytest.approx(ref.hours + len(params.frontier.recovery_steps) * checkpoint)
+    assert rows["assess (monotonic)"].hours == arm.hours and arm.jobs == ref.jobs == len(params.seeds)
+
+    bare = rows_of(edited_profile(tmp_path, "cluster", "frontier", steps=[], recovery_steps=[]))
+    assert bare["assess (baseline)"].hours == pytest.approx(ref.hours)
+    assert bare["assess-frontier"].hours == 0 and bare["assess-frontier"].device_gib == 0
+    model = 4 * preflight.model_shape(params).params / preflight.GIB      # recovery exports: checkpoint dir + steps/
+    extra = rows["train (baseline)"].scratch_gib - bare["train (baseline)"].scratch_gib
+    assert extra == pytest.approx(2 * len(params.frontier.recovery_steps) * model)
+
+
+def test_evaluation_attacks_and_transfer_are_timed_at_eval_precision(capsys, tmp_path):
+    bf16 = rows_of(PROFILES / "cluster.yaml")
+    fp32_path = edited_profile(tmp_path, "cluster", "eval", precision="fp32")
+    fp32 = rows_of(fp32_path)
+    device = preflight.DEVICES["a100-80gb"]
+    load = preflight.load_hours(preflight.model_shape(P.load(fp32_path)))       # not a matter of precision
+    for stage, loads in (("assess-ref (pretrained)", 1), ("transfer", len(arms.ARM_NAMES)), ("monotonic_init", 0)):
+        compute = bf16[stage].hours - loads * load
+        assert fp32[stage].hours - loads * load == pytest.approx(compute * device.bf16_tflops / device.fp32_tflops)
+    assert fp32["train (baseline)"].hours == bf16["train (baseline)"].hours             # train.precision's
+    _, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--gpu", "a100-40gb")
+    assert "evaluation, attacks and transfer in bf16 autocast (eval.precision auto)" in out
+    _, out = preflight_run(capsys, "--params", fp32_path, "--gpu", "a100-40gb")
+    assert "evaluation, attacks and transfer in fp32 (eval.precision fp32)" in out
+
+
+def test_resources_section_is_the_longest_covering_one_as_the_submitter_reads_it(capsys, tmp_path):
+    sys.path.insert(0, str(REPO / "slurm"))
+    try:
+        import submit as submitter
+    finally:
+        sys.path.pop(0)
+    ini = (REPO / "slurm/resources.ini").read_text() + "\n[assess-ref]\ntime = 01:00:00\ngres = gpu:1\n"
+    (tmp_path / "resources.ini").write_text(ini)
+    resources = preflight.read_resources(tmp_path / "resources.ini")
+    for stage in ("assess@baseline-0", "assess-ref@0-pretrained", "assess-frontier@0", "train-monotonic@1", "data"):
+        section = resources[preflight.section_of(resources, stage.split("@")[0])]
+        assert f"--time={section['time']}" in submitter.sbatch_options(resources, stage), stage
+    rc, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--resources",
+                            str(tmp_path / "resources.ini"))
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and [e.split(":")[1] for e in errors] == [" assess-ref (pretrained)", " assess-ref (monotonic_init)"]
+    assert "of compute, slurm/resources.ini [assess-ref] time = 01:00:00: raise time to" in errors[0]
