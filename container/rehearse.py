@@ -225,7 +225,7 @@ def download_torch(root: Path, wheels: Path) -> None:
     pip configuration (the host's find-links, where it has one, still serves the file)."""
     probe = "import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine())"
     version, machine = subprocess.run(["chroot", root, STANDIN_PYTHON, "-c", probe], capture_output=True,
-                                      text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout.split()
+                                      text=True, check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout.split()
     argv = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--retries", "1", f"{TORCH}+cpu",
             "--extra-index-url", TORCH_INDEX, "--only-binary=:all:", "--implementation", "cp",
             "--python-version", version, "--abi", f"cp{version.replace('.', '')}",
