@@ -224,8 +224,8 @@ def download_torch(root: Path, wheels: Path) -> None:
     """The CPU build of TORCH for the stand-in's Python and platform, whatever the host's interpreter and
     pip configuration (the host's find-links, where it has one, still serves the file)."""
     probe = "import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine())"
-    version, machine = subprocess.run(["chroot", root, STANDIN_PYTHON, "-c", probe], capture_output=True,
-                                      text=True, check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout.split()
+    version, machine = subprocess.run([shutil.which("chroot"), root, STANDIN_PYTHON, "-c", probe],
+                                      capture_output=True, text=True, check=True, env={}).stdout.split()
     argv = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--retries", "1", f"{TORCH}+cpu",
             "--extra-index-url", TORCH_INDEX, "--only-binary=:all:", "--implementation", "cp",
             "--python-version", version, "--abi", f"cp{version.replace('.', '')}",

@@ -48,8 +48,8 @@ def test_cleanenv_passes_gpus_slurm_and_pipeline_variables(slurm_cluster, tmp_pa
     dumps = tmp_path / "env"
     dumps.mkdir()
     launch = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
-    env, image = container_env(job_env(slurm_cluster), tmp_path, CUDA_VISIBLE_DEVICES="0", APPTAINER_ENV_DUMP=str(dumps),
-                               HOST_ONLY_SETTING="must not cross", **launch)
+    env, image = container_env(job_env(slurm_cluster), tmp_path, CUDA_VISIBLE_DEVICES="0",
+                               APPTAINER_ENV_DUMP=str(dumps), HOST_ONLY_SETTING="must not cross", **launch)
     _, run_dir = submit(env, ws, tmp_path / "state", resources, "--stage", "prep", "--image", str(image),
                         mode="container")
     states = wait_for_jobs(env, run_dir, timeout=180)
