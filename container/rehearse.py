@@ -52,6 +52,8 @@ STANDIN_PYTHON = "/usr/bin/python3" if sys.base_prefix == "/usr" else \
 # the PyTorch images' PATH (conda's Python first); Apptainer's docker bootstrap keeps it in this file
 DOCKER_PATH = "/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ENV_DIR = ".singularity.d/env"
+# pip inside uses the host's bundle: a pip not patched as Debian's is reads its own certifi bundle otherwise
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BASE_APT = """set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
@@ -202,7 +204,7 @@ def copy_network_config(root: Path) -> None:
     """resolv.conf and the host's CA bundle (pip inside needs both; the bundle may hold a proxy's CA)."""
     shutil.copy2("/etc/resolv.conf", root / "etc" / "resolv.conf")
     (root / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
-    shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+    shutil.copy2(CA_BUNDLE, root / CA_BUNDLE.lstrip("/"))
 
 
 def standin_interpreter(root: Path) -> None:
@@ -249,7 +251,7 @@ def base_root(cache: Path) -> Path:
         if run(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR]).returncode:
             raise RehearsalError("debootstrap failed")
         bootstrapped.touch()
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "PIP_CERT": CA_BUNDLE}
     for script in (BASE_APT, BASE_PYTHON):
         copy_network_config(tmp)      # again after apt: ca-certificates (a dependency) regenerates the bundle
         if script is BASE_PYTHON:     # apt brought the libraries a copied interpreter links against
@@ -331,7 +333,7 @@ def assemble(root: Path, context: Path, sections: dict[str, Section], arguments:
         if line.strip() and not line.strip().startswith("#"):
             src, dst = render(line, arguments).split()
             run(["cp", "-a", context / src, root / dst.lstrip("/")], check=True)
-    post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "APPTAINER_ROOTFS": "/",
+    post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "PIP_CERT": CA_BUNDLE, "APPTAINER_ROOTFS": "/",
                 "APPTAINER_LABELS": "/.rehearsal-labels", "APPTAINER_ENVIRONMENT": f"/{ENV_DIR}/91-environment.sh"}
     if "post" in sections:
         scriptlet(root, "post", sections["post"], arguments, post_env, errexit=True)
