@@ -21,7 +21,8 @@ APPTAINERENV_* (prefix removed) and --env on top (they override %environment, as
 
 Roots are cached outside the repository ($PIPELINE_REHEARSAL_CACHE, default /var/cache/pipeline-rehearsal):
 the base by its recipe, an image by base + definition + build arguments + committed tree. Needs root,
-debootstrap, unshare and network access to Debian and PyPI (first build only). Standard library only.
+debootstrap, unshare and network access to Debian, PyPI and torch's CPU index ($PIPELINE_REHEARSAL_TORCH_INDEX;
+pip's find-links may serve the wheel instead) for the first build. Standard library only.
 """
 from __future__ import annotations
 

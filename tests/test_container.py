@@ -292,6 +292,11 @@ def test_apptainer_exec_commands_run_inside_the_rehearsal_image_as_on_the_host(r
 
     assert exec_inside("python", "-c", "import platform; print(platform.python_version())").split()[-1] == \
         platform.python_version(), "the stand-in's Python is not the host's (rehearse.STANDIN_PYTHON)"
+    # --env overrides %environment's unconditional `export TOKENIZERS_PARALLELISM=false`, as in Apptainer
+    assert exec_inside("sh", "-c", "echo tp=$TOKENIZERS_PARALLELISM").split()[-1] == "tp=false"
+    result = rehearse_run("exec", "--env", "TOKENIZERS_PARALLELISM=true", "--", "sh", "-c",
+                          "echo tp=$TOKENIZERS_PARALLELISM")
+    assert result.returncode == 0 and result.stdout.split()[-1] == "tp=true", result.stdout[-2000:]
     assert exec_inside("python", "-m", "pipeline", "check-params").splitlines()[-1] == \
         host_run(inside, sys.executable, "-m", "pipeline", "check-params").splitlines()[-1]
     ran = exec_inside("dvc", "repro", "pretrain")
