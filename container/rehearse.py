@@ -6,7 +6,9 @@
 
 `build`: a Debian bookworm root (debootstrap --variant=minbase) stands in for the PyTorch base image: the
 image's layout where it matters (a Python with pip at /opt/conda/bin first on PATH, `python` and `pip` by
-those names, the CPU build of the pinned torch preinstalled; the CUDA libraries are absent). On a copy of
+those names, the CPU build of the pinned torch preinstalled; the CUDA libraries are absent). Its Python is
+the CPython running this script (see STANDIN_PYTHON), so that what the stages compute from the interpreter
+(the embedded corpus is its standard library) is the host's. On a copy of
 it, for the parsed definition: `From:` is checked against the docker reference grammar (no tag+digest),
 %files are copied from the build context (`git archive HEAD`, as container/build.sh does), %post runs in
 the chroot under the interpreter Apptainer would use (/bin/sh, dash here as on Ubuntu, unless the header
@@ -14,12 +16,13 @@ says `-c INTERP`) with `set -e` and the %arguments substituted, %environment is 
 puts it and sourced by /bin/sh, %test runs the same way, and `pip check` must be clean.
 
 `exec`: `apptainer exec --cleanenv` on the rehearsal image: the image read-only, /proc, /dev, /tmp and the
---bind paths mounted, an empty environment plus APPTAINERENV_* (prefix removed) and --env, the image's
-environment scripts sourced by /bin/sh, then CMD in --pwd.
+--bind paths mounted, an empty environment, the image's environment scripts sourced by /bin/sh, then
+APPTAINERENV_* (prefix removed) and --env on top (they override %environment, as in Apptainer), then CMD in --pwd.
 
 Roots are cached outside the repository ($PIPELINE_REHEARSAL_CACHE, default /var/cache/pipeline-rehearsal):
 the base by its recipe, an image by base + definition + build arguments + committed tree. Needs root,
-debootstrap, unshare and network access to Debian and PyPI (first build only). Standard library only.
+debootstrap, unshare and network access to Debian, PyPI and torch's CPU index ($PIPELINE_REHEARSAL_TORCH_INDEX;
+pip's find-links may serve the wheel instead) for the first build. Standard library only.
 """
 from __future__ import annotations
 
@@ -40,9 +43,18 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PIPELINE_REHEARSAL_CACHE", "/var/cache/pipeline-rehearsal"))
 SUITE, MIRROR = "bookworm", os.environ.get("PIPELINE_REHEARSAL_MIRROR", "http://deb.debian.org/debian")
 TORCH = "torch==2.13.0"
+# the CPU build (`+cpu`: PyPI's CUDA build never matches), for the stand-in's Python and platform
+TORCH_INDEX = os.environ.get("PIPELINE_REHEARSAL_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
+TORCH_PLATFORM = "manylinux_2_28"     # torch 2.13's Linux wheels; bookworm's glibc is 2.36
+# The stand-in's Python: this interpreter's installation (pyenv, python.org builds) copied to the same path
+# (libpython is found by that path), or bookworm's python3 where this one is the system's (/usr).
+STANDIN_PYTHON = "/usr/bin/python3" if sys.base_prefix == "/usr" else \
+    f"{sys.base_prefix}/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
 # the PyTorch images' PATH (conda's Python first); Apptainer's docker bootstrap keeps it in this file
 DOCKER_PATH = "/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ENV_DIR = ".singularity.d/env"
+# pip inside uses the host's bundle: a pip not patched as Debian's is reads its own certifi bundle otherwise
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BASE_APT = """set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
@@ -50,7 +62,7 @@ apt-get install -y -q --no-install-recommends python3 python3-venv
 apt-get clean
 """
 BASE_PYTHON = f"""set -e
-python3 -m venv /opt/conda
+{STANDIN_PYTHON} -m venv /opt/conda
 /opt/conda/bin/pip install -q --disable-pip-version-check --no-cache-dir /tmp/wheels/torch-*.whl
 rm -rf /tmp/wheels
 mkdir -p /{ENV_DIR}
@@ -161,9 +173,13 @@ def q(value) -> str:
     return shlex.quote(str(value))
 
 
-def action(command: str) -> list[str]:
-    """Apptainer's action scripts: source the image's environment files with /bin/sh, then run."""
-    return ["/bin/sh", "-c", f'for f in /{ENV_DIR}/*.sh; do [ -e "$f" ] && . "$f"; done; {command}', "sh"]
+def action(command: str, overrides: dict[str, str] | None = None) -> list[str]:
+    """Apptainer's action scripts: source the image's environment files with /bin/sh, then set the
+    APPTAINERENV_/--env variables over them, then run. That order is Apptainer's ("Environment Variable
+    Precedence", https://apptainer.org/docs/user/main/environment_and_metadata.html: %environment first,
+    then APPTAINERENV_ / --env / --env-file injected "so they can override or modify any previous values")."""
+    exports = "".join(f"export {k}={q(v)}; " for k, v in (overrides or {}).items())
+    return ["/bin/sh", "-c", f'for f in /{ENV_DIR}/*.sh; do [ -e "$f" ] && . "$f"; done; {exports}{command}', "sh"]
 
 
 # --- the base (stand-in for the PyTorch image) and the image ---------------------------------------------
@@ -189,11 +205,41 @@ def copy_network_config(root: Path) -> None:
     """resolv.conf and the host's CA bundle (pip inside needs both; the bundle may hold a proxy's CA)."""
     shutil.copy2("/etc/resolv.conf", root / "etc" / "resolv.conf")
     (root / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
-    shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+    shutil.copy2(CA_BUNDLE, root / CA_BUNDLE.lstrip("/"))
+
+
+def standin_interpreter(root: Path) -> None:
+    """Copy this interpreter's installation into root at the same path (no site-packages, no test suite);
+    nothing to copy for bookworm's own python3."""
+    if STANDIN_PYTHON == "/usr/bin/python3":
+        return
+    prefix = Path(sys.base_prefix)
+    stdlib = prefix / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+
+    def skipped(directory: str, names: list[str]) -> list[str]:
+        if Path(directory) == prefix / "bin":      # the interpreter, not the scripts of its packages
+            return [n for n in names if not n.startswith("python")]
+        return ["site-packages", "test"] if Path(directory) == stdlib else []
+    shutil.copytree(prefix, root / str(prefix).lstrip("/"), symlinks=True, ignore=skipped, dirs_exist_ok=True)
+
+
+def download_torch(root: Path, wheels: Path) -> None:
+    """The CPU build of TORCH for the stand-in's Python and platform, whatever the host's interpreter and
+    pip configuration (the host's find-links, where it has one, still serves the file)."""
+    probe = "import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine())"
+    version, machine = subprocess.run([shutil.which("chroot"), root, STANDIN_PYTHON, "-c", probe],
+                                      capture_output=True, text=True, check=True, env={}).stdout.split()
+    argv = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--retries", "1", f"{TORCH}+cpu",
+            "--extra-index-url", TORCH_INDEX, "--only-binary=:all:", "--implementation", "cp",
+            "--python-version", version, "--abi", f"cp{version.replace('.', '')}",
+            "--platform", f"{TORCH_PLATFORM}_{machine}", "-d", wheels]
+    if run(argv).returncode:
+        raise RehearsalError(f"pip download {TORCH}+cpu for Python {version} on {machine} failed")
 
 
 def base_root(cache: Path) -> Path:
-    root = cache / f"base-{digest(SUITE, MIRROR, TORCH, BASE_APT, BASE_PYTHON)}"
+    python_build = f"{STANDIN_PYTHON} {sys.version}"
+    root = cache / f"base-{digest(SUITE, MIRROR, TORCH, python_build, BASE_APT, BASE_PYTHON)}"
     if complete(root):
         return root
     for tool in ("debootstrap", "unshare", "chroot"):
@@ -206,13 +252,12 @@ def base_root(cache: Path) -> Path:
         if run(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR]).returncode:
             raise RehearsalError("debootstrap failed")
         bootstrapped.touch()
-    wheels = tmp / "tmp" / "wheels"
-    # on the host pip's find-links holds the CPU build; inside, `pip install torch` would fetch the CUDA one
-    if run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", TORCH, "-d", wheels]).returncode:
-        raise RehearsalError(f"pip download {TORCH} failed")
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "PIP_CERT": CA_BUNDLE}
     for script in (BASE_APT, BASE_PYTHON):
         copy_network_config(tmp)      # again after apt: ca-certificates (a dependency) regenerates the bundle
+        if script is BASE_PYTHON:     # apt brought the libraries a copied interpreter links against
+            standin_interpreter(tmp)
+            download_torch(tmp, tmp / "tmp" / "wheels")
         if in_root(tmp, ["/bin/sh", "-c", script], env):
             raise RehearsalError("preparing the base root failed")
     bootstrapped.unlink()
@@ -289,7 +334,7 @@ def assemble(root: Path, context: Path, sections: dict[str, Section], arguments:
         if line.strip() and not line.strip().startswith("#"):
             src, dst = render(line, arguments).split()
             run(["cp", "-a", context / src, root / dst.lstrip("/")], check=True)
-    post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "APPTAINER_ROOTFS": "/",
+    post_env = {"PATH": DOCKER_PATH, "HOME": "/root", "PIP_CERT": CA_BUNDLE, "APPTAINER_ROOTFS": "/",
                 "APPTAINER_LABELS": "/.rehearsal-labels", "APPTAINER_ENVIRONMENT": f"/{ENV_DIR}/91-environment.sh"}
     if "post" in sections:
         scriptlet(root, "post", sections["post"], arguments, post_env, errexit=True)
@@ -324,11 +369,11 @@ def prune(cache: Path, keep: Path) -> None:
 
 def exec_in_image(root: Path, argv: list[str], binds: list[str], pwd: str, extra_env: list[str]) -> int:
     """`apptainer exec --cleanenv --bind ... --pwd ... IMAGE argv` on the rehearsal root."""
-    env = {"HOME": "/root", **{k[len("APPTAINERENV_"):]: v for k, v in os.environ.items()
-                               if k.startswith("APPTAINERENV_")}}
-    env.update(item.split("=", 1) for item in extra_env)
+    overrides = {k[len("APPTAINERENV_"):]: v for k, v in os.environ.items() if k.startswith("APPTAINERENV_")}
+    overrides.update(item.split("=", 1) for item in extra_env)
     pairs = [(b.split(":")[0], b.split(":")[1] if ":" in b else b.split(":")[0]) for b in binds]
-    return in_root(root, action('exec "$@"') + argv, env, binds=pairs, pwd=pwd, read_only=True)
+    return in_root(root, action('exec "$@"', overrides) + argv, {"HOME": "/root"}, binds=pairs, pwd=pwd,
+                   read_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:

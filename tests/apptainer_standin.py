@@ -4,11 +4,14 @@
 - the command runs as this process's direct child, in --pwd;
 - a signal this process receives is forwarded to that direct child only (Apptainer's behaviour: with dvc
   in between, python never sees it);
-- --cleanenv: the child gets only the APPTAINERENV_* variables (prefix removed) plus the image's
-  environment; without it, the caller's environment too.
+- --cleanenv: the child gets only the image's environment plus the APPTAINERENV_* variables (prefix
+  removed); without it, the caller's environment too. Precedence is Apptainer's ("Environment Variable
+  Precedence", https://apptainer.org/docs/user/main/environment_and_metadata.html): the image's
+  %environment overrides the host's variables, APPTAINERENV_* override both.
 The "image" is a text file of KEY=VALUE lines: the environment its %environment would set (PATH included).
 Binds are not emulated (the paths exist on the host). $APPTAINER_CALLS (a file) records each call's
-arguments; $APPTAINER_ENV_DUMP (a file) receives the child's environment as JSON."""
+arguments; $APPTAINER_ENV_DUMP (a directory) receives each call's child environment as JSON, in
+<SLURM_JOB_ID>.json (the job that called; `call.json` outside SLURM)."""
 from __future__ import annotations
 
 import json
@@ -35,9 +38,10 @@ def main(argv: list[str]) -> int:
     image, command = Path(args[0]), args[1:]
     image_env = dict(line.split("=", 1) for line in image.read_text().splitlines() if "=" in line)
     forwarded = {k[len("APPTAINERENV_"):]: v for k, v in os.environ.items() if k.startswith("APPTAINERENV_")}
-    env = {**({} if options.get("--cleanenv") else os.environ), **forwarded, **image_env}
+    env = {**({} if options.get("--cleanenv") else os.environ), **image_env, **forwarded}
     if os.environ.get("APPTAINER_ENV_DUMP"):
-        Path(os.environ["APPTAINER_ENV_DUMP"]).write_text(json.dumps(env, indent=1, sort_keys=True))
+        dump = Path(os.environ["APPTAINER_ENV_DUMP"]) / f"{os.environ.get('SLURM_JOB_ID', 'call')}.json"
+        dump.write_text(json.dumps(env, indent=1, sort_keys=True))
 
     child = subprocess.Popen(command, cwd=options.get("--pwd"), env=env)
     for signum in FORWARDED:

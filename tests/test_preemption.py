@@ -28,33 +28,38 @@ STANDIN = REPO / "tests" / "apptainer_standin.py"
 
 def container_env(env: dict, tmp_path: Path, **extra) -> tuple[dict, Path]:
     """The submission environment with the stand-in first on PATH, and the "image": its environment is
-    this interpreter's bin directory and the system's on PATH (the image's python, pip and dvc)."""
+    this interpreter's bin directory and the system's on PATH (the image's python, pip and dvc), the hub
+    cache, and an HF_HOME that the job's forwarded one must override."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "apptainer").symlink_to(STANDIN)
     image = tmp_path / "pipeline.sif"
-    image.write_text(f"PATH={Path(sys.executable).parent}:/usr/bin:/bin\nHF_HUB_CACHE=/opt/hf/hub\n")
+    image.write_text(f"PATH={Path(sys.executable).parent}:/usr/bin:/bin\nHF_HUB_CACHE=/opt/hf/hub\nHF_HOME=/image/hf\n")
     return {**env, "PATH": f"{bin_dir}:{env['PATH']}", **extra}, image
 
 
 def test_cleanenv_passes_gpus_slurm_and_pipeline_variables(slurm_cluster, tmp_path):
-    """What reaches the container's process: the GPUs SLURM assigned, the SLURM variables a multi-node
-    launch reads, the pipeline's own variables (the stop file's name among them); nothing else of the host."""
+    """What reaches a stage job's container process: the GPUs SLURM assigned, the SLURM, NCCL_* and
+    MASTER_ADDR/MASTER_PORT variables a multi-node launch reads, the pipeline's own variables (the stop
+    file's name among them), over the image's %environment; nothing else of the host."""
     ws = new_dvc_project(tmp_path / "ws", {"stages.py": STAGES_PY, "dvc.yaml": DVC_YAML, "params.yaml": "steps: 5\n"})
     resources = tmp_path / "resources.ini"
     resources.write_text(TEST_RESOURCES)
-    dump = tmp_path / "env.json"
+    dumps = tmp_path / "env"
+    dumps.mkdir()
+    launch = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
     env, image = container_env(job_env(slurm_cluster), tmp_path, CUDA_VISIBLE_DEVICES="0",
-                               APPTAINER_ENV_DUMP=str(dump), HOST_ONLY_SETTING="must not cross")
+                               APPTAINER_ENV_DUMP=str(dumps), HOST_ONLY_SETTING="must not cross", **launch)
     _, run_dir = submit(env, ws, tmp_path / "state", resources, "--stage", "prep", "--image", str(image),
                         mode="container")
     states = wait_for_jobs(env, run_dir, timeout=180)
     assert {s: i["JobState"] for s, i in states.items()} == {"prep": "COMPLETED", "gather": "COMPLETED"}, \
         logs_text(run_dir)
-    inside = json.loads(dump.read_text())        # the gather job's call (the last one) wrote it
+    inside = json.loads((dumps / f"{states['prep']['JobId']}.json").read_text())     # the stage job's call
     print("reaches the container:", sorted(inside))
     assert inside["CUDA_VISIBLE_DEVICES"] == "0"
-    assert inside["SLURM_JOB_ID"] == states["gather"]["JobId"]
+    assert inside["SLURM_JOB_ID"] == states["prep"]["JobId"]
+    assert {k: inside.get(k) for k in launch} == launch
     for var in ("SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_TASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "SLURM_NODEID",
                 "SLURM_PROCID", "SLURM_LOCALID", "SLURM_SUBMIT_DIR"):
         assert var in inside, var
@@ -64,6 +69,8 @@ def test_cleanenv_passes_gpus_slurm_and_pipeline_variables(slurm_cluster, tmp_pa
         assert var in inside, var
     assert "HOST_ONLY_SETTING" not in inside and "APPTAINER_ENV_DUMP" not in inside
     assert inside["PATH"] == f"{Path(sys.executable).parent}:/usr/bin:/bin"     # the image's, not the host's
+    assert inside["HF_HUB_CACHE"] == "/opt/hf/hub"                               # %environment: not forwarded
+    assert inside["HF_HOME"] == f"{inside['SCRATCH']}/hf"     # the job's, over the image's HF_HOME=/image/hf
 
 
 def test_usr1_through_apptainer_and_dvc_checkpoints_requeues_and_is_bit_identical(slurm_cluster, tmp_path):
