@@ -41,8 +41,10 @@ mem = 900M
 ntasks-per-node = 2
 mem = 1800M
 """
-# long enough (a few seconds per run) for USR1 to land mid-training; the same in both runs
-TRAIN = {"max_steps": 64, "eval_interval": 16, "checkpoint_interval": 16}
+# long enough (a few seconds per run) for USR1 to land mid-training; the same in both runs. The profile's
+# global batch (4 x 2) as 2 x 4: each of 2 processes accumulates 2 micro-batches before the all-reduce, so the
+# gradient is summed in another order than 1 process's 4 (with 4 x 2 the two sums agree to the last bit)
+TRAIN = {"max_steps": 64, "eval_interval": 16, "checkpoint_interval": 16, "batch_size": 2, "grad_accum": 4}
 INTERRUPTED = "train-baseline@0"
 TRAINED = re.compile(r"^(train|assess|benchmarks|transfer|aggregate)(-|@|$)")   # training and its downstream
 REL_TOLERANCE = {"train": 1e-4, "eval": 1e-3}    # 2 processes vs 1: float summation order only
