@@ -23,16 +23,22 @@ the stage exits with REQUEUE_EXIT_CODE.
 """
 from __future__ import annotations
 
+import ast
+import atexit
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,14 +138,28 @@ def group_settings(tp: TrainParams) -> dict[str, dict]:
             "constrained": {"lr": tp.lr * tp.constrained_lr_multiplier, "weight_decay": tp.constrained_weight_decay}}
 
 
-TRAJECTORY_CODE = ("training.py", "checkpoints.py", "monotonic.py", "models.py", "data.py")
+def trajectory_code() -> tuple:
+    """The code that defines a run's trajectory (weights, data order, schedule, resume); nothing else is
+    fingerprinted, so a fix to reporting code or a comment never orphans the checkpoints of a long run."""
+    from . import data, models, monotonic
+
+    return (seed_everything, lr_at, lm_loss, parameter_groups, group_settings, build_optimizer, train_step,
+            load_checkpoint, data.PackedSequences, models.tiny_gpt_neox, monotonic.Softplus,
+            monotonic.constrained_parameters, ckpt.load_model_state, ckpt.read_optimizer, ckpt.read_rng)
 
 
-def code_hash() -> str:
-    """Hash of the modules that shape a training trajectory: a code change never resumes old state."""
+def code_hash(objects=None) -> str:
+    """Hash of the syntax trees of the trajectory code, docstrings and comments left out."""
     h = hashlib.sha256()
-    for name in TRAJECTORY_CODE:
-        h.update((Path(__file__).parent / name).read_bytes())
+    for obj in objects if objects is not None else trajectory_code():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(f"{obj.__module__}.{obj.__qualname__}\0{ast.dump(tree)}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -251,11 +271,16 @@ def build_optimizer(model, tp: TrainParams, constrained: Sequence[nn.Parameter])
     return optimizer, groups, [settings[g]["lr"] for g in groups]
 
 
+def owner_record() -> str:
+    return f"job {os.environ.get('SLURM_JOB_ID', 'none')} on {socket.gethostname()}, pid {os.getpid()}\n"
+
+
 def claim_run(root: Path, desc: str):
     """One process trains a run (writes its checkpoint directory) at a time: an exclusive lock on
     <root>.owner, which names the holder (SLURM job, host, pid) and is released when the holder exits, however
     it ends. A second job training the same run (two variations sharing it) waits, then resumes from the
-    first one's checkpoints. Returns the open file, which holds the lock."""
+    first one's checkpoints. On a filesystem without flock (Lustre mounted without it: ENOSYS) an
+    exclusive-create lock file takes its place (LockFile). Returns what holds the lock."""
     root.parent.mkdir(parents=True, exist_ok=True)
     handle = open(root.parent / f"{root.name}.owner", "a+")
     try:
@@ -265,11 +290,81 @@ def claim_run(root: Path, desc: str):
         print(f"{desc}: the checkpoint directory {root} is in use by {handle.read().strip() or 'another process'}; "
               "waiting for it to finish, then resuming from its checkpoints", flush=True)
         fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            raise
+        handle.close()
+        return LockFile.acquire(root.parent / f"{root.name}.owner.lock", desc)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"job {os.environ.get('SLURM_JOB_ID', 'none')} on {socket.gethostname()}, pid {os.getpid()}\n")
+    handle.write(owner_record())
     handle.flush()
     return handle
+
+
+@dataclass
+class LockFile:
+    """An exclusive-create lock file holding the owner record, removed by close() or at exit. A holder that
+    died without removing it is recognised and replaced: the same SLURM job (a requeue keeps the job id),
+    a SLURM job squeue no longer lists, or a dead pid on this host."""
+    path: Path
+    poll_s: float = 5.0
+
+    @classmethod
+    def acquire(cls, path: Path, desc: str, poll_s: float = 5.0) -> "LockFile":
+        told = False
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = path.read_text().strip() if path.exists() else ""
+            if holder and cls.stale(holder):
+                print(f"{desc}: removing the stale lock {path} of {holder}", flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            if not told:
+                print(f"{desc}: {path} is held by {holder or 'another process'} (no flock on this filesystem); "
+                      "waiting for it to finish, then resuming from its checkpoints", flush=True)
+                told = True
+            time.sleep(poll_s)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(owner_record())
+        lock = cls(path, poll_s)
+        atexit.register(lock.close)
+        return lock
+
+    @staticmethod
+    def stale(holder: str) -> bool:
+        words = holder.split()     # job <id> on <host>, pid <pid>
+        if len(words) < 6:
+            return False
+        job, host, pid = words[1], words[3].rstrip(","), int(words[5])
+        if job != "none":
+            if job == os.environ.get("SLURM_JOB_ID"):
+                return True
+            try:
+                listed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                                        timeout=30)
+            except (FileNotFoundError, subprocess.TimeoutExpired):
+                listed = None
+            if listed is not None and listed.returncode == 0:
+                return not listed.stdout.strip()
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def close(self) -> None:
+        if self.path.exists() and self.path.read_text() == owner_record():
+            self.path.unlink()
+
+    __del__ = close
 
 
 def find_checkpoint(accelerator, root: Path | None, fingerprint: str, desc: str) -> Path | None:
@@ -525,7 +620,8 @@ def update_norms_from(model, reference, groups: dict[str, list[str]]) -> dict[st
     out = {}
     with torch.no_grad():
         for g, names in groups.items():
-            sq = sum(float((params[n].detach().cpu().double() - ref[n].detach().double()).pow(2).sum()) for n in names)
+            sq = sum(float((params[n].detach().double() - ref[n].detach().to(params[n].device).double()).pow(2).sum())
+                     for n in names)    # on the trained weights' device: the reference may be elsewhere
             out[g] = math.sqrt(sq)
     return out
 

@@ -325,3 +325,92 @@ def test_pretrain_saves_the_frontier_steps_without_changing_the_pretrained_model
     assert run_stage(ws, "pretrain") == 0
     assert (ws / "outputs/models/pretrained/model.safetensors").read_bytes() == with_steps
     assert list((ws / "outputs/models/pretrain_steps").iterdir()) == []
+
+
+HOST_READ = r"item\(\) cannot be called on meta tensors"     # a step's first read of a value back to the host
+
+
+def test_every_training_step_computes_on_the_models_device(smoke_workspace, smoke_params):
+    """The meta device stands in for a GPU: its tensors hold no data, so an op mixing one with a CPU tensor fails
+    (as CPU and CUDA tensors do) and so does reading a value back. Each step of a run (forward and loss,
+    backward, the optimizer step, the per-step update norms, the total update norm against a reference on the
+    device or on the CPU) must get as far as its first host read. On 407a7ab the total update norm, the last
+    step of every training run, failed here (it took a CPU copy of the trained weights), as it did on a GPU."""
+    from pipeline import training
+    from pipeline.models import load_causal_lm
+
+    path = smoke_workspace / "outputs/models/pretrained"
+    model, reference = load_causal_lm(path).to("meta"), load_causal_lm(path)
+    groups = training.parameter_groups(model, [])
+    names = {g: [n for n, _ in members] for g, members in groups.items()}
+    batch = torch.zeros(2, 9, dtype=torch.long, device="meta")
+    loss = training.lm_loss(model, batch)
+    loss.backward()
+    optimizer, _, _ = training.build_optimizer(model, smoke_params.train, [])
+    params = {g: [p for _, p in members] for g, members in groups.items()}
+    before = {g: [p.detach().clone() for p in ps] for g, ps in params.items()}
+    optimizer.step()
+    for step in (lambda: float(loss.detach()), lambda: training.update_norms(before, params),
+                 lambda: training.update_norms_from(model, reference.to("meta"), names),
+                 lambda: training.update_norms_from(model, reference, names)):
+        with pytest.raises(RuntimeError, match=HOST_READ):
+            step()
+
+
+def test_fingerprint_ignores_comments_docstrings_and_code_outside_the_trajectory(tmp_path):
+    """A copy of the package with a comment, a changed docstring and a fix to the final update-norm report
+    keeps the fingerprint's code hash (a resubmitted run resumes its checkpoints); a change to the schedule
+    or the data order changes it."""
+    def code_hash_of(edit) -> str:
+        pkg = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(REPO / "pipeline", pkg / "pipeline")
+        source = pkg / "pipeline" / edit[0]
+        text = source.read_text()
+        assert edit[1] in text, edit
+        source.write_text(text.replace(edit[1], edit[2], 1))
+        return subprocess.run([sys.executable, "-c", "from pipeline.training import code_hash; print(code_hash())"],
+                              cwd=pkg, capture_output=True, text=True, check=True, env={**ENV, "PYTHONPATH": str(pkg)}
+                              ).stdout.strip()
+
+    base = code_hash_of(("training.py", "", ""))
+    assert base == code_hash_of(("training.py", "def lr_at(", "# a comment\ndef lr_at("))
+    assert base == code_hash_of(("training.py", '"""Linear warmup, then', '"""Reworded: linear warmup, then'))
+    assert base == code_hash_of(("training.py", "out[g] = math.sqrt(sq)", "out[g] = float(math.sqrt(sq))"))
+    assert base == code_hash_of(("checkpoints.py", "def sha256(", "# a comment\ndef sha256("))
+    assert base != code_hash_of(("training.py", "return peak * (step + 1) / warmup", "return peak * step / warmup"))
+    assert base != code_hash_of(("data.py", "default_rng([seed, epoch])", "default_rng([seed, epoch + 1])"))
+
+
+def test_without_flock_an_exclusive_lock_file_names_the_owner_and_stale_ones_are_replaced(tmp_path, monkeypatch):
+    """A Lustre mount without flock answers ENOSYS: the claim falls back to an exclusive-create lock file with
+    the same owner record, removed on release; a lock left by a dead process on this host is taken over, and a
+    live holder is waited for."""
+    import errno
+    import socket
+
+    from pipeline import training
+
+    def no_flock(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(training.fcntl, "flock", no_flock)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    root = tmp_path / "run"
+    lock = training.claim_run(root, "t")
+    lock_file = tmp_path / "run.owner.lock"
+    assert lock_file.read_text() == training.owner_record() and f"pid {os.getpid()}" in lock_file.read_text()
+    lock.close()
+    assert not lock_file.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file.write_text(f"job none on {socket.gethostname()}, pid {int(dead.stdout)}\n")
+    lock = training.claim_run(root, "t")
+    assert f"pid {os.getpid()}" in lock_file.read_text()
+    lock.close()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_file.write_text(f"job none on {socket.gethostname()}, pid {live.pid}\n")
+        monkeypatch.setattr(training.time, "sleep", lambda s: (_ for _ in ()).throw(TimeoutError("waited")))
+        with pytest.raises(TimeoutError, match="waited"):
+            training.claim_run(root, "t")
+    finally:
+        live.kill()
