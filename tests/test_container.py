@@ -83,6 +83,21 @@ def test_definition_parses_into_every_section(definition):
     assert re.search(r"^Bootstrap: docker$", header, re.M)
 
 
+def test_jobs_point_every_writable_cache_of_the_image_into_scratch_without_a_nested_bind(definition):
+    """Each variable %environment defaults to a /scratch path, stage.sbatch exports as a $SCRATCH path and
+    passes through --cleanenv; $SCRATCH is bound at its own path only (a bind of $SCRATCH at /scratch as well
+    would cover /scratch/$USER where runtimes mount in command-line order)."""
+    sbatch = (REPO / "slurm" / "stage.sbatch").read_text()
+    writable = re.findall(r"export (\w+)=\$\{\1:-/scratch/", sections(definition)["environment"])
+    assert {"HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"} <= set(writable)
+    forwarded = re.search(r"grep -E '\^\((.*)\)\$'", sbatch).group(1).split("|")
+    for var in writable:
+        assert re.search(rf"^export {var}=\$\{{{var}:-\$(SCRATCH|HF_HOME|XDG_CACHE_HOME)/", sbatch, re.M), var
+        assert var in forwarded, var
+    binds = re.search(r'--bind "([^"]*)"', sbatch).group(1).split(",")
+    assert "$SCRATCH" in binds and not any(b.endswith(":/scratch") for b in binds), binds
+
+
 def test_base_reference_is_a_digest_without_a_tag(definition):
     """containers/image (Apptainer's docker transport) refuses name:tag@digest; the tag lives in %labels."""
     header, _ = rehearse.parse_definition(definition)

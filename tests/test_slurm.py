@@ -585,7 +585,7 @@ def test_container_mode_runs_each_stage_through_apptainer_exec(synthetic, tmp_pa
         logs_text(run_dir)
     stage_call, gather_call, remote_call = calls.read_text().splitlines()   # remote: no DVC remote, no push
     scratch = env["SCRATCH"]
-    binds = f"--bind {scratch},{scratch}:/scratch,{ws},{run_dir},{ws}/.dvc/cache,{state}/checkpoints,"
+    binds = f"--bind {scratch},{ws},{run_dir},{ws}/.dvc/cache,{state}/checkpoints,"
     for call in (stage_call, gather_call, remote_call):
         assert call.startswith(f"exec --nv --cleanenv {binds}"), call
     assert stage_call.endswith(f"--pwd {run_dir}/workspaces/prep {image} dvc repro prep")
