@@ -28,10 +28,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pipeline.__main__ import MODEL_FREE_STAGES  # noqa: E402  (every other stage's run record names its model's device)
 
 PYTHIA_410M = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096}
 TOY = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512}
-MODEL_FREE_STAGES = ("data", "aggregate")   # every other stage's run record must name its model's device
 FP32_STAGES = ("benchmarks",)                # the harness runs the fp32 model (pipeline/stages/benchmarks.py)
 
 

@@ -27,6 +27,7 @@ STAGES = {
     "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", None),
     "aggregate": ("aggregate", "multi-seed statistics, results JSON, Markdown report and plots", None),
 }
+MODEL_FREE_STAGES = ("data", "aggregate")    # every other stage loads or trains a model
 
 
 class _OneLineHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -140,9 +141,11 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
     try:
+        if args.command not in MODEL_FREE_STAGES:
+            importlib.import_module("pipeline.device").require_capability(params.device.min_compute_capability)
         return module.run(params, args) or 0
-    except (params_mod.InputError, params_mod.ParamsError) as exc:
-        # found before any compute: a pinned hub file missing or damaged, a value that does not fit the job
+    except (params_mod.InputError, params_mod.ParamsError, params_mod.HardwareError) as exc:
+        # found before any compute: a pinned hub file missing or damaged, a value or GPU that does not fit the job
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -9,11 +9,33 @@ import os
 
 import torch
 
+from .params import HardwareError
+
 
 def model_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def gpus() -> list[dict]:
+    """Every visible CUDA device: name and compute capability (run records carry it)."""
+    if not torch.cuda.is_available():
+        return []
+    return [{"index": i, "name": torch.cuda.get_device_name(i),
+             "compute_capability": "%d.%d" % torch.cuda.get_device_capability(i)}
+            for i in range(torch.cuda.device_count())]
+
+
+def require_capability(minimum: float) -> None:
+    """Fail before any compute on a GPU below `minimum` (device.min_compute_capability): the job landed on
+    another GPU model than the one resources.ini asks for. The CPU is always allowed."""
+    below = [g for g in gpus() if float(g["compute_capability"]) < minimum]
+    if below:
+        raise HardwareError(f"{below[0]['name']} (cuda:{below[0]['index']}) has compute capability "
+                             f"{below[0]['compute_capability']}, below device.min_compute_capability {minimum}: "
+                             "request the GPU model in slurm/resources.ini (gres = gpu:<type>:1), or set "
+                             "device.min_compute_capability: 0 to allow it (results then differ by hardware)")
 
 
 def place(model):

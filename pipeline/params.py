@@ -52,6 +52,10 @@ class InputError(RuntimeError):
     it before computing, and the CLI reports it in one message (exit 2) with what fixes it."""
 
 
+class HardwareError(RuntimeError):
+    """The job runs on hardware the params refuse (a GPU below device.min_compute_capability)."""
+
+
 # --- field declarations -----------------------------------------------------------------------
 
 def _spec(allowed: str, check, default=dataclasses.MISSING):
@@ -251,6 +255,13 @@ class AggregateParams:
 
 
 @dataclass(frozen=True)
+class DeviceParams:
+    # a CUDA device below this compute capability is refused at the start of every model stage (the A100 is
+    # 8.0: bf16 in hardware; a V100's 7.0 emulates bf16 slowly and computes other numbers); 0 allows any
+    min_compute_capability: float = nonneg()
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = choice(*PROFILES)
     seeds: list = anything()
@@ -265,6 +276,7 @@ class Params:
     benchmarks: BenchmarksParams = anything()
     frontier: FrontierParams = anything()
     aggregate: AggregateParams = anything()
+    device: DeviceParams = anything()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

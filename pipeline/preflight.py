@@ -543,7 +543,8 @@ def problems(c: Context, e: Estimate, ini) -> list[str]:
     out = []
     if c.cuda and e.gpu:
         if gpu_count(req.get("gres", "")) < 1:
-            out.append(f"{e.stage}: needs a GPU, slurm/resources.ini [{sect}] requests none: set gres = gpu:1")
+            out.append(f"{e.stage}: needs a GPU, slurm/resources.ini [{sect}] requests none: "
+                       "set gres = gpu:<type>:1 (gpu:a100:1)")
         if e.device_gib * FRAGMENTATION > usable_gib(c):
             out.append(f"{e.stage}: needs {e.device_gib:.1f} GiB (x{FRAGMENTATION} allocator slack) on {c.device_key} "
                        f"({c.device.memory_gib:g} GiB, {usable_gib(c):g} usable): {e.fix}")

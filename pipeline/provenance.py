@@ -57,8 +57,9 @@ def device_description() -> str:
     if torch is None:
         return f"cpu ({platform.machine()}, {os.cpu_count()} cores; no torch)"
     if torch.cuda.is_available():
-        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        return f"cuda x{torch.cuda.device_count()} ({', '.join(names)})"
+        names = sorted({f"{torch.cuda.get_device_name(i)}, compute capability "
+                        + "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return f"cuda x{torch.cuda.device_count()} ({'; '.join(names)})"
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 

@@ -69,3 +69,41 @@ def test_validation_metrics_record_the_precision_they_ran_in(smoke_workspace, ou
     """eval.precision auto, as the policy resolves it for the model's device (the CPU here: fp32)."""
     metrics = json.loads((smoke_workspace / "outputs/metrics" / output).read_text())
     assert metrics["provenance"]["precision"] == device.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    """torch.cuda answering for one GPU of the given model (none exists here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+
+
+def test_a_gpu_below_the_minimum_compute_capability_fails_every_model_stage_before_compute(
+        workspace_copy, monkeypatch, capsys):
+    """A job that landed on a V100 (7.0; bf16 emulated) stops at start naming the GPU, the key and the fix; the
+    model-free stages do not look; device.min_compute_capability 0 allows it; run records name the GPU model."""
+    from pipeline import provenance
+
+    fake_gpu(monkeypatch, "Tesla V100-SXM2-32GB", (7, 0))
+    monkeypatch.setattr(device, "place", lambda model: pytest.fail("computed on a refused GPU"))
+    assert run_stage(workspace_copy, "evaluate", "--arm", "pretrained", "--seed", "0") == 2
+    err = capsys.readouterr().err
+    assert "Tesla V100-SXM2-32GB (cuda:0) has compute capability 7.0, below device.min_compute_capability 8.0" in err
+    assert "gres = gpu:<type>:1" in err
+    device.require_capability(0.0)
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
+    device.require_capability(8.0)
+    assert device.gpus() == [{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}]
+    assert provenance.device_description() == "cuda x1 (NVIDIA A100-SXM4-80GB, compute capability 8.0)"
+
+
+def test_every_gpu_section_of_resources_ini_names_the_gpu_model():
+    import configparser
+
+    from conftest import REPO
+
+    ini = configparser.ConfigParser()
+    ini.read(REPO / "slurm" / "resources.ini")
+    requests = {name: ini[name].get("gres", "") for name in ini.sections() if ini[name].get("gres")}
+    assert requests and all(g == "gpu:a100:1" for g in requests.values()), requests

@@ -113,12 +113,12 @@ def test_checkpointing_already_on_halves_the_micro_batch_keeping_the_global_batc
 
 def test_slurm_request_is_checked(capsys, tmp_path):
     ini = (REPO / "slurm/resources.ini").read_text().replace("[train]\ntime = 24:00:00\ncpus-per-task = 8\nmem = 64G\n"
-                                                             "gres = gpu:1", "[train]\nmem = 8G\ngres =")
+                                                             "gres = gpu:a100:1", "[train]\nmem = 8G\ngres =")
     (tmp_path / "resources.ini").write_text(ini)
     rc, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--resources",
                             str(tmp_path / "resources.ini"))
     assert rc == 2
-    assert "error: train (monotonic): needs a GPU, slurm/resources.ini [train] requests none: set gres = gpu:1" in out
+    assert "error: train (monotonic): needs a GPU, slurm/resources.ini [train] requests none: set gres = gpu:<type>:1" in out
     assert ("error: train (baseline): needs 18.8 GiB of host memory, slurm/resources.ini [train] mem = 8G: "
             "raise mem to") in out
 

@@ -471,9 +471,9 @@ def test_dry_run_maps_the_dag_to_afterok_jobs_with_per_kind_resources(tmp_path):
     assert "--dependency" not in commands["data"]
     train = commands["train-baseline@0"]
     assert "--dependency=afterok:<data>:<pretrain>" in train and "--kill-on-invalid-dep=yes" in train
-    assert "--gres=gpu:1" in train and "--time=24:00:00" in train            # [train] covers train-baseline
+    assert "--gres=gpu:a100:1" in train and "--time=24:00:00" in train            # [train] covers train-baseline
     assert "--gres" not in commands["data"] and "PIPELINE_SEED=none" in commands["data"]
-    assert "--gres=gpu:1" in commands["assess-ref@0-pretrained"]                           # [assess] covers assess-ref
+    assert "--gres=gpu:a100:1" in commands["assess-ref@0-pretrained"]                           # [assess] covers assess-ref
     assert "PIPELINE_SEED=0" in train and "PIPELINE_MODE=host" in train
     assert all(f"PIPELINE_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}," in line for line in commands.values())
     stages = [name for name in commands if name != "gather"]
