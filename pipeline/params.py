@@ -175,6 +175,7 @@ class TrainParams:
     max_steps_per_run: int = nonneg()     # 0 = no limit
     wall_clock_limit_s: float = nonneg()  # 0 = no limit
     min_update_norm: float = nonneg()     # a trained group whose total update stays below fails the run
+    beyond_one_epoch: str = choice("fail", "warn")   # a run whose budget exceeds the train split's windows
     arm_overrides: dict = anything()      # {arm: {train key: value}}; recorded and flagged loudly
 
 

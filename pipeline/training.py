@@ -61,7 +61,7 @@ GROUPS = ("decay", "no_decay", "constrained")
 # smaller micro-batch after an out-of-memory error (same data per step; sums in another order).
 OPERATIONAL_KEYS = ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
                     "keep_checkpoints", "max_steps_per_run", "wall_clock_limit_s", "min_update_norm", "gradient_checkpointing",
-                    "arm_overrides")
+                    "beyond_one_epoch", "arm_overrides")
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")   # vary between identical runs: run records, never DVC outputs
 
 
@@ -180,6 +180,25 @@ def run_fingerprint(identity: dict, tp: TrainParams, global_batch: int) -> str:
     trajectory = {k: v for k, v in dataclasses.asdict(tp).items() if k not in OPERATIONAL_KEYS}
     payload = {"identity": identity, "train": trajectory, "global_batch": global_batch, "code": code_hash()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def epochs(tp: TrainParams, train_data, desc: str) -> float:
+    """How many passes over the train split the run's budget makes (max_steps x the global batch against the
+    split's windows, counted from its tokens); above one, train.beyond_one_epoch fails the run before any
+    compute, or warns that windows repeat (PackedSequences starts a fresh permutation each epoch)."""
+    needed = tp.max_steps * tp.batch_size * tp.grad_accum
+    passes = needed / train_data.num_sequences
+    if passes > 1:
+        tokens = train_data.num_sequences * train_data.seq_len
+        what = (f"{desc}: train.max_steps {tp.max_steps} x {tp.batch_size * tp.grad_accum} sequences = {needed} "
+                f"windows of {train_data.seq_len} tokens, but the train split holds {train_data.num_sequences} "
+                f"({tokens:,} tokens): {passes:.2f} epochs")
+        if tp.beyond_one_epoch == "fail":
+            one_epoch = train_data.num_sequences // (tp.batch_size * tp.grad_accum)
+            raise ParamsError("train.max_steps", tp.max_steps, f"at most {one_epoch} steps, one epoch ({what}); add "
+                              "documents (data.max_documents, data.hf_train_files) or set train.beyond_one_epoch: warn")
+        print(f"WARNING: {what}; windows repeat (train.beyond_one_epoch: warn)", file=sys.stderr, flush=True)
+    return passes
 
 
 def validation_windows(val_data, count: int) -> np.ndarray:

@@ -414,3 +414,26 @@ def test_without_flock_an_exclusive_lock_file_names_the_owner_and_stale_ones_are
             training.claim_run(root, "t")
     finally:
         live.kill()
+
+
+def test_a_budget_beyond_one_epoch_fails_before_any_model_loads_or_warns(workspace_copy, monkeypatch, capsys):
+    """train.max_steps x the global batch against the train split's windows (from its tokens): more fails with
+    the key, the numbers and the fix before the start model is loaded; train.beyond_one_epoch: warn runs on,
+    saying that windows repeat."""
+    from pipeline import data as D, training
+    from pipeline.stages import train as train_stage
+
+    windows = D.PackedSequences(workspace_copy / "outputs/data", "train", 64).num_sequences
+    edit_params(workspace_copy, max_steps=windows)        # batch 8: 8 epochs
+    monkeypatch.setattr(train_stage, "load_start_model", lambda *a: pytest.fail("loaded a model"))
+    assert run_stage(workspace_copy, "train", "--arm", "baseline", "--seed", "0") == 2
+    err = capsys.readouterr().err
+    assert f"'train.max_steps': {windows}; allowed: at most {windows // 8} steps, one epoch" in err
+    assert f"train split holds {windows} (" in err and "8.00 epochs" in err and "beyond_one_epoch: warn" in err
+    params = yaml.safe_load((workspace_copy / "params.yaml").read_text())
+    from pipeline.params import validate
+
+    tp = validate({**params, "train": {**params["train"], "beyond_one_epoch": "warn"}}).train
+    data = D.PackedSequences(workspace_copy / "outputs/data", "train", 64)
+    assert training.epochs(tp, data, "t") == 8.0
+    assert "windows repeat" in capsys.readouterr().err

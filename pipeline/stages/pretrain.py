@@ -29,7 +29,8 @@ def pretrain_overrides(params) -> dict:
     return dict(max_steps=p.steps, batch_size=p.batch_size, grad_accum=1, lr=p.lr, warmup_ratio=p.warmup_ratio,
                 weight_decay=p.weight_decay, constrained_lr_multiplier=1.0, constrained_weight_decay=0.0,
                 gradient_checkpointing=False, eval_interval=p.steps, eval_batches=1, checkpoint_interval=p.steps,
-                keep_checkpoints=1, max_steps_per_run=0, wall_clock_limit_s=0, arm_overrides={})
+                keep_checkpoints=1, max_steps_per_run=0, wall_clock_limit_s=0, beyond_one_epoch="warn",
+                arm_overrides={})
 
 
 def pretrain_params(params) -> TrainParams:

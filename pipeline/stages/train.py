@@ -33,8 +33,8 @@ from ..models import save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
 from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir
 from ..provenance import provenance, record_run
-from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, seed_everything, split_log,
-                        train, update_norms_from)
+from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, epochs, seed_everything,
+                        split_log, train, update_norms_from)
 
 
 def load_start_model(params, arm: arms.Arm, seed: int):
@@ -96,11 +96,12 @@ def run(params, args) -> int:
         accumulation_per_process(tp.grad_accum, processes * launch.nodes())   # before any worker starts
         return launch.relaunch(sys.argv[1:], processes)
 
+    seq_len = params.data.seq_len
+    train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
+    passes = epochs(tp, train_data, f"train {name} s{seed}")     # before any model is loaded
     seed_everything(seed)
     model, constrained, source = load_start_model(params, arm, seed)
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
-    seq_len = params.data.seq_len
-    train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
     val_data = D.PackedSequences(DATA_DIR, "validation", seq_len)
     upstream = {k: v for k, v in params.to_dict().items() if k in ("data", "tokenizer", "model", "pretrain", "monotonic")}
     identity = {"arm": name, "seed": seed, "start": str(source), "upstream": upstream,
@@ -143,7 +144,7 @@ def run(params, args) -> int:
             "validation_loss": final["val_loss"], "validation_perplexity": math.exp(final["val_loss"]),
             "validation_windows": result.val_windows, "validation_tokens": result.val_windows * seq_len,
             "best_validation_loss": state.best_val_loss, "best_step": state.best_step,
-            "steps": state.step, "tokens_seen": tokens_seen, "sequences_seen": state.step * result.global_batch,
+            "steps": state.step, "tokens_seen": tokens_seen, "epochs": passes, "sequences_seen": state.step * result.global_batch,
             "global_batch_sequences": result.global_batch,
             "update_norm_total": total_update, "update_norm_path": state.update_norm_sum,
             "param_groups": {g: len(names) for g, names in result.groups.items()},
