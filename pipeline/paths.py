@@ -19,7 +19,14 @@ def run_name(arm: str, seed: int) -> str:
 
 
 def train_dir(arm: str, seed: int) -> Path:
+    """A trained arm's models: model/ and steps/step<N>/ (what the model stages read)."""
     return OUT / "train" / run_name(arm, seed)
+
+
+def train_log_dir(arm: str, seed: int) -> Path:
+    """A trained arm's metrics.json, log.csv and val_log.csv: apart from its models, so that aggregate, which
+    reads these, depends on kilobytes rather than on every model (a job workspace checks out what it depends on)."""
+    return OUT / "train_logs" / run_name(arm, seed)
 
 
 def checkpoint_dir(arm: str, seed: int) -> Path:

@@ -194,6 +194,27 @@ def copy_changes(workspace: Path, dest: Path, outs: list[str]) -> None:
         shutil.copy2(workspace / rel, dest / rel, follow_symlinks=False)
 
 
+LINK_TYPES = "reflink,symlink"   # outputs restored from the cache never copied: symlinks cross filesystems
+
+
+def link_outputs(workspace: Path) -> None:
+    """Give the workspace DVC's link types (in .dvc/config.local) unless its config sets some: the gather job
+    restores every finished stage's outputs into it, the models included (~135 GiB at Pythia-1.4B), and
+    DVC's default copies them. Edited as text: the submitter may run without DVC (container mode)."""
+    configs = [workspace / ".dvc" / name for name in ("config", "config.local")]
+    for config in configs:
+        if config.exists() and re.search(r"^\[cache\][^\[]*^\s*type\s*=", config.read_text(), re.M | re.S):
+            return
+    local = configs[1]
+    text = local.read_text() if local.exists() else ""
+    if re.search(r"^\[cache\]\s*$", text, re.M):
+        text = re.sub(r"^\[cache\]\s*$", f"[cache]\n    type = {LINK_TYPES}", text, count=1, flags=re.M)
+    else:
+        text += ("" if not text or text.endswith("\n") else "\n") + f"[cache]\n    type = {LINK_TYPES}\n"
+    local.write_text(text)
+    print(f"note: {local}: cache.type = {LINK_TYPES} (outputs are linked from the DVC cache, not copied)")
+
+
 def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Path) -> None:
     """run_dir/source: a git clone at the workspace's HEAD (so provenance records the commit) with the
     working tree's uncommitted changes copied over, DVC configured for the shared cache."""
@@ -207,7 +228,7 @@ def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Pat
         run(["git", "init", "--quiet", str(source)])
     copy_changes(workspace, source, dag["outs"])
     (source / ".dvc" / "config.local").write_text(
-        f"[cache]\n    dir = {dag['cache_dir']}\n    type = reflink,hardlink,copy\n")
+        f"[cache]\n    dir = {dag['cache_dir']}\n    type = reflink,hardlink,symlink\n")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     link = source / CHECKPOINTS
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +371,8 @@ def submit(args) -> int:
     dag = load_dag(workspace, args.mode, image)
     state = Path(args.state_dir).resolve() if args.state_dir else state_dir_for(workspace)
     experiment, origin = "", workspace
+    if not args.dry_run:
+        link_outputs(workspace)      # before a variation copies the workspace's config.local
     if args.set:
         if args.mode == "container" and not has_dvc():
             fail("-S needs DVC in this Python (the project's environment) to change and validate params.yaml")

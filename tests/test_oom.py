@@ -95,13 +95,13 @@ def test_resume_with_half_the_micro_batch_continues_the_run(smoke_workspace, tmp
     edit_params(split, batch_size=8, grad_accum=2, max_steps_per_run=0)
     assert run_stage(split, "train", "--arm", "monotonic", "--seed", "0") == 0
 
-    m_split = json.loads((split / "outputs/train/monotonic-s0/metrics.json").read_text())
-    m_whole = json.loads((whole / "outputs/train/monotonic-s0/metrics.json").read_text())
+    m_split = json.loads((split / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
+    m_whole = json.loads((whole / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
     runs = json.loads((split / "outputs/runs/train-monotonic-s0.json").read_text())["runs"]
     assert runs == 2 and m_split["fingerprint"] == m_whole["fingerprint"]
     assert m_split["data_order_sha256"] == m_whole["data_order_sha256"]
-    loss_split = [float(r["loss"]) for r in read_csv(split / "outputs/train/monotonic-s0/log.csv")]
-    loss_whole = [float(r["loss"]) for r in read_csv(whole / "outputs/train/monotonic-s0/log.csv")]
+    loss_split = [float(r["loss"]) for r in read_csv(split / "outputs/train_logs/monotonic-s0/log.csv")]
+    loss_whole = [float(r["loss"]) for r in read_csv(whole / "outputs/train_logs/monotonic-s0/log.csv")]
     assert loss_split[:4] == loss_whole[:4]                                      # the same 16x1 steps
     assert loss_split[4:] == pytest.approx(loss_whole[4:], abs=1e-4)             # 8x2: summation order only
     # tolerance: two half-batch means vs one full mean differ by fp32 rounding, amplified over 8 Adam steps

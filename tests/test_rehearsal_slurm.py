@@ -110,7 +110,7 @@ def test_rehearsal_dag_as_slurm_jobs_with_two_training_processes_and_a_requeue(r
     assert re.search(r"resuming from \S+ \(step [1-9]\d*/64\)", log), log
     for stage in [s for s in lock if s.startswith("train-")]:
         arm, seed = re.match(r"train-(\w+)@(\d+)", stage).groups()
-        metrics = json.loads((cluster / f"outputs/train/{arm}-s{seed}/metrics.json").read_text())
+        metrics = json.loads((cluster / f"outputs/train_logs/{arm}-s{seed}/metrics.json").read_text())
         record = json.loads((run_dir / "records" / f"train-{arm}-s{seed}.json").read_text())   # stage.sbatch
         assert record["processes"] == 2 and metrics["global_batch_sequences"] == 8, stage
     report = cluster / "outputs" / "report"
@@ -141,7 +141,7 @@ def test_two_processes_equal_one_within_tolerance_and_untrained_stages_identical
         assert cluster_lock[stage] == direct_lock[stage], stage
 
     worst = {}
-    for kind, pattern in (("train", "outputs/train/*/metrics.json"), ("eval", "outputs/eval/*/metrics.json")):
+    for kind, pattern in (("train", "outputs/train_logs/*/metrics.json"), ("eval", "outputs/eval/*/metrics.json")):
         for path in sorted(direct.glob(pattern)):
             one = numbers(json.loads(path.read_text()))
             two = numbers(json.loads((cluster / path.relative_to(direct)).read_text()))
@@ -196,7 +196,7 @@ def test_collaborator_pulls_every_result_from_the_remote_after_scratch_is_purged
     assert "up to date" in dvc(clone, env, "status")
     produced = [p.relative_to(cluster) for p in (cluster / "outputs").rglob("*")
                 if p.is_file() and p.name != ".gitignore"]
-    assert Path("outputs/train/baseline-s1/metrics.json") in produced
+    assert Path("outputs/train_logs/baseline-s1/metrics.json") in produced
     assert Path("outputs/report/results.json") in produced
     for rel in produced:
         assert (clone / rel).read_bytes() == (cluster / rel).read_bytes(), rel

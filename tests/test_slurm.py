@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -205,6 +206,9 @@ def test_parallel_stages_share_a_cache_and_gather_into_one_complete_lock(synthet
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"prep", "arm@a", "arm@b", "merge"}
     assert (ws / "merged.txt").read_text() == "prepared\na\nprepared\nb\n"
+    assert (ws / "merged.txt").is_symlink()     # restored by link from the shared cache (link_outputs), not copied
+    assert Path(os.readlink(ws / "merged.txt")).is_relative_to(ws / ".dvc" / "cache")
+    assert "type = reflink,symlink" in (ws / ".dvc" / "config.local").read_text()
     assert json.loads((ws / "metrics.json").read_text()) == {"lines": 4}   # an uncached output came through too
     assert "up to date" in dvc(ws, env, "status", "merge")
     assert not (run_dir / "workspaces" / "arm@a").exists()      # finished workspaces are removed

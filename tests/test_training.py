@@ -99,7 +99,7 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 
 def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
     tp = smoke_params.train
-    metrics = {arm: json.loads((trained / f"outputs/train/{arm}-s0/metrics.json").read_text())
+    metrics = {arm: json.loads((trained / f"outputs/train_logs/{arm}-s0/metrics.json").read_text())
                for arm in ("baseline", "monotonic")}
     b, m = metrics["baseline"], metrics["monotonic"]
     for key in ("steps", "tokens_seen", "data_order_sha256", "train", "validation_windows"):
@@ -110,12 +110,12 @@ def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
     assert m["update_norm_total"]["constrained"] > 1e-3 and b["update_norm_total"]["decay"] > 1e-3
     assert m["monotonic_verify"]["ok"] and m["monotonic_verify"]["min_weight"] >= 0
 
-    log = read_csv(trained / "outputs/train/monotonic-s0/log.csv")
+    log = read_csv(trained / "outputs/train_logs/monotonic-s0/log.csv")
     assert list(log[0]) == ["step", "loss", "lr", "grad_norm", "update_norm_decay", "update_norm_no_decay",
                             "update_norm_constrained"]   # timing columns go to the run record
     assert [int(r["step"]) for r in log] == list(range(1, tp.max_steps + 1))
     assert all(float(r["update_norm_constrained"]) > 0 for r in log)
-    val = read_csv(trained / "outputs/train/monotonic-s0/val_log.csv")
+    val = read_csv(trained / "outputs/train_logs/monotonic-s0/val_log.csv")
     assert [int(r["step"]) for r in val] == [tp.eval_interval, tp.max_steps]
     assert m["validation_loss"] == pytest.approx(float(val[-1]["val_loss"]))
 
@@ -158,13 +158,13 @@ def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smok
         assert (step / f).read_bytes() == (trained / "outputs/train/monotonic-s0/steps/step5" / f).read_bytes()
         assert (step / f).read_bytes() != (ws / "outputs/train/monotonic-s0/model" / f).read_bytes()
     assert json.loads((step / "pipeline_meta.json").read_text())["arm"] == "monotonic-step5"
-    log = read_csv(ws / "outputs/train/monotonic-s0/log.csv")
-    ref_log = read_csv(trained / "outputs/train/monotonic-s0/log.csv")
+    log = read_csv(ws / "outputs/train_logs/monotonic-s0/log.csv")
+    ref_log = read_csv(trained / "outputs/train_logs/monotonic-s0/log.csv")
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
     record = json.loads((ws / "outputs/runs/train-monotonic-s0.json").read_text())
     assert record["runs"] == 3 and [r["step"] for r in record["timing"]] == [int(r["step"]) for r in log]
     assert record["processes"] == 1
-    assert not {"runs", "processes"} & set(json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text()))
+    assert not {"runs", "processes"} & set(json.loads((ws / "outputs/train_logs/monotonic-s0/metrics.json").read_text()))
 
 
 def test_updates_rounding_to_zero_fail_the_run(smoke_workspace, tmp_path):
@@ -180,7 +180,7 @@ def test_arm_override_is_recorded_and_flagged(smoke_workspace, tmp_path, capfd):
     ws = copy_workspace(smoke_workspace, tmp_path / "ws", arm_overrides={"monotonic": {"max_steps": 3}})
     assert run_stage(ws, "train", "--arm", "monotonic", "--seed", "0") == 0
     assert "WARNING: train.arm_overrides is set" in capfd.readouterr().err
-    metrics = json.loads((ws / "outputs/train/monotonic-s0/metrics.json").read_text())
+    metrics = json.loads((ws / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
     assert metrics["overrides"] == {"max_steps": 3} and not metrics["budgets_equal"] and metrics["steps"] == 3
 
 
@@ -262,8 +262,8 @@ def test_two_gloo_processes_match_one_process_and_resume_under_one(smoke_workspa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "step 2/4" in proc.stdout
     assert run_stage(single, "train", "--arm", "monotonic", "--seed", "0") == 0
-    m2 = json.loads((double / "outputs/train/monotonic-s0/metrics.json").read_text())
-    m1 = json.loads((single / "outputs/train/monotonic-s0/metrics.json").read_text())
+    m2 = json.loads((double / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
+    m1 = json.loads((single / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
     assert m2["global_batch_sequences"] == m1["global_batch_sequences"] == 8
     assert m2["fingerprint"] == m1["fingerprint"] and m2["data_order_sha256"] == m1["data_order_sha256"]
     assert m2["validation_loss"] == pytest.approx(m1["validation_loss"], abs=1e-4)

@@ -62,7 +62,7 @@ def load_runs(params) -> dict:
         for arm in ARMS:
             run = _measured(arm, seed)
             if arm in TRAINED_ARMS:
-                tdir = paths.train_dir(arm, seed)
+                tdir = paths.train_log_dir(arm, seed)
                 run["train"] = _require(tdir / "metrics.json")
                 run["train_log"] = _read_csv(tdir / "log.csv")
                 run["val_log"] = _read_csv(tdir / "val_log.csv")

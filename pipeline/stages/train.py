@@ -4,11 +4,12 @@ baseline starts from the pretrained model, monotonic from monotonic_init (V = th
 its own optimizer group). Both get params.train_for_arm(arm): identical budget, data order (seeded by
 --seed), optimizer and schedule unless train.arm_overrides says otherwise, which is recorded in
 metrics.json and flagged loudly. Resumes automatically from paths.checkpoint_dir(arm, seed); exits with
-REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outputs in
-paths.train_dir(arm, seed) appear only once training is complete:
+REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outputs appear only once
+training is complete, the models in paths.train_dir(arm, seed):
   model/        plain HF checkpoint (monotonic: materialized W + V, re-verified W >= 0)
   steps/step<N> the same at each step N of frontier.recovery_steps (exported into the resumable checkpoint
                 directory as training passes N, so a requeued run keeps them; copied here at the end)
+and what the report reads in paths.train_log_dir(arm, seed):
   metrics.json  validation loss/perplexity, budget, throughput, update norms per group, overrides
   log.csv       per logged step: step, loss, lr, grad_norm, update_norm_<group>
   val_log.csv   step, val_loss, val_ppl
@@ -31,7 +32,7 @@ from ..io import staged_dir, write_csv, write_json
 from ..loading import load_arm_model
 from ..models import save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
-from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir
+from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir, train_log_dir
 from ..provenance import provenance, record_run
 from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, epochs, seed_everything,
                         split_log, train, update_norms_from)
@@ -137,6 +138,7 @@ def run(params, args) -> int:
         verify_report = export_model(result.model, out / "model", arm, variant, tokenizer, {**meta, "checkpoint": "final"})
         (out / "steps").mkdir()
         copy_step_exports(result.checkpoint_root, params.frontier.recovery_steps, out / "steps")
+    with staged_dir(train_log_dir(name, seed)) as out:
         write_csv(out / "log.csv", log_columns, log)
         write_csv(out / "val_log.csv", ["step", "val_loss", "val_ppl"], state.val_log)
         metrics = {
