@@ -88,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with --arm, those arms' recovery checkpoints (frontier.recovery_steps)")
         elif name == "transfer":
             sp.add_argument("--seed", required=True, type=int)
-    sp = sub.add_parser("check-params", help="validate a params file and print its hash")
+    sp = sub.add_parser("check-params", help="validate a params file and its hub refs in refs.lock.yaml; print its hash")
     sp.add_argument("--params", default="params.yaml")
     sub.add_parser("preflight", help="memory, time and scratch of every stage vs slurm/resources.ini and a GPU",
                    arguments=_preflight_arguments)
-    sp = sub.add_parser("fetch", help="download what the params need into the HF hub cache (network; login node)")
+    sp = sub.add_parser("fetch", help="resolve the params' hub refs into refs.lock.yaml and download what they name "
+                                      "(network; login node)")
     sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("--update", action="store_true", help="resolve refs already in refs.lock.yaml again (moves entries)")
     sp = sub.add_parser("profile", help="switch params.yaml to a named profile (profiles/NAME.yaml), validated first")
     sp.add_argument("name")
     sp.add_argument("--params", default="params.yaml")
@@ -125,12 +127,11 @@ def main(argv=None) -> int:
             return importlib.import_module("pipeline.monotonic").verify_dir(args.model_dir, args.variant)
         params = params_mod.load(args.params)
         if args.command == "check-params":
-            print(f"{args.params}: valid (profile {params.profile}, hash {params.hash()})")
-            return 0
+            return check_params(params, args.params)
         if args.command == "preflight":
             return importlib.import_module("pipeline.preflight").run(params, args)
         if args.command == "fetch":
-            return importlib.import_module("pipeline.fetch").run(params)
+            return importlib.import_module("pipeline.fetch").run(params, update=args.update)
         if getattr(args, "seed", None) is not None and args.seed not in params.seeds:
             raise params_mod.ParamsError("seeds", params.seeds, f"a list containing the requested --seed {args.seed}")
         requested = getattr(args, "arm", None)
@@ -154,6 +155,20 @@ def main(argv=None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return oom.OOM_EXIT_CODE
+
+
+def check_params(params, path: str) -> int:
+    """Valid params, and a commit in refs.lock.yaml for every hub ref they name (else exit 2 naming fetch)."""
+    refs = importlib.import_module("pipeline.refs")      # by name, like the tools: no stage's code dep
+
+    missing = refs.unresolved(params)
+    if missing:
+        print(f"error: {path} is valid, but {refs.LOCK_FILE} has no commit for:\n  " + "\n  ".join(map(str, missing))
+              + f"\nrun `{refs.FETCH}` on a login node with network, then commit {refs.LOCK_FILE}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid (profile {params.profile}, hash {params.hash()}; {len(refs.requested(params))} hub refs "
+          f"resolved in {refs.LOCK_FILE})")
+    return 0
 
 
 def switch_profile(name: str, target: str) -> int:

@@ -2,8 +2,9 @@
 scoring, on an arm's saved model.
 
 Two kinds of task:
-  - the harness's registered tasks (lambada_openai, piqa, ...), read offline from the HF cache at the dataset
-    revisions pinned in params (benchmarks.dataset_revisions), fetched once by `python -m pipeline fetch`;
+  - the harness's registered tasks (lambada_openai, piqa, ...), their datasets read offline from
+    benchmarks.hf_cache_dir at the commits refs.lock.yaml records, stored there by `python -m pipeline fetch`
+    (the repository snapshot, loaded by `datasets` as a local directory, and its prepared tables);
   - LOCAL_TASK, a LAMBADA-style last-word task defined here in the harness's YAML format over a JSON Lines
     file the data stage writes from the test split (context: a passage; target: its final word), so the
     embedded default exercises the same harness code path with no download.
@@ -12,6 +13,7 @@ The per-item log-likelihoods the harness computes equal `continuation_logprob` (
 on the same items (tests/test_benchmarks.py)."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -74,17 +76,47 @@ def local_task_yaml(items_file: Path) -> str:
         ""])
 
 
-def task_manager(tasks: list[str], task_dir: Path):
-    """The harness's task index over task_dir, and over its own task definitions only when a harness task is
-    requested (indexing its thousands of YAML files takes seconds)."""
+def task_manager(tasks: list[str], task_dir: Path | None):
+    """The harness's task index over task_dir (None: none), and over its own task definitions only when a harness
+    task is requested (indexing its thousands of YAML files takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(task_dir), include_defaults=any(t != LOCAL_TASK for t in tasks))
+    return TaskManager(include_path=None if task_dir is None else str(task_dir),
+                       include_defaults=any(t != LOCAL_TASK for t in tasks))
 
 
-def task_specs(tasks: list[str], revisions: dict, manager) -> list:
+@functools.lru_cache(maxsize=1)
+def harness_tasks():
+    """The harness's own task index alone (building it reads thousands of YAML files: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
+
+
+def task_caches(b) -> tuple[Path, Path]:
+    """(hub snapshots, prepared tables) of the harness tasks' datasets: benchmarks.hf_cache_dir/{hub,datasets}."""
+    from .hub import cache_dir
+
+    root = cache_dir(b.hf_cache_dir, "benchmarks.hf_cache_dir")
+    return root / "hub", root / "datasets"
+
+
+def task_snapshot(entry: dict, b) -> Path:
+    """A task dataset's snapshot at refs.lock.yaml's commit, each file fetch recorded verified against its blob."""
+    from . import hub
+
+    repo = hub.Repo("dataset", entry["repo"], entry["commit"], task_caches(b)[0])
+    if not entry.get("files"):
+        raise hub.MissingFromCache(f"{repo}: refs.lock.yaml records no files; {hub.FETCH_HINT}")
+    for name in entry["files"]:
+        hub.resolve_file(repo, name)
+    return repo.snapshot
+
+
+def task_specs(tasks: list[str], snapshots: dict[str, Path], prepared: Path, manager) -> list:
     """The task list for simple_evaluate: the local task by name, each harness task as its registered config
-    with the pinned dataset revision added to its dataset_kwargs."""
+    reading its dataset from the local snapshot (`datasets` loads a directory offline) with the prepared tables
+    in `prepared`; never a loading script or remote code."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     specs = []
@@ -92,19 +124,33 @@ def task_specs(tasks: list[str], revisions: dict, manager) -> list:
         if task == LOCAL_TASK:
             specs.append(task)
             continue
-        entry = manager.task_index.get(task)
-        if entry is None or entry.yaml_path is None:
-            raise ValueError(f"benchmarks.tasks: {task!r} is not a task defined by a YAML file in lm-eval")
-        config = load_yaml(entry.yaml_path, resolve_func=True)
-        config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}), "revision": revisions[task]}
+        config = load_yaml(task_yaml(task, manager), resolve_func=True)
+        config["dataset_path"] = str(snapshots[task])
+        kwargs = {k: v for k, v in (config.get("dataset_kwargs") or {}).items() if k not in ("revision", "trust_remote_code")}
+        config["dataset_kwargs"] = {**kwargs, "cache_dir": str(prepared)}
         specs.append(config)
     return specs
 
 
-def dataset_of(task: str, manager) -> str:
+def task_yaml(task: str, manager) -> str:
+    entry = manager.task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(f"benchmarks.tasks: {task!r} is not a task defined by a YAML file in lm-eval")
+    return entry.yaml_path
+
+
+def task_config(task: str, manager) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(manager.task_index[task].yaml_path, resolve_func=False)["dataset_path"]
+    return load_yaml(task_yaml(task, manager), resolve_func=False)
+
+
+def dataset_of(task: str, manager) -> str:
+    return task_config(task, manager)["dataset_path"]
+
+
+def dataset_config(task: str, manager) -> str | None:
+    return task_config(task, manager).get("dataset_name")
 
 
 def run_harness(model, tokenizer, specs: list, manager, *, num_fewshot: int, limit: int, batch_size: int,
@@ -165,17 +211,3 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str) -> t
     picked = logprobs[n_context - 1:].gather(1, targets.unsqueeze(1)).squeeze(1)
     greedy = bool((logprobs[n_context - 1:].argmax(dim=-1) == targets).all())
     return float(picked.sum()), greedy
-
-
-def missing_datasets(tasks: list[str], revisions: dict, manager, hub_cache: Path) -> list[str]:
-    """For each harness task whose dataset snapshot at the pinned revision is absent from the HF hub cache:
-    what is missing and where it was looked for (checked before any model is loaded)."""
-    missing = []
-    for task in tasks:
-        if task == LOCAL_TASK:
-            continue
-        dataset = dataset_of(task, manager)
-        snapshot = Path(hub_cache) / f"datasets--{dataset.replace('/', '--')}" / "snapshots" / revisions[task]
-        if not snapshot.is_dir():
-            missing.append(f"{task}: dataset {dataset} at revision {revisions[task]} (looked in {snapshot})")
-    return missing

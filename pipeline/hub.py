@@ -7,8 +7,8 @@ huggingface_hub's layout, for models and datasets alike:
 The etag is the sha256 of the content for LFS files (weights, .zst shards) and the git blob sha1
 (sha1 of b"blob <size>\\0" + content) for small git files (config.json, tokenizer.json), so every file
 is verified offline by hashing its blob and comparing with the blob's name. Files are looked up only under
-the pinned commit's snapshot, never through refs/. `python -m pipeline fetch` (pipeline/fetch.py) is the only
-code that downloads; everything else reads the cache with the network off.
+the snapshot of the commit refs.lock.yaml names (pipeline/refs.py), never through refs/. `python -m pipeline fetch`
+(pipeline/fetch.py) is the only code that downloads; everything else reads the cache with the network off.
 """
 from __future__ import annotations
 
@@ -68,12 +68,13 @@ def cache_dir(value: str | None, key: str) -> Path:
     return Path(expanded)
 
 
-def model_repo(m) -> Repo:
-    return Repo("model", m.hf_name, m.hf_revision, cache_dir(m.hf_cache_dir, "model.hf_cache_dir"))
+def model_repo(m, commit: str) -> Repo:
+    """The params' model (or one of its branches) at a commit from refs.lock.yaml."""
+    return Repo("model", m.hf_name, commit, cache_dir(m.hf_cache_dir, "model.hf_cache_dir"))
 
 
-def dataset_repo(d) -> Repo:
-    return Repo("dataset", d.hf_dataset, d.hf_revision, cache_dir(d.hf_cache_dir, "data.hf_cache_dir"))
+def dataset_repo(d, commit: str) -> Repo:
+    return Repo("dataset", d.hf_dataset, commit, cache_dir(d.hf_cache_dir, "data.hf_cache_dir"))
 
 
 def content_hash(path: Path, kind: str) -> str:
@@ -123,9 +124,9 @@ def resolve_file(repo: Repo, path: str) -> tuple[Path, str]:
     return link, verify(link)
 
 
-def data_files(d) -> dict[str, tuple[Path, str]]:
-    """Every file the hf data source reads, verified at the pinned commit: repository path -> (path, hash)."""
-    repo = dataset_repo(d)
+def data_files(d, commit: str) -> dict[str, tuple[Path, str]]:
+    """Every file the hf data source reads, verified at the commit: repository path -> (path, hash)."""
+    repo = dataset_repo(d, commit)
     return {name: resolve_file(repo, name) for name in (*d.hf_train_files, *d.hf_heldout_files)}
 
 
@@ -158,13 +159,24 @@ MODEL_REQUIRED = ("config.json",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def model_dir(m, weights: bool = True) -> Path:
-    """The checkpoint directory of `model.source: hf`: model.hf_local_path when set (an image-baked model;
-    when it is a hub snapshot, it must be the pinned commit's), else the pinned commit's snapshot in the
-    cache. Snapshot files are verified against their blob names, the weights only when `weights`."""
+def require_weights(repo: Repo) -> None:
+    """A checkpoint's snapshot must hold its safetensors weights (config.json alone is no checkpoint)."""
+    if not any(name.endswith(".safetensors") for name in snapshot_files(repo)):
+        raise MissingFromCache(f"{repo}: no *.safetensors weights in {repo.snapshot} (config.json alone is not a "
+                               f"checkpoint); {FETCH_HINT}")
+
+
+def model_dir(m, commit: str, weights: bool = True) -> Path:
+    """The checkpoint directory of `model.source: hf` at `commit` (refs.lock.yaml's): model.hf_local_path when set (an
+    image-baked model; when it is a hub snapshot, it must be that commit's), else the commit's snapshot in the
+    cache. Snapshot files are verified against their blob names, the weights (required) only when `weights`."""
     skip = () if weights else WEIGHT_SUFFIXES
     if not m.hf_local_path:
-        return resolve_snapshot(model_repo(m), MODEL_REQUIRED, skip)
+        repo = model_repo(m, commit)
+        resolve_snapshot(repo, MODEL_REQUIRED, skip)
+        if weights:
+            require_weights(repo)
+        return repo.snapshot
     path = Path(m.hf_local_path)
     if not (path / "config.json").is_file():
         raise MissingFromCache(f"model.hf_local_path {path} holds no checkpoint (no config.json): it exists inside "
@@ -172,9 +184,9 @@ def model_dir(m, weights: bool = True) -> Path:
     found = snapshot_of(path)
     if found is None:
         return path                 # a plain directory, used as it is
-    folder, commit = found
-    repo = Repo("model", m.hf_name, commit, folder.parent)
-    if repo.folder != folder or commit != m.hf_revision:
-        raise HubCacheError(f"model.hf_local_path {path} is {folder.name} at commit {commit}, but params pin "
-                            f"{m.hf_name} at {m.hf_revision} (model.hf_name, model.hf_revision)")
+    folder, baked = found
+    repo = Repo("model", m.hf_name, baked, folder.parent)
+    if repo.folder != folder or baked != commit:
+        raise HubCacheError(f"model.hf_local_path {path} is {folder.name} at commit {baked}, but refs.lock.yaml pins "
+                            f"{m.hf_name}@{m.hf_revision} at {commit} (model.hf_name, model.hf_revision)")
     return resolve_snapshot(repo, MODEL_REQUIRED, skip)

@@ -84,9 +84,9 @@ def unit_interval(closed_high=False, default=dataclasses.MISSING):
                  lambda v: 0 <= v <= 1 if closed_high else 0 <= v < 1, default)
 
 
-def commit(default=dataclasses.MISSING):
-    return _spec("a 40-hex-digit commit id (a branch or tag can move; pin the commit)",
-                 lambda v: COMMIT_RE.fullmatch(v) is not None, default)
+def hub_ref(default=dataclasses.MISSING):
+    return _spec("a hub ref: a branch, tag or commit, no spaces (`python -m pipeline fetch` resolves it to the "
+                 "commit stages read, in refs.lock.yaml)", lambda v: bool(v) and not any(c.isspace() for c in v), default)
 
 
 def anything(default=dataclasses.MISSING):
@@ -102,7 +102,7 @@ class DataParams:
     # (`python -m pipeline fetch` puts them there): train from the named train shards, every held-out
     # split from the held-out files (pipeline/data.py)
     hf_dataset: str = anything()
-    hf_revision: str = commit()
+    hf_revision: str = hub_ref()
     hf_train_files: list = anything()
     hf_heldout_files: list = anything()
     hf_text_field: str = anything()
@@ -124,7 +124,7 @@ class TokenizerParams:
 class ModelParams:
     source: str = choice("scratch", "hf")
     hf_name: str = anything()
-    hf_revision: str = commit()
+    hf_revision: str = hub_ref()
     hf_local_path: typing.Optional[str] = anything()   # an explicit checkpoint directory; wins over the cache
     hf_cache_dir: typing.Optional[str] = anything()    # null: HF_HUB_CACHE; $VARS are expanded when used
     hidden_size: int = at_least(8)
@@ -234,13 +234,14 @@ class BenchmarksParams:
     batch_size: int = at_least(1)
     local_items: int = nonneg()           # pipeline_lastword items the data stage writes (0 = every fitting one)
     bootstrap_iters: int = nonneg()       # the harness's own stderr bootstrap (0 = none)
-    dataset_revisions: dict = anything()  # harness task -> pinned dataset commit (fetched by `pipeline fetch`)
+    # the harness tasks' datasets: hub snapshots (hub/) and their prepared tables (datasets/) under this one
+    # directory, filled by `pipeline fetch` and read offline by the stage; $VARS are expanded when used
+    hf_cache_dir: typing.Optional[str] = anything()
 
 
 @dataclass(frozen=True)
 class FrontierParams:
-    steps: list = anything()              # pretraining steps of the unconstrained reference checkpoints
-    hf_revisions: dict = anything()       # model.source hf: "step<N>" -> the pinned commit of that checkpoint
+    steps: list = anything()              # pretraining steps of the reference checkpoints (hf: the branches step<N>)
     recovery_steps: list = anything()     # recovery-training steps whose checkpoints (both arms) are measured too
 
 
@@ -488,24 +489,14 @@ def _check_benchmarks(b: BenchmarksParams) -> None:
     if not b.tasks or not all(isinstance(t, str) and t for t in b.tasks) or len(set(b.tasks)) != len(b.tasks):
         raise ParamsError("benchmarks.tasks", b.tasks, f"a non-empty list of distinct lm-eval task names "
                           f"({LOCAL_TASK!r} is the local task)")
-    for task in b.tasks:
-        if task != LOCAL_TASK and not COMMIT_RE.fullmatch(str(b.dataset_revisions.get(task, ""))):
-            raise ParamsError(f"benchmarks.dataset_revisions.{task}", b.dataset_revisions.get(task),
-                              "the 40-hex commit of the task's dataset on the HF hub (every harness task's data is "
-                              "pinned, fetched by `python -m pipeline fetch` and read offline)")
-    extra = set(b.dataset_revisions) - set(b.tasks)
-    if extra:
-        raise ParamsError("benchmarks.dataset_revisions", b.dataset_revisions,
-                          f"revisions only for tasks in benchmarks.tasks (not {sorted(extra)})")
-
-
-def frontier_revision_key(step: int) -> str:
-    return f"step{step}"
+    if b.hf_cache_dir is None and any(t != LOCAL_TASK for t in b.tasks):
+        raise ParamsError("benchmarks.hf_cache_dir", None, "a directory (e.g. $SCRATCH/hf/tasks) when benchmarks.tasks "
+                          "names a harness task: `pipeline fetch` stores its dataset there and the stage reads it")
 
 
 def _check_frontier(p: Params) -> None:
-    """Pretraining steps of the reference curve: distinct, ascending, before the end of pretraining (scratch)
-    or each pinned to the commit of the hub checkpoint `step<N>` (hf, e.g. Pythia's intermediate branches)."""
+    """Pretraining steps of the reference curve: distinct, ascending, before the end of pretraining (scratch);
+    for model.source hf, the hub branches step<N> (Pythia's intermediate checkpoints), resolved by fetch."""
     f = p.frontier
     for key in ("steps", "recovery_steps"):
         steps = getattr(f, key)
@@ -516,23 +507,9 @@ def _check_frontier(p: Params) -> None:
     if f.recovery_steps and f.recovery_steps[-1] >= shortest:
         raise ParamsError("frontier.recovery_steps", f.recovery_steps, f"steps before the end of recovery (train."
                                                                        f"max_steps {shortest}: that is the arm itself)")
-    steps = f.steps
-    if p.model.source == "scratch":
-        if steps and steps[-1] >= p.pretrain.steps:
-            raise ParamsError("frontier.steps", steps, f"steps before the end of pretraining (pretrain.steps "
-                                                       f"{p.pretrain.steps}: that checkpoint is the pretrained arm)")
-        if f.hf_revisions:
-            raise ParamsError("frontier.hf_revisions", f.hf_revisions, "{} when model.source is 'scratch'")
-        return
-    keys = [frontier_revision_key(s) for s in steps]
-    for key in keys:
-        if not COMMIT_RE.fullmatch(str(f.hf_revisions.get(key, ""))):
-            raise ParamsError(f"frontier.hf_revisions.{key}", f.hf_revisions.get(key),
-                              f"the 40-hex commit of {p.model.hf_name}'s checkpoint {key} (its branch on the hub; "
-                              "pin the commit, fetched by `python -m pipeline fetch`)")
-    extra = sorted(set(f.hf_revisions) - set(keys))
-    if extra:
-        raise ParamsError("frontier.hf_revisions", f.hf_revisions, f"revisions only for frontier.steps (not {extra})")
+    if p.model.source == "scratch" and f.steps and f.steps[-1] >= p.pretrain.steps:
+        raise ParamsError("frontier.steps", f.steps, f"steps before the end of pretraining (pretrain.steps "
+                                                     f"{p.pretrain.steps}: that checkpoint is the pretrained arm)")
 
 
 def validate(raw: dict) -> Params:

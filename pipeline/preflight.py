@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arms
-from .params import ParamsError
+from .params import LOCAL_TASK, ParamsError
 
 GIB = 2 ** 30
 HOST_BASE_GIB = 3.0         # python + torch + transformers + CUDA runtime in host memory (assumed)
@@ -469,24 +469,39 @@ def transfer_stage(c: Context) -> Estimate:
                     fix=f"lower attack.batch_size (now {a.batch_size})")
 
 
-HARNESS_ITEMS_ASSUMED = 5000    # per lm-eval task (LAMBADA 5153, ARC-Easy 2376, PIQA 1838), 4 choices each
+# lm-eval task -> (requests, tokens per request, generous): evaluation-split items x choices; the Pythia paper's
+# zero-shot tasks. Any other task: HARNESS_DEFAULT requests of eval.context_length tokens (an upper bound).
+HARNESS_TASKS = {"lambada_openai": (5153, 128), "piqa": (2 * 1838, 128), "winogrande": (2 * 1267, 128),
+                 "wsc": (2 * 104, 128), "arc_easy": (4 * 2376, 128), "arc_challenge": (4 * 1172, 128),
+                 "sciq": (4 * 1000, 256), "logiqa": (4 * 651, 512)}
+HARNESS_DEFAULT = 4 * 5000
+
+
+def benchmark_requests(b, context: int) -> list[tuple[int, int]]:
+    """(requests, tokens each) per task of benchmarks.tasks, within benchmarks.limit items."""
+    out = []
+    for task in b.tasks:
+        count, tokens = ((b.local_items, context) if task == LOCAL_TASK
+                         else HARNESS_TASKS.get(task, (HARNESS_DEFAULT, context)))
+        out.append((min(count, b.limit * 4) if b.limit else count, min(tokens, context)))
+    return out
 
 
 def benchmarks_stage(c: Context, ref: bool) -> Estimate:
     """lm-eval on the reference arms (one job) or the trained arms (per seed), one after the other: one fp32
-    forward of at most eval.context_length tokens per request."""
+    forward per request, of the task's request length (HARNESS_TASKS)."""
     p, s, b = c.params, c.shape, c.params.benchmarks
     n = len(REF_ARMS if ref else arms.TRAINED_ARMS)
-    requests = sum(b.local_items if t == "pipeline_lastword" else 4 * HARNESS_ITEMS_ASSUMED for t in b.tasks)
-    seq = p.eval.context_length
+    requests = benchmark_requests(b, p.eval.context_length)
+    seq = max(tokens for _, tokens in requests)
     transient = inference_bytes(s, b.batch_size, seq, seq)
     peak = 4 * s.params + transient
-    work = n * hours(requests * forward_flops(s, seq, seq), c.tflops(False), c.mfu)
+    work = n * sum(hours(count * forward_flops(s, tokens, tokens), c.tflops(False), c.mfu) for count, tokens in requests)
     return Estimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
                     c.host(peak, 4 * s.params), work, 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"{n} arms x {requests} requests (<= {seq} tokens; {HARNESS_ITEMS_ASSUMED} items x 4 choices "
-                         "assumed per harness task); fp32",
+                    note=f"{n} arms x {sum(k for k, _ in requests)} requests of <= {seq} tokens ({len(b.tasks)} tasks: "
+                         "the sizes of HARNESS_TASKS, else 20000 of eval.context_length); fp32",
                     fix=f"lower benchmarks.batch_size (now {b.batch_size})")
 
 

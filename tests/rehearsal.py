@@ -1,18 +1,21 @@
-"""The rehearsal profile's hub files, made here (nothing downloads), in the real HF hub cache layout.
+"""The rehearsal profile's hub, made here (nothing downloads): a fake of the HF hub that `fetch` reads as it reads
+the real one (FakeHub: resolve a ref, download a commit's files, the hub's record of their hashes).
 
-    python tests/rehearsal.py CACHE_DIR      # e.g. $SCRATCH/hf/hub, the profile's hf_cache_dir
+    python tests/rehearsal.py DIR      # writes the fake hub's repositories under DIR
 
-writes, at the made-up pinned commits of profiles/rehearsal.yaml:
-- datasets--ORG--NAME: the embedded corpus in the Pile-uncopyrighted layout, one JSON object per line
-  ({"text", "meta": {"pile_set_name"}}), zstd-compressed: train/00..03.jsonl.zst (the profile names only
+The fake hub holds, in the HF hub cache layout (blobs named as the hub names them, snapshots linking to them,
+refs/<branch> naming each branch's commit), at made-up commits:
+- datasets--ORG--NAME (branch main): the embedded corpus in the Pile-uncopyrighted layout, one JSON object per
+  line ({"text", "meta": {"pile_set_name"}}), zstd-compressed: train/00..03.jsonl.zst (the profile names only
   00..02: shard 03 must never be read), val.jsonl.zst and test.jsonl.zst;
-- models--ORG--NAME: a GPT-NeoX of Pythia's architecture (partial rotary, parallel residual, untied
-  embeddings) at the profile's toy sizes, randomly initialised, with a byte-level BPE tokenizer trained on
-  the train shards, its embedding rows padded to a multiple of 128 as Pythia's are (50277 -> 50304); and at
-  each commit of frontier.hf_revisions, another initialisation of the same model (Pythia's intermediate
-  branches step<N>).
-Blobs are named as the hub names them (sha256 for LFS files, git blob sha1 for small files); snapshots link
-to them; refs/<branch> names each commit.
+- models--ORG--NAME (branch main): a GPT-NeoX of Pythia's architecture (partial rotary, parallel residual,
+  untied embeddings) at the profile's toy sizes, randomly initialised, with a byte-level BPE tokenizer trained
+  on the train shards, its embedding rows padded to a multiple of 128 as Pythia's are (50277 -> 50304); and on
+  each branch step<N> of frontier.steps another initialisation of the same model (Pythia's intermediate
+  checkpoints);
+- datasets--baber--piqa (branch main): a toy PIQA (goal, sol1, sol2, label) in parquet, from embedded text, for
+  the harness's own piqa task.
+The `rehearsal_fetched` fixture runs the real `pipeline fetch` against it: refs.lock.yaml and $SCRATCH's caches.
 """
 from __future__ import annotations
 
@@ -33,7 +36,10 @@ TRAIN_SHARD_DOCS = (125, 125, 125, None)   # None: the rest of the train documen
 HELD_OUT_DOCS = {"val.jsonl.zst": 50, "test.jsonl.zst": 50}
 TOKENIZER_VOCAB = 1000
 PYTHIA_ROW_MULTIPLE = 128
-LFS_SUFFIXES = (".safetensors", ".zst")
+LFS_SUFFIXES = (".safetensors", ".zst", ".parquet")
+COMMITS = {"data": "f00dfeed" * 5, "model": "a1b2c3d4" * 5, "piqa": "9a9a9a9a" * 5}
+PIQA = "baber/piqa"
+PIQA_ROWS = {"train": 16, "validation": 24}
 
 
 def padded_rows(n: int) -> int:
@@ -101,17 +107,109 @@ def build_model(repo: hub.Repo, m: P.ModelParams, tokenizer, seed: int = 0, bran
                 add_file(repo, path.relative_to(tmp).as_posix(), path.read_bytes(), branch)
 
 
-def build(cache_dir: Path, params: P.Params | None = None) -> P.Params:
-    """Write the rehearsal profile's model and dataset repositories into cache_dir."""
+def step_commit(step: int) -> str:
+    return f"{step:08x}" * 5
+
+
+def piqa_rows(texts: list[str], count: int, seed: int) -> list[dict]:
+    """PIQA-shaped rows from running text: the goal, its true next words and another passage's words."""
+    import random
+
+    words = [t.split() for t in texts if len(t.split()) >= 40]
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        own, other = words[i % len(words)], words[(i * 7 + 3) % len(words)]
+        right, wrong = " ".join(own[12:20]), " ".join(other[24:32])
+        label = rng.randrange(2)
+        rows.append({"goal": " ".join(own[:12]), "sol1": [right, wrong][label], "sol2": [wrong, right][label],
+                     "label": label})
+    return rows
+
+
+def build_piqa(repo: hub.Repo, texts: list[str]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for i, (split, count) in enumerate(PIQA_ROWS.items()):
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(piqa_rows(texts[i::2], count, seed=i)), buffer)
+        add_file(repo, f"data/{split}-00000-of-00001.parquet", buffer.getvalue())
+    add_file(repo, "README.md", b"# piqa (toy, made by tests/rehearsal.py)\n")
+
+
+def build(root: Path, params: P.Params | None = None) -> P.Params:
+    """Write the rehearsal profile's hub repositories under root (the fake hub's storage)."""
     params = params or P.load(REHEARSAL_PARAMS)
-    files = build_dataset(hub.Repo("dataset", params.data.hf_dataset, params.data.hf_revision, cache_dir))
+    files = build_dataset(hub.Repo("dataset", params.data.hf_dataset, COMMITS["data"], root))
     train_texts = [d.text for name in params.data.hf_train_files for d in files[name]]
     tokenizer = D.train_bpe_tokenizer(train_texts, TOKENIZER_VOCAB)
-    build_model(hub.Repo("model", params.model.hf_name, params.model.hf_revision, cache_dir), params.model, tokenizer)
-    for branch, commit in params.frontier.hf_revisions.items():
-        build_model(hub.Repo("model", params.model.hf_name, commit, cache_dir), params.model, tokenizer,
-                    seed=int(branch.removeprefix("step")), branch=branch)
+    build_model(hub.Repo("model", params.model.hf_name, COMMITS["model"], root), params.model, tokenizer)
+    for step in params.frontier.steps:
+        build_model(hub.Repo("model", params.model.hf_name, step_commit(step), root), params.model, tokenizer,
+                    seed=step, branch=f"step{step}")
+    build_piqa(hub.Repo("dataset", PIQA, COMMITS["piqa"], root), [d.text for d in files["test.jsonl.zst"]])
     return params
+
+
+class FakeHub:
+    """What pipeline.fetch asks of the hub (HubRemote's methods), answered from a directory in the hub cache layout:
+    a ref resolves through refs/<branch> (a commit with a snapshot resolves to itself), a download links a
+    commit's files into the target cache, and the hub's record of a file is its blob's name and size here."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def stored(self, repo: hub.Repo) -> hub.Repo:
+        return hub.Repo(repo.repo_type, repo.repo_id, repo.revision, self.root)
+
+    def resolve(self, kind: str, repo_id: str, ref: str) -> str:
+        folder = hub.Repo(kind, repo_id, ref, self.root).folder
+        if (folder / "snapshots" / ref).is_dir():
+            return ref
+        if not (folder / "refs" / ref).is_file():
+            raise hub.MissingFromCache(f"{kind} {repo_id}@{ref}: not on the hub (the fake hub in {self.root})")
+        return (folder / "refs" / ref).read_text().strip()
+
+    def download(self, repo: hub.Repo, files: tuple = (), patterns: tuple = (), force: bool = False) -> None:
+        import fnmatch
+        import shutil
+
+        source = self.stored(repo)
+        for name in hub.snapshot_files(source):
+            if (files and name not in files) or (patterns and not any(fnmatch.fnmatch(name, p) for p in patterns)):
+                continue
+            blob = (source.snapshot / name).resolve()
+            target = repo.folder / "blobs" / blob.name
+            if force or not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(blob, target)
+            link = repo.snapshot / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(os.path.relpath(target, link.parent))
+
+    def check(self, repo: hub.Repo, hashes: dict[str, str]) -> None:
+        source = self.stored(repo)
+        for name, digest in hashes.items():
+            blob = (source.snapshot / name).resolve()
+            if blob.name != digest or blob.stat().st_size != (repo.snapshot / name).resolve().stat().st_size:
+                raise hub.CorruptInCache(f"{repo}: {name} differs from the hub's record")
+
+
+def fetch(ws: Path, root: Path, params: P.Params | None = None, update: bool = False) -> int:
+    """The real `pipeline fetch` of ws/params.yaml against the fake hub at root, run in ws (writes ws/refs.lock.yaml)."""
+    from pipeline import fetch as F
+
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        return F.run(params or P.load(ws / "params.yaml"), update=update, remote=FakeHub(root))
+    finally:
+        os.chdir(cwd)
 
 
 def copy_cache(cache_dir: Path, dest: Path) -> Path:
@@ -128,17 +226,34 @@ except ImportError:      # the script runs without the test dependencies
     pytest = None
 else:
     @pytest.fixture(scope="session")
-    def rehearsal_cache(tmp_path_factory) -> Path:
-        """profiles/rehearsal.yaml's model and dataset in a hub cache. Read-only: copy before changing it."""
-        cache = tmp_path_factory.mktemp("scratch") / "hf" / "hub"
-        build(cache)
-        return cache
+    def rehearsal_hub(tmp_path_factory) -> Path:
+        """The fake hub's storage for profiles/rehearsal.yaml. Read-only."""
+        root = tmp_path_factory.mktemp("fake-hub")
+        build(root)
+        return root
+
+    @pytest.fixture(scope="session")
+    def rehearsal_fetched(rehearsal_hub, tmp_path_factory) -> Path:
+        """A $SCRATCH that `pipeline fetch` of the rehearsal profile filled from the fake hub, and beside its
+        hf/ the refs.lock.yaml it wrote. Read-only: copy before changing it (the `scratch` fixture does)."""
+        base = tmp_path_factory.mktemp("fetched")
+        ws = base / "ws"
+        ws.mkdir()
+        (ws / "params.yaml").write_text(REHEARSAL_PARAMS.read_text())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SCRATCH", str(base / "scratch"))
+            assert fetch(ws, rehearsal_hub) == 0
+        (base / "scratch" / "refs.lock.yaml").write_bytes((ws / "refs.lock.yaml").read_bytes())
+        return base / "scratch"
 
     @pytest.fixture
-    def scratch(rehearsal_cache, tmp_path, monkeypatch) -> Path:
-        """$SCRATCH for the rehearsal profile, holding a private copy of its hub cache at $SCRATCH/hf/hub."""
-        copy_cache(rehearsal_cache, tmp_path / "scratch" / "hf" / "hub")
+    def scratch(rehearsal_fetched, tmp_path, monkeypatch) -> Path:
+        """$SCRATCH for the rehearsal profile: a private copy of the fetched caches (and refs.lock.yaml beside hf/);
+        the test's working directory holds that refs.lock.yaml.yaml."""
+        copy_cache(rehearsal_fetched, tmp_path / "scratch")
         monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "refs.lock.yaml").write_bytes((rehearsal_fetched / "refs.lock.yaml").read_bytes())
         return tmp_path / "scratch"
 
 
@@ -146,4 +261,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     build(Path(sys.argv[1]))
-    print(f"rehearsal hub files written under {sys.argv[1]}")
+    print(f"the rehearsal's fake hub written under {sys.argv[1]}")

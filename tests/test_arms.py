@@ -74,7 +74,7 @@ def test_a_new_arm_joins_its_family_its_checkpoints_and_its_paths_from_the_table
 
     monkeypatch.setitem(arms.ARMS, "monotonic_long", arms.Arm(
         "monotonic_long", constrained=True, trained=True, start="monotonic_init", description="trained longer"))
-    frontier = FrontierParams(steps=[10], hf_revisions={}, recovery_steps=[20])
+    frontier = FrontierParams(steps=[10], recovery_steps=[20])
     assert families(frontier) == {
         "unconstrained": ["pretrained-step10", "pretrained", "baseline-step20", "baseline"],
         "monotonic": ["monotonic_init", "monotonic-step20", "monotonic", "monotonic_long-step20", "monotonic_long"]}

@@ -11,7 +11,6 @@ import pytest
 from conftest import run_stage
 from pipeline import benchmarks as B
 from pipeline.data import load_tokenizer, read_docs
-from pipeline.params import ParamsError, validate
 
 PIQA_REVISION = "0" * 40     # any well-formed commit: the point is that it is absent from the cache
 
@@ -60,29 +59,24 @@ def test_harness_log_likelihoods_equal_the_pipelines_own_scorer(workspace_copy, 
 
 
 @pytest.mark.slow
-def test_missing_task_dataset_fails_before_compute_with_the_fetch_command(workspace_copy, monkeypatch, capsys):
+def test_a_task_dataset_missing_from_the_lock_or_the_cache_fails_before_compute_naming_fetch(workspace_copy,
+                                                                                           capsys):
+    """A harness task with no refs.lock.yaml entry, then with an entry whose files are not in benchmarks.hf_cache_dir:
+    each stops the stage (exit 2) before any model loads, with what is missing and the fetch command."""
+    from pipeline import refs
+
     params_file = workspace_copy / "params.yaml"
     params_file.write_text(params_file.read_text().replace(
         "tasks: [pipeline_lastword]", "tasks: [pipeline_lastword, piqa]").replace(
-        "dataset_revisions: {}", f"dataset_revisions: {{piqa: '{PIQA_REVISION}'}}"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(workspace_copy / "empty-hub-cache"))
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(workspace_copy / "empty-hub-cache"))
-    assert run_stage(workspace_copy, "benchmarks", "--arm", "pretrained", "--seed", "0") == 1
+        "hf_cache_dir: null           # harness", f"hf_cache_dir: {workspace_copy / 'tasks'}   # harness"))
+    assert run_stage(workspace_copy, "benchmarks", "--arm", "pretrained", "--seed", "0") == 2
+    assert "refs.lock.yaml has no commit for the dataset of lm-eval task piqa@main" in capsys.readouterr().err
+    lock = refs.read(workspace_copy / "refs.lock.yaml")
+    lock["tasks"]["piqa"] = {"repo": "baber/piqa", "ref": "main", "commit": PIQA_REVISION, "name": None,
+                             "files": {"data/validation-00000-of-00001.parquet": {"size": 1, "sha256": "0" * 64}}}
+    refs.write(lock, workspace_copy / "refs.lock.yaml")
+    assert run_stage(workspace_copy, "benchmarks", "--arm", "pretrained", "--seed", "0") == 2
     err = capsys.readouterr().err
-    assert "piqa" in err and PIQA_REVISION in err and "python -m pipeline fetch" in err
-    assert "empty-hub-cache/datasets--baber--piqa/snapshots" in err
+    assert f"dataset baber/piqa@{PIQA_REVISION}" in err and "python -m pipeline fetch" in err
+    assert f"tasks/hub/datasets--baber--piqa/snapshots/{PIQA_REVISION}" in err
     assert not (workspace_copy / "outputs/benchmarks").exists()
-
-
-def test_every_harness_task_needs_a_pinned_dataset_revision(smoke_params):
-    raw = smoke_params.to_dict()
-    raw["benchmarks"]["tasks"] = ["pipeline_lastword", "piqa"]
-    with pytest.raises(ParamsError, match="benchmarks.dataset_revisions.piqa"):
-        validate(raw)
-    raw["benchmarks"]["dataset_revisions"] = {"piqa": "main"}
-    with pytest.raises(ParamsError, match="40-hex"):
-        validate(raw)
-    raw["benchmarks"]["dataset_revisions"] = {"piqa": PIQA_REVISION}
-    assert validate(raw).benchmarks.tasks == ["pipeline_lastword", "piqa"]

@@ -60,7 +60,13 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_check_params(tmp_path, capsys):
+    from pipeline import refs
+
     for path in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
+        if refs.requested(P.load(path)):      # hub refs, with no commits in this checkout's refs.lock.yaml
+            assert main(["check-params", "--params", str(path)]) == 2
+            assert f"{path} is valid, but refs.lock.yaml has no commit for" in capsys.readouterr().err
+            continue
         assert main(["check-params", "--params", str(path)]) == 0
         out = capsys.readouterr().out
         assert "valid" in out and P.load(path).hash() in out

@@ -260,14 +260,14 @@ def pile_cache(tmp_path_factory):
     Pile layout (train/00..03, val, test), and the cluster params shrunk to read 120 documents from it."""
     cluster = P.load(CLUSTER)
     cache = tmp_path_factory.mktemp("hub")
-    repo = hub.Repo("dataset", cluster.data.hf_dataset, cluster.data.hf_revision, cache)
+    repo = hub.Repo("dataset", cluster.data.hf_dataset, cluster.data.hf_revision, cache)   # a commit: itself
     files = rehearsal.build_dataset(repo)
     data = dataclasses.replace(cluster.data, hf_cache_dir=str(cache), max_documents=120)
     return data, files
 
 
 def read_pile(data) -> dict[str, list[D.Document]]:
-    return D.load_splits(data, {name: path for name, (path, _) in hub.data_files(data).items()})
+    return D.load_splits(data, {name: path for name, (path, _) in hub.data_files(data, data.hf_revision).items()})
 
 
 def test_held_out_splits_never_come_from_a_train_shard(pile_cache):

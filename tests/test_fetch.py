@@ -1,6 +1,7 @@
-"""The HF hub cache, offline: pinned files are found only under their commit, verified against their blob
-names, and a missing or damaged one stops a stage before any compute with the path and the `fetch` command.
-`python -m pipeline fetch` is tested on its offline paths (nothing here can reach the network)."""
+"""Hub refs and the HF hub cache. `python -m pipeline fetch` resolves every ref the params name into refs.lock.yaml
+(tested against tests/rehearsal.py's fake hub: nothing here can reach the network) and stores what the stages
+read; stages read commits only from refs.lock.yaml, find files only under their commit, verified against their blob
+names, and a missing or damaged one, or a ref without an entry, stops them before any compute naming `fetch`."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,9 @@ import pytest
 import yaml
 
 import rehearsal
-from rehearsal import rehearsal_cache, scratch  # noqa: F401 (fixtures)
+from rehearsal import rehearsal_fetched, rehearsal_hub, scratch  # noqa: F401 (fixtures)
 from conftest import REPO, run_stage
-from pipeline import data as D, hub, params as P
+from pipeline import data as D, hub, params as P, refs
 from pipeline.__main__ import main
 
 CLUSTER = REPO / "profiles" / "cluster.yaml"
@@ -25,10 +26,18 @@ def rehearsal_params():
     return P.load(rehearsal.REHEARSAL_PARAMS)
 
 
+def commit(section: str, key: str | None = None) -> str:
+    """refs.lock.yaml's commit (of the working directory's lock: the scratch fixture's)."""
+    lock = refs.read()
+    return (lock[section] if key is None else lock[section][key])["commit"]
+
+
 def workspace(tmp_path: Path, params_file: Path = rehearsal.REHEARSAL_PARAMS) -> Path:
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copy(params_file, ws / "params.yaml")
+    if refs.LOCK_FILE.exists():
+        shutil.copy(refs.LOCK_FILE, ws / "refs.lock.yaml")
     return ws
 
 
@@ -40,23 +49,29 @@ def tamper(link: Path) -> Path:
     return blob
 
 
-# --- params ----------------------------------------------------------------------------------------
+# --- params and refs.lock.yaml --------------------------------------------------------------------------
 
-def test_cluster_profile_is_accepted_and_pins_every_revision(capsys):
-    assert main(["check-params", "--params", str(CLUSTER)]) == 0
-    assert "valid (profile cluster" in capsys.readouterr().out
-    raw = yaml.safe_load(CLUSTER.read_text())
-    revisions = [raw["data"]["hf_revision"], raw["model"]["hf_revision"]]
-    assert revisions == ["3be90335b66f24456a5d6659d9c8d208c0357119", "fedc38a16eea3bd36a96b906d78d11d2ce18ed79"]
-    for path in sorted((REPO / "profiles").glob("*.yaml")):
-        for section in ("data", "model"):
-            assert P.COMMIT_RE.fullmatch(yaml.safe_load(path.read_text())[section]["hf_revision"]), (path, section)
+def test_cluster_profile_is_valid_and_check_params_names_fetch_for_every_unresolved_ref(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The cluster names Pythia's step branches and the paper's tasks by name; with no refs.lock.yaml entry for them,
+    check-params exits 2 listing each ref and the fetch command (here, where the hub cannot be reached)."""
+    cluster = P.load(CLUSTER)
+    assert [s for s in cluster.frontier.steps] == [1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000]
+    assert cluster.benchmarks.tasks[1:] == ["lambada_openai", "piqa", "winogrande", "wsc", "arc_easy",
+                                            "arc_challenge", "sciq", "logiqa"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-params", "--params", str(CLUSTER)]) == 2
+    err = capsys.readouterr().err
+    assert "model EleutherAI/pythia-1.4b@step128000 (frontier.steps 128000)" in err
+    assert "the dataset of lm-eval task logiqa@main (benchmarks.tasks logiqa)" in err
+    assert "run `python -m pipeline fetch`" in err
+    assert main(["check-params", "--params", str(REPO / "params.yaml")]) == 0     # the embedded default: no refs
+    assert "0 hub refs resolved" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("data.hf_revision", "main", "40-hex-digit commit"),
-    ("model.hf_revision", "v1.0", "40-hex-digit commit"),
-    ("model.hf_revision", "FEDC38A16EEA3BD36A96B906D78D11D2CE18ED79", "40-hex-digit commit"),
+    ("data.hf_revision", "", "a hub ref"),
+    ("model.hf_revision", "v1 .0", "a hub ref"),
     ("data.hf_train_files", [], "non-empty"),
     ("data.hf_train_files", ["train/00.parquet"], ".jsonl.zst"),
     ("data.hf_train_files", ["/abs/00.jsonl.zst"], "relative"),
@@ -64,6 +79,7 @@ def test_cluster_profile_is_accepted_and_pins_every_revision(capsys):
     ("data.hf_heldout_files", ["val.jsonl.zst", "val.jsonl.zst"], "distinct"),
     ("data.hf_heldout_files", ["train/00.jsonl.zst", "test.jsonl.zst"], "disjoint from data.hf_train_files"),
     ("data.max_documents", 0, "at least one document when data.source is 'hf'"),
+    ("benchmarks.hf_cache_dir", None, "when benchmarks.tasks names a harness task"),
 ])
 def test_hub_keys_are_validated(key, value, allowed):
     raw = yaml.safe_load(CLUSTER.read_text())
@@ -74,7 +90,82 @@ def test_hub_keys_are_validated(key, value, allowed):
     assert exc.value.key == key and allowed in exc.value.allowed and repr(value) in str(exc.value)
 
 
-# --- resolution and verification -------------------------------------------------------------------
+@pytest.mark.slow   # three fetches, each loading the toy piqa offline in a subprocess
+def test_fetch_resolves_refs_into_the_lock_once_and_update_moves_them(rehearsal_hub, tmp_path, monkeypatch, capsys):
+    """Branches resolve to their commits with every file's size and sha256; check-params then passes. When a
+    branch moves on the hub, fetch keeps the locked commit (and says nothing moved); --update moves it."""
+    hub_copy = rehearsal.copy_cache(rehearsal_hub, tmp_path / "hub")
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    ws = workspace(tmp_path)
+    assert rehearsal.fetch(ws, hub_copy) == 0
+    lock = refs.read(ws / "refs.lock.yaml")
+    assert lock["data"]["commit"] == rehearsal.COMMITS["data"] and lock["data"]["ref"] == "main"
+    assert lock["model"]["commit"] == rehearsal.COMMITS["model"]
+    assert lock["frontier"]["step1000"]["commit"] == rehearsal.step_commit(1000)
+    assert lock["tasks"]["piqa"]["repo"] == rehearsal.PIQA and lock["tasks"]["piqa"]["splits"] == rehearsal.PIQA_ROWS
+    weights = lock["frontier"]["step1000"]["files"]["model.safetensors"]
+    blob = (tmp_path / "scratch/hf/hub/models--rehearsal--pythia-toy/snapshots" / rehearsal.step_commit(1000)
+            / "model.safetensors").resolve()
+    assert weights == {"size": blob.stat().st_size, "sha256": blob.name}
+    assert set(lock["data"]["files"]) == {"train/00.jsonl.zst", "train/01.jsonl.zst", "train/02.jsonl.zst",
+                                          "val.jsonl.zst", "test.jsonl.zst"}
+    assert run_stage(ws, "check-params") == 0
+
+    data_repo = hub.Repo("dataset", "rehearsal/pile-uncopyrighted-embedded", rehearsal.COMMITS["data"], hub_copy)
+    add_other_commit(data_repo, "0" * 40)                 # the hub's main moves on
+    before = (ws / "refs.lock.yaml").read_text()
+    assert rehearsal.fetch(ws, hub_copy) == 0
+    assert (ws / "refs.lock.yaml").read_text() == before and "moves" not in capsys.readouterr().out
+    assert rehearsal.fetch(ws, hub_copy, update=True) == 0
+    assert f"moves dataset rehearsal/pile-uncopyrighted-embedded@main (data.hf_revision) from " \
+           f"{rehearsal.COMMITS['data']} to {'0' * 40}" in capsys.readouterr().out
+    assert refs.read(ws / "refs.lock.yaml")["data"]["commit"] == "0" * 40
+
+
+def test_a_ref_without_a_lock_entry_stops_the_stage_before_compute_naming_fetch(scratch, tmp_path, capsys):
+    ws = workspace(tmp_path)
+    lock = refs.read(ws / "refs.lock.yaml")
+    del lock["frontier"]["step1000"]
+    refs.write(lock, ws / "refs.lock.yaml")
+    assert run_stage(ws, "check-params") == 2
+    assert "rehearsal/pythia-toy@step1000 (frontier.steps 1000)" in capsys.readouterr().err
+    assert run_stage(ws, "data") == 0
+    assert run_stage(ws, "pretrain") == 2
+    err = capsys.readouterr().err
+    assert "refs.lock.yaml has no commit for model rehearsal/pythia-toy@step1000" in err and "pipeline fetch" in err
+    assert not (ws / "outputs/models").exists()
+
+
+def test_a_frontier_branch_without_weights_or_with_another_branchs_weights_is_refused(rehearsal_hub, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Pythia issue 205: step branches bit-identical to main. And config.json alone is no checkpoint."""
+    hub_copy = rehearsal.copy_cache(rehearsal_hub, tmp_path / "hub")
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    ws = workspace(tmp_path)
+    step = hub.Repo("model", "rehearsal/pythia-toy", rehearsal.step_commit(1000), hub_copy)
+    main_weights = hub.Repo("model", "rehearsal/pythia-toy", rehearsal.COMMITS["model"], hub_copy).snapshot
+    (step.snapshot / "model.safetensors").unlink()
+    assert rehearsal.fetch(ws, hub_copy) == 1
+    assert "no *.safetensors weights" in capsys.readouterr().err
+    rehearsal.add_file(step, "model.safetensors", (main_weights / "model.safetensors").read_bytes(), "step1000")
+    assert rehearsal.fetch(ws, hub_copy) == 1
+    err = capsys.readouterr().err
+    assert "step1000 (rehearsal/pythia-toy@step1000" in err and "same weights as model" in err and "205" in err
+
+
+def test_a_task_dataset_that_needs_a_loading_script_is_refused(rehearsal_hub, tmp_path, monkeypatch, capsys):
+    hub_copy = rehearsal.copy_cache(rehearsal_hub, tmp_path / "hub")
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    ws = workspace(tmp_path)
+    piqa = hub.Repo("dataset", rehearsal.PIQA, rehearsal.COMMITS["piqa"], hub_copy)
+    rehearsal.add_file(piqa, "piqa.py", b"import datasets\n")
+    assert rehearsal.fetch(ws, hub_copy) == 1
+    err = capsys.readouterr().err
+    assert "defined by a loading script (piqa.py)" in err and "trust_remote_code" in err
+    assert refs.read(ws / "refs.lock.yaml")["tasks"] == {}        # nothing written after a failure
+
+
+# --- the cache, offline ----------------------------------------------------------------------------
 
 def test_cache_dir_expands_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SCRATCH", str(tmp_path))
@@ -96,8 +187,8 @@ def test_populated_cache_loads_with_the_network_off(scratch, rehearsal_params, m
         raise OSError("network is off in this test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    model_dir = hub.model_dir(rehearsal_params.model)
-    assert model_dir == scratch / "hf/hub/models--rehearsal--pythia-toy/snapshots" / rehearsal_params.model.hf_revision
+    model_dir = hub.model_dir(rehearsal_params.model, commit("model"))
+    assert model_dir == scratch / "hf/hub/models--rehearsal--pythia-toy/snapshots" / rehearsal.COMMITS["model"]
     from pipeline.models import load_causal_lm
 
     model = load_causal_lm(model_dir)
@@ -105,13 +196,13 @@ def test_populated_cache_loads_with_the_network_off(scratch, rehearsal_params, m
     assert model.config.vocab_size == rehearsal.padded_rows(len(tokenizer)) > len(tokenizer)   # Pythia's rule
     assert model.config.use_parallel_residual and not model.config.tie_word_embeddings
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.25
-    files = hub.data_files(rehearsal_params.data)
+    files = hub.data_files(rehearsal_params.data, commit("data"))
     assert list(files) == [*rehearsal_params.data.hf_train_files, *rehearsal_params.data.hf_heldout_files]
     for name, (path, digest) in files.items():
         assert path.resolve().name == digest == hub.content_hash(path, "lfs"), name
 
 
-def add_other_commit(cache: Path, repo: hub.Repo, other: str) -> hub.Repo:
+def add_other_commit(repo: hub.Repo, other: str) -> hub.Repo:
     """The same repository at another commit, with other content, which refs/main names."""
     moved = dataclasses.replace(repo, revision=other)
     for name in hub.snapshot_files(repo):
@@ -125,23 +216,22 @@ def add_other_commit(cache: Path, repo: hub.Repo, other: str) -> hub.Repo:
     return moved
 
 
-def test_the_pinned_commit_is_used_with_and_without_data_files(scratch, rehearsal_params):
+def test_the_locked_commit_is_read_when_the_branch_moves_in_the_cache(scratch, rehearsal_params):
     """refs/main moved to another commit: data files (named) and the model snapshot (no data files) are
-    still read at the pinned commits."""
+    still read at refs.lock.yaml's commits."""
     other = "0" * 40
-    data_repo, model_repo = hub.dataset_repo(rehearsal_params.data), hub.model_repo(rehearsal_params.model)
-    add_other_commit(scratch, data_repo, other)
-    add_other_commit(scratch, model_repo, other)
-    splits = D.load_splits(rehearsal_params.data,
-                           {n: p for n, (p, _) in hub.data_files(rehearsal_params.data).items()})
+    data_repo = hub.dataset_repo(rehearsal_params.data, commit("data"))
+    model_repo = hub.model_repo(rehearsal_params.model, commit("model"))
+    add_other_commit(data_repo, other)
+    add_other_commit(model_repo, other)
+    files = hub.data_files(rehearsal_params.data, commit("data"))
+    splits = D.load_splits(rehearsal_params.data, {n: p for n, (p, _) in files.items()})
     assert not any("moved on" in d.text for docs in splits.values() for d in docs)
-    assert all(f"/snapshots/{rehearsal_params.data.hf_revision}/" in str(p)
-               for p, _ in hub.data_files(rehearsal_params.data).values())
-    model_dir = hub.model_dir(rehearsal_params.model)
-    assert model_dir.name == rehearsal_params.model.hf_revision
+    assert all(f"/snapshots/{rehearsal.COMMITS['data']}/" in str(p) for p, _ in files.values())
+    model_dir = hub.model_dir(rehearsal_params.model, commit("model"))
     assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 2
-    moved = dataclasses.replace(rehearsal_params.model, hf_revision=other)
-    assert json.loads((hub.model_dir(moved) / "config.json").read_text())["num_hidden_layers"] == 1
+    assert json.loads((hub.model_dir(rehearsal_params.model, other, weights=False) / "config.json").read_text()
+                      )["num_hidden_layers"] == 1
 
 
 def test_missing_files_fail_before_any_compute_with_the_fetch_command(scratch, tmp_path, capsys):
@@ -164,8 +254,8 @@ def test_missing_files_fail_before_any_compute_with_the_fetch_command(scratch, t
 
 @pytest.mark.parametrize("target", ["dataset", "model-weights", "model-config"])
 def test_a_file_whose_hash_differs_is_refused(scratch, rehearsal_params, tmp_path, capsys, target):
-    data_snapshot = hub.dataset_repo(rehearsal_params.data).snapshot
-    model_snapshot = hub.model_repo(rehearsal_params.model).snapshot
+    data_snapshot = hub.dataset_repo(rehearsal_params.data, commit("data")).snapshot
+    model_snapshot = hub.model_repo(rehearsal_params.model, commit("model")).snapshot
     link = {"dataset": data_snapshot / "train/01.jsonl.zst", "model-weights": model_snapshot / "model.safetensors",
             "model-config": model_snapshot / "config.json"}[target]
     blob = tamper(link)
@@ -180,99 +270,77 @@ def test_a_file_whose_hash_differs_is_refused(scratch, rehearsal_params, tmp_pat
 
 
 def test_a_plain_file_in_a_snapshot_cannot_be_verified(scratch, rehearsal_params):
-    link = hub.model_repo(rehearsal_params.model).snapshot / "tokenizer.json"
+    link = hub.model_repo(rehearsal_params.model, commit("model")).snapshot / "tokenizer.json"
     content = link.read_bytes()
     link.unlink()
     link.write_bytes(content)
     with pytest.raises(hub.CorruptInCache, match="not a link into the repository's blobs"):
-        hub.model_dir(rehearsal_params.model, weights=False)
+        hub.model_dir(rehearsal_params.model, commit("model"), weights=False)
 
 
-def test_explicit_local_path_wins_and_a_baked_snapshot_must_be_the_pinned_commit(scratch, rehearsal_params,
+def test_explicit_local_path_wins_and_a_baked_snapshot_must_be_the_locked_commit(scratch, rehearsal_params,
                                                                                  tmp_path):
-    snapshot = hub.model_repo(rehearsal_params.model).snapshot
+    snapshot = hub.model_repo(rehearsal_params.model, commit("model")).snapshot
     baked = tmp_path / "opt" / "models" / "toy"
     baked.parent.mkdir(parents=True)
     baked.symlink_to(snapshot)                           # as the image links /opt/models/pythia-1.4b
     m = dataclasses.replace(rehearsal_params.model, hf_local_path=str(baked), hf_cache_dir="/nonexistent")
-    assert hub.model_dir(m) == snapshot
-    with pytest.raises(hub.HubCacheError, match="at commit a1b2.*but params pin .* at 1111"):
-        hub.model_dir(dataclasses.replace(m, hf_revision="1" * 40))
+    assert hub.model_dir(m, commit("model")) == snapshot
+    with pytest.raises(hub.HubCacheError, match="at commit a1b2.*but refs.lock.yaml pins .* at 1111"):
+        hub.model_dir(m, "1" * 40)
     tamper(snapshot / "model.safetensors")
     with pytest.raises(hub.CorruptInCache):
-        hub.model_dir(m)
+        hub.model_dir(m, commit("model"))
     plain = tmp_path / "plain"
     shutil.copytree(snapshot, plain)                     # follows the links: an ordinary directory
-    assert hub.model_dir(dataclasses.replace(m, hf_local_path=str(plain))) == plain
+    assert hub.model_dir(dataclasses.replace(m, hf_local_path=str(plain)), commit("model")) == plain
     with pytest.raises(hub.MissingFromCache, match="holds no checkpoint.*python -m pipeline fetch"):
-        hub.model_dir(dataclasses.replace(m, hf_local_path=str(tmp_path / "absent")))
+        hub.model_dir(dataclasses.replace(m, hf_local_path=str(tmp_path / "absent")), commit("model"))
 
 
 # --- fetch, offline -------------------------------------------------------------------------------
 
-def test_fetch_offline_verifies_and_prints_what_is_stored(scratch, rehearsal_params, capsys):
+def test_fetch_offline_verifies_against_the_lock_and_prints_what_is_stored(scratch, rehearsal_params, capsys):
+    before = refs.LOCK_FILE.read_text()
     assert main(["fetch", "--params", str(rehearsal.REHEARSAL_PARAMS)]) == 0
     out = capsys.readouterr().out
-    assert "HF_HUB_OFFLINE is set" in out
-    for repo, names in ((hub.dataset_repo(rehearsal_params.data),
+    assert "HF_HUB_OFFLINE is set" in out and refs.LOCK_FILE.read_text() == before     # nothing resolved or written
+    for repo, names in ((hub.dataset_repo(rehearsal_params.data, commit("data")),
                          [*rehearsal_params.data.hf_train_files, *rehearsal_params.data.hf_heldout_files]),
-                        (hub.model_repo(rehearsal_params.model), hub.snapshot_files(hub.model_repo(rehearsal_params.model)))):
+                        (hub.model_repo(rehearsal_params.model, commit("model")),
+                         hub.snapshot_files(hub.model_repo(rehearsal_params.model, commit("model"))))):
         assert f"{len(names)} files verified in {repo.snapshot}" in out
         for name in names:
-            assert f"{name} " in out and (repo.snapshot / name).resolve().name in out
+            assert f"{name} " in out
     assert "train/03.jsonl.zst" not in out          # only what the profile names
 
 
 def test_fetch_offline_reports_missing_and_damaged_files(scratch, rehearsal_params, capsys):
-    link = hub.dataset_repo(rehearsal_params.data).snapshot / "test.jsonl.zst"
+    link = hub.dataset_repo(rehearsal_params.data, commit("data")).snapshot / "test.jsonl.zst"
     blob = tamper(link)
     assert main(["fetch", "--params", str(rehearsal.REHEARSAL_PARAMS)]) == 1
     assert str(blob) in capsys.readouterr().err
     link.unlink()
     assert main(["fetch", "--params", str(rehearsal.REHEARSAL_PARAMS)]) == 1
-    err = capsys.readouterr().err
-    assert str(link) in err and "HF_HUB_OFFLINE=1" in err
+    assert str(link) in capsys.readouterr().err
 
 
+@pytest.mark.slow   # lm-eval's task registry takes ~15 s to build
 def test_fetch_needs_exactly_what_the_profile_reads(monkeypatch, tmp_path):
     from pipeline import fetch
 
     monkeypatch.setenv("SCRATCH", str(tmp_path))
     cluster = P.load(CLUSTER)
-    assert [(n.repo.repo_type, n.repo.repo_id, n.repo.revision, n.files) for n in fetch.needs(cluster)] == [
-        ("dataset", "monology/pile-uncopyrighted", "3be90335b66f24456a5d6659d9c8d208c0357119",
-         ("train/00.jsonl.zst", "val.jsonl.zst", "test.jsonl.zst"))]      # the model is baked into the image
-    assert fetch.needs(cluster)[0].repo.cache_dir == tmp_path / "hf" / "hub"
-    weightless = dataclasses.replace(cluster, model=dataclasses.replace(cluster.model, hf_local_path=None))
-    model_need = fetch.needs(weightless)[0]
-    assert (model_need.repo.repo_id, model_need.repo.revision) == ("EleutherAI/pythia-1.4b",
-                                                                   "fedc38a16eea3bd36a96b906d78d11d2ce18ed79")
-    assert "*.safetensors" in model_need.patterns and "*.bin" not in model_need.patterns
+    got = [(n.ref.section, n.repo_id, n.ref.ref, n.files, n.patterns, n.weights) for n in fetch.needs(cluster)]
+    assert got[0] == ("data", "monology/pile-uncopyrighted", "3be90335b66f24456a5d6659d9c8d208c0357119",
+                      ("train/00.jsonl.zst", "val.jsonl.zst", "test.jsonl.zst"), (), False)
+    assert got[1] == ("model", "EleutherAI/pythia-1.4b", "fedc38a16eea3bd36a96b906d78d11d2ce18ed79", (), (),
+                      False)                            # baked into the image: resolved, not downloaded
+    assert [g[2] for g in got if g[0] == "frontier"] == [f"step{s}" for s in cluster.frontier.steps]
+    assert all(g[4] == fetch.MODEL_PATTERNS and "*.bin" not in g[4] and g[5] for g in got if g[0] == "frontier")
+    tasks = {g[2 - 1]: g for g in got if g[0] == "tasks"}
+    assert set(tasks) == {"EleutherAI/lambada_openai", "baber/piqa", "allenai/winogrande", "aps/super_glue",
+                          "allenai/ai2_arc", "allenai/sciq", "EleutherAI/logiqa"}   # arc_easy, arc_challenge: one repo
+    assert fetch.needs(cluster)[0].cache_dir == tmp_path / "hf" / "hub"
+    assert [n.cache_dir for n in fetch.needs(cluster) if n.ref.section == "tasks"][0] == tmp_path / "hf/tasks/hub"
     assert fetch.needs(P.load(REPO / "params.yaml")) == []
-    rehearsal = P.load(REPO / "profiles" / "rehearsal.yaml")     # the frontier's intermediate checkpoints too
-    models = [(n.repo.repo_id, n.repo.revision) for n in fetch.needs(rehearsal) if n.repo.repo_type == "model"]
-    assert models == [(rehearsal.model.hf_name, rehearsal.model.hf_revision),
-                      *((rehearsal.model.hf_name, c) for c in rehearsal.frontier.hf_revisions.values())]
-
-
-@pytest.mark.slow   # lm-eval's task registry takes ~15 s to build
-def test_fetch_covers_pinned_benchmark_datasets(tmp_path, monkeypatch, capsys):
-    """A harness task's dataset (piqa -> baber/piqa) at its pinned commit, in the default hub cache where the
-    benchmarks stage looks: missing -> an error naming the snapshot; present and intact -> verified."""
-    from huggingface_hub import constants
-
-    revision = "2e8ac2dffd59bac8c3c6714948f4c551a0848bb0"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["benchmarks"].update(tasks=["pipeline_lastword", "piqa"], dataset_revisions={"piqa": revision})
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    assert main(["fetch", "--params", str(params_file)]) == 1
-    snapshot = tmp_path / "hub" / "datasets--baber--piqa" / "snapshots" / revision
-    assert str(snapshot) in capsys.readouterr().err
-    repo = hub.Repo("dataset", "baber/piqa", revision, tmp_path / "hub")
-    rehearsal.add_file(repo, "data/train-00000.parquet", b"not really parquet")
-    rehearsal.add_file(repo, "README.md", b"# piqa\n")
-    assert main(["fetch", "--params", str(params_file)]) == 0
-    out = capsys.readouterr().out
-    assert f"2 files verified in {snapshot}" in out and "data/train-00000.parquet" in out

@@ -27,7 +27,8 @@ runpy.run_module("pipeline", run_name="__main__")
 
 
 def test_cpu_allocation_failure_names_train_keys_keeping_global_batch(smoke_workspace, tmp_path):
-    ws = copy_workspace(smoke_workspace, tmp_path / "ws", batch_size=4096, grad_accum=2, max_steps=2)
+    ws = copy_workspace(smoke_workspace, tmp_path / "ws", batch_size=4096, grad_accum=2, max_steps=2,
+                        beyond_one_epoch="warn")
     proc = subprocess.run([sys.executable, "-c", LIMITED_STAGE, "train", "--arm", "baseline", "--seed", "0"], cwd=ws,
                           env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == oom.OOM_EXIT_CODE, proc.stderr[-3000:]

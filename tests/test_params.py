@@ -107,15 +107,14 @@ BAD_CASES = [
      "attack.prompt_tokens", 16, "within eval.context_length"),
     ("hf-data-with-trained-bpe", lambda r: set_key(r, "data.source", "hf"), "tokenizer.source", "train_bpe",
      "'model' when data.source is 'hf'"),
-    ("unpinned-data-revision", lambda r: set_key(r, "data.hf_revision", "main"), "data.hf_revision", "main",
-     "40-hex-digit commit"),
+    ("data-revision-with-a-space", lambda r: set_key(r, "data.hf_revision", "main x"), "data.hf_revision", "main x",
+     "a hub ref"),
     ("frontier-steps-unordered", lambda r: set_key(r, "frontier.steps", [250, 150]), "frontier.steps", [250, 150],
      "distinct, ascending"),
     ("frontier-step-at-the-end-of-pretraining", lambda r: set_key(r, "frontier.steps", [150, 450]), "frontier.steps",
      [150, 450], "before the end of pretraining"),
-    ("frontier-hub-step-unpinned", lambda r: set_key(set_key(set_key(r, "model.source", "hf"), "tokenizer.source",
-                                                             "model"), "frontier.hf_revisions", {"step100": "step100"}),
-     "frontier.hf_revisions.step100", "step100", "40-hex commit"),
+    ("harness-task-without-a-cache", lambda r: set_key(r, "benchmarks.tasks", ["pipeline_lastword", "piqa"]),
+     "benchmarks.hf_cache_dir", None, "when benchmarks.tasks names a harness task"),
 ]
 
 
@@ -234,8 +233,7 @@ def test_seed_not_in_params_is_refused(workspace_copy, capsys):
 
 def key_structure(node, prefix=""):
     """Every dotted key path; free-form mappings (arm overrides, pinned revisions) count as one leaf."""
-    if not isinstance(node, dict) or prefix in ("train.arm_overrides", "benchmarks.dataset_revisions",
-                                                "frontier.hf_revisions"):
+    if not isinstance(node, dict) or prefix == "train.arm_overrides":
         return {prefix}
     return {prefix} | set().union(*(key_structure(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()))
 
@@ -273,11 +271,12 @@ def test_hf_documents_that_leave_none_for_train_fail_check_params(tmp_path, caps
     assert "'data.max_documents'" in err and "5" in err and "leave train at least one document" in err
     set_key(raw, "data.max_documents", 300)       # 288 + 3 x 3 held out: 3 left for train
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert main(["check-params", "--params", str(path)]) == 0
+    assert main(["check-params", "--params", str(path)]) == 2    # valid; its hub refs are not in refs.lock.yaml here
+    assert f"{path} is valid, but" in capsys.readouterr().err
 
 
 REHEARSAL_DEVIATIONS = {"data.hf_dataset", "data.hf_revision", "data.hf_train_files", "model.hf_name",
-                        "model.hf_revision", "model.hf_local_path", "frontier.steps", "frontier.hf_revisions"}
+                        "model.hf_revision", "model.hf_local_path", "frontier.steps", "benchmarks.tasks"}
 
 
 def value_at(raw: dict, dotted: str):

@@ -126,8 +126,7 @@ def test_slurm_request_is_checked(capsys, tmp_path):
 def test_assess_counts_the_frontier_checkpoints_without_controls(tmp_path):
     """assess --arm A --frontier: the arm with its controls plus each recovery checkpoint (UAT, HotFlip, no
     controls); assess-ref: one reference arm; assess-frontier: each pretraining checkpoint."""
-    pinned = edited_profile(tmp_path, "cluster", "frontier", steps=[1000, 2000],
-                            hf_revisions={"step1000": "a" * 40, "step2000": "b" * 40})
+    pinned = edited_profile(tmp_path, "cluster", "frontier", steps=[1000, 2000])
     params = P.load(pinned)
     rows = rows_of(pinned)
     arm, ref = rows["assess (baseline)"], rows["assess-ref (pretrained)"]

@@ -25,7 +25,7 @@ import yaml
 
 import rehearsal
 from conftest import git_commit_all, smoke_checkout
-from rehearsal import rehearsal_cache  # noqa: F401 (fixture)
+from rehearsal import rehearsal_fetched, rehearsal_hub  # noqa: F401 (fixtures)
 from slurm_harness import job_env, slurm_cluster, submit, wait_for_jobs  # noqa: F401
 from test_slurm import DVC, LOCK_ERRORS, dvc, logs_text, send_usr1_when_caught, set_param
 
@@ -50,10 +50,12 @@ TRAINED = re.compile(r"^(train|assess|benchmarks|transfer|aggregate)(-|@|$)")   
 REL_TOLERANCE = {"train": 1e-4, "eval": 1e-3}    # 2 processes vs 1: float summation order only
 
 
-def rehearsal_checkout(dest: Path) -> Path:
-    """This checkout's code as a fresh git repo whose params.yaml is the rehearsal profile (TRAIN applied)."""
+def rehearsal_checkout(dest: Path, lock: Path) -> Path:
+    """This checkout's code as a fresh git repo whose params.yaml is the rehearsal profile (TRAIN applied) and
+    whose refs.lock.yaml is the one fetch wrote for it."""
     smoke_checkout(dest)
     shutil.copy(rehearsal.REHEARSAL_PARAMS, dest / "params.yaml")
+    shutil.copy(lock, dest / "refs.lock.yaml")
     for key, value in TRAIN.items():
         set_param(dest, "train", key, value)
     git_commit_all(dest)
@@ -61,12 +63,12 @@ def rehearsal_checkout(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rehearsal_runs(slurm_cluster, rehearsal_cache, tmp_path_factory):
+def rehearsal_runs(slurm_cluster, rehearsal_fetched, tmp_path_factory):
     base = tmp_path_factory.mktemp("rehearsal-slurm")
-    hub = Path(slurm_cluster["SCRATCH"]) / "hf" / "hub"   # the jobs' $SCRATCH/hf/hub, as `fetch` fills it
-    if not hub.exists():
-        rehearsal.copy_cache(rehearsal_cache, hub)
-    direct = rehearsal_checkout(base / "direct")
+    caches = Path(slurm_cluster["SCRATCH"]) / "hf"          # the jobs' $SCRATCH/hf, as `fetch` fills it
+    if not caches.exists():
+        rehearsal.copy_cache(rehearsal_fetched / "hf", caches)
+    direct = rehearsal_checkout(base / "direct", rehearsal_fetched / "refs.lock.yaml")
     cluster = base / "cluster"
     subprocess.run(["git", "clone", "-q", str(direct), str(cluster)], check=True)
     store = base / "store"                                 # project storage: survives the scratch purge

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .. import benchmarks as B
+from .. import refs
 from ..arms import ARMS
 from ..data import load_tokenizer
 from ..io import staged_dir, write_json
@@ -21,14 +22,11 @@ from ..paths import DATA_DIR, benchmark_dir, run_name
 from ..provenance import provenance, record_run
 
 PRECISION = "fp32"   # the harness runs the fp32 model as loaded, without autocast
-FETCH_HINT = "on a machine with network: python -m pipeline fetch (it downloads what params.yaml pins)"
 
 
 def prepare_tasks(params, task_dir: Path):
-    """(task manager, task specs): the local task's YAML over the data stage's items; fails before any
-    compute when a harness task's dataset is not in the HF cache at its pinned revision."""
-    from huggingface_hub import constants
-
+    """(task manager, task specs, {task: dataset commit}): the local task's YAML over the data stage's items;
+    each harness task's dataset at refs.lock.yaml's commit, verified in benchmarks.hf_cache_dir before any compute."""
     b = params.benchmarks
     if B.LOCAL_TASK in b.tasks:
         items = DATA_DIR / "benchmarks" / B.ITEMS_FILE
@@ -36,13 +34,14 @@ def prepare_tasks(params, task_dir: Path):
             raise FileNotFoundError(f"{items} is missing: run the data stage first (dvc repro data)")
         (task_dir / f"{B.LOCAL_TASK}.yaml").write_text(B.local_task_yaml(items))
     manager = B.task_manager(b.tasks, task_dir)
-    missing = B.missing_datasets(b.tasks, b.dataset_revisions, manager, Path(constants.HF_HUB_CACHE))
-    if missing:
-        raise FileNotFoundError("benchmark datasets missing offline:\n  " + "\n  ".join(missing) + f"\n{FETCH_HINT}")
-    return manager, B.task_specs(b.tasks, b.dataset_revisions, manager)
+    lock = refs.read()
+    entries = {t: refs.find(params, "tasks", t, lock) for t in b.tasks if t != B.LOCAL_TASK}
+    snapshots = {t: B.task_snapshot(e, b) for t, e in entries.items()}
+    prepared = B.task_caches(b)[1] if entries else None
+    return manager, B.task_specs(b.tasks, snapshots, prepared, manager), {t: e["commit"] for t, e in entries.items()}
 
 
-def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
+def benchmark_arm(params, arm: str, seed: int, manager, specs: list, commits: dict) -> dict:
     b = params.benchmarks
     t0 = time.time()
     model, meta = load_arm_model(params, arm, seed)
@@ -51,7 +50,7 @@ def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
                             bootstrap_iters=b.bootstrap_iters, seed=seed)
     stable, volatile = B.stable_results(results)
     prov = provenance(params, "benchmarks", seed=seed, arm=arm, precision=PRECISION,
-                      task_versions=stable.get("versions", {}))
+                      task_versions=stable.get("versions", {}), task_datasets=commits)
     metrics = {"arm": arm, "seed": seed, "tasks": B.flat_metrics(stable), "model_meta": meta, "provenance": prov}
     label = run_name(arm, seed) if ARMS[arm].trained else arm
     with staged_dir(benchmark_dir(label)) as out:
@@ -64,12 +63,12 @@ def benchmark_arm(params, arm: str, seed: int, manager, specs: list) -> dict:
 def run(params, args) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-tasks-") as task_dir:
         try:
-            manager, specs = prepare_tasks(params, Path(task_dir))
+            manager, specs, commits = prepare_tasks(params, Path(task_dir))
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         for arm in args.arm:
-            metrics = benchmark_arm(params, arm, args.seed, manager, specs)
+            metrics = benchmark_arm(params, arm, args.seed, manager, specs, commits)
             rows = ", ".join(f"{task} acc {m.get('acc,none', float('nan')):.3f}" for task, m in metrics["tasks"].items())
             print(f"benchmarks {arm} s{args.seed}: {rows}")
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import benchmarks as B
 from .. import data as D
-from .. import hub
+from .. import hub, refs
 from ..params import SPLITS
 from ..io import staged_dir, write_json
 from ..paths import DATA_DIR
@@ -18,8 +18,11 @@ from ..provenance import provenance, record_run
 
 def resolve_inputs(params) -> tuple:
     """The model's tokenizer directory (None: trained here) and the hf source's files, verified."""
-    tokenizer_dir = hub.model_dir(params.model, weights=False) if params.tokenizer.source == "model" else None
-    return tokenizer_dir, hub.data_files(params.data) if params.data.source == "hf" else {}
+    lock = refs.read()
+    tokenizer_dir = (hub.model_dir(params.model, refs.find(params, "model", lock=lock)["commit"], weights=False)
+                     if params.tokenizer.source == "model" else None)
+    files = hub.data_files(params.data, refs.find(params, "data", lock=lock)["commit"]) if params.data.source == "hf" else {}
+    return tokenizer_dir, files
 
 
 def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
@@ -52,7 +55,7 @@ def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
     seconds = time.time() - t0
     documents = sum(len(v) for v in splits.values())
     manifest = {
-        "source": "embedded" if p.source == "embedded" else f"{p.hf_dataset}@{p.hf_revision}",
+        "source": "embedded" if p.source == "embedded" else f"{p.hf_dataset}@{refs.find(params, 'data')['commit']}",
         **({"files": {name: digest for name, (_, digest) in files.items()}} if files else {}),
         "documents": documents, "splits": summary, "split_seed": p.split_seed,
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),

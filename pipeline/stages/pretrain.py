@@ -3,22 +3,22 @@ split (standing in for Pythia's pretraining). Cluster: the pinned checkpoint, lo
 or the pinned commit's snapshot in the HF hub cache, verified before anything runs).
 
 Also the unconstrained checkpoints of the matched-NLL frontier (frontier.steps), under
-outputs/models/pretrain_steps/step<N>: saved as pretraining passes step N (scratch), or the hub checkpoints
-pinned in frontier.hf_revisions (hf; Pythia's intermediate branches stepN)."""
+outputs/models/pretrain_steps/step<N>: saved as pretraining passes step N (scratch), or the hub branches step<N>
+at the commits refs.lock.yaml records (hf; Pythia's intermediate checkpoints)."""
 from __future__ import annotations
 
 import dataclasses
 import time
 
 from .. import data as D
-from .. import hub
+from .. import hub, refs
 from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
 from ..arms import ARMS, at_step
 from .. import device
 from ..paths import DATA_DIR, METRICS_DIR, PRETRAIN_STEPS_DIR
-from ..params import TrainParams, frontier_revision_key
+from ..params import TrainParams
 from ..provenance import provenance, record_run
 from ..training import seed_everything, split_log, train
 
@@ -49,20 +49,21 @@ def step_saver(steps, tokenizer, out_dir, origin: dict, prov: dict):
     return save
 
 
-def hub_steps(params, tokenizer, out_dir, prov: dict) -> None:
-    """The pinned hub checkpoints of frontier.steps, verified and saved like every arm's model."""
-    m = params.model
-    for step in params.frontier.steps:
-        revision = params.frontier.hf_revisions[frontier_revision_key(step)]
-        checkpoint = hub.model_dir(dataclasses.replace(m, hf_revision=revision, hf_local_path=None))
-        save_causal_lm(load_causal_lm(checkpoint), tokenizer, out_dir / f"step{step}",
+def hub_steps(params, tokenizer, out_dir, prov: dict, entries: dict) -> None:
+    """The hub checkpoints of frontier.steps at refs.lock.yaml's commits, verified and saved like every arm's model."""
+    m = dataclasses.replace(params.model, hf_local_path=None)
+    for step, entry in entries.items():
+        save_causal_lm(load_causal_lm(hub.model_dir(m, entry["commit"])), tokenizer, out_dir / f"step{step}",
                        {"arm": at_step("pretrained", step).name, "variant": None, "source": "hf", "name": m.hf_name,
-                        "revision": revision, "steps": step, "provenance": prov})
+                        "ref": entry["ref"], "revision": entry["commit"], "steps": step, "provenance": prov})
 
 
 def run(params, args) -> int:
     t0 = time.time()
-    checkpoint = hub.model_dir(params.model) if params.model.source == "hf" else None
+    lock, hf = refs.read(), params.model.source == "hf"      # every commit looked up before anything loads
+    model_entry = refs.find(params, "model", lock=lock) if hf else None
+    step_entries = {s: refs.find(params, "frontier", refs.frontier_ref(s), lock) for s in params.frontier.steps} if hf else {}
+    checkpoint = hub.model_dir(params.model, model_entry["commit"]) if hf else None
     tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
     log, log_columns = [], ["step", "loss", "lr"]
     prov = provenance(params, "pretrain", seed=params.pretrain.seed)
@@ -79,9 +80,10 @@ def run(params, args) -> int:
                            after_step=step_saver(set(params.frontier.steps), tokenizer, steps_dir, origin, prov))
             model, log, log_columns = result.model, result.state.log, result.log_columns
         else:
-            hub_steps(params, tokenizer, steps_dir, prov)
+            hub_steps(params, tokenizer, steps_dir, prov, step_entries)
             model = device.place(load_causal_lm(checkpoint))
-            origin = {"source": "hf", "name": params.model.hf_name, "revision": params.model.hf_revision,
+            origin = {"source": "hf", "name": params.model.hf_name, "ref": params.model.hf_revision,
+                      "revision": model_entry["commit"],
                       "local_path": params.model.hf_local_path}
 
     validation = D.TokenSplit(DATA_DIR, "validation")
