@@ -7,10 +7,11 @@ from .models import load_causal_lm, read_meta
 from .monotonic import load_parametrized, verify
 
 
-def load_arm_model(params, name: str, seed: int | None, parametrized: bool = False):
+def load_arm_model(params, name: str, seed: int | None, parametrized: bool = False, scoring: bool = False):
     """An arm's saved model and its pipeline meta. Constrained arms: the checkpoint's variant must equal
     params.monotonic.variant and every constrained weight must be non-negative; parametrized=True rebuilds
     W = softplus(V) with V trainable (the trainer's start), else the plain materialized model (evaluation).
+    scoring=True: a frozen model for evaluation and attacks, held in eval.precision (device.for_scoring).
     Returns (model, meta)."""
     arm = arms.get(name)
     model_dir = arm.model_dir(seed)
@@ -29,4 +30,5 @@ def load_arm_model(params, name: str, seed: int | None, parametrized: bool = Fal
     model = load_causal_lm(model_dir)
     if arm.constrained:
         verify(model, variant)
-    return device.place(model), meta
+    model = device.place(model)
+    return (device.for_scoring(model, params.eval.precision) if scoring else model), meta

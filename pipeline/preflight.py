@@ -420,6 +420,34 @@ def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
     return flops, transient
 
 
+def scoring_weight_bytes(c: Context) -> int:
+    """A frozen model's weights as the scoring stages hold them (device.for_scoring): Linear in bf16 when the
+    evaluation runs in bf16, the input embedding in fp32."""
+    s = c.shape
+    return 2 * (s.params - s.embedding) + 4 * s.embedding if c.eval_bf16 else 4 * s.params
+
+
+def attack_batch_fit(c: Context) -> dict[str, int] | None:
+    """The largest power-of-two batch of each attack's searches whose forward and gradient passes fit beside the
+    scoring weights on the device (None on the CPU: host memory bounds it). The cluster profile uses these."""
+    if not c.cuda:
+        return None
+    s, a = c.shape, c.params.attack
+    room = usable_gib(c) * GIB / FRAGMENTATION - scoring_weight_bytes(c)
+    scored = a.continuation_tokens + 1
+    shapes = {"attack.batch_size": (a.prompt_tokens + a.continuation_tokens, a.prompt_tokens),
+              "attack.uat.batch_size": (a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens,
+                                        a.uat.trigger_length)}
+    fit = {}
+    for key, (seq, positions) in shapes.items():
+        batch = 1
+        while batch < 1 << 16 and max(inference_bytes(s, 2 * batch, seq, scored),
+                                      input_grad_bytes(s, 2 * batch, seq, scored, positions)) <= room:
+            batch *= 2
+        fit[key] = batch
+    return fit
+
+
 def assess_stage(c: Context, name: str, models: list[str], what: str) -> Estimate:
     """One `assess` job per seed on these models (arms.get names), one after another as pipeline/stages/assess.py
     runs them: each loaded, then attacked with STEPS, or CHECKPOINT_STEPS if it is a frontier checkpoint."""
@@ -428,7 +456,7 @@ def assess_stage(c: Context, name: str, models: list[str], what: str) -> Estimat
     p, s = c.params, c.shape
     work = [attack_work(c, CHECKPOINT_STEPS if arms.get(m).checkpoint_of else STEPS) for m in models]
     transient = max((t for _, t in work), default=0)
-    weights = 4 * s.params if models else 0
+    weights = scoring_weight_bytes(c) if models else 0
     return Estimate(name, len(p.seeds), (weights + transient) / GIB, c.host(weights + transient, weights),
                     sum(c.eval_hours(flops) + load_hours(s) for flops, _ in work), 0.0,
                     parts=_gib({"weights": weights, "largest_batch": transient}),
@@ -630,6 +658,12 @@ def run(params, args) -> int:
           f"{params.eval.precision}), benchmarks in fp32, training as its row says (train.precision); fits = peak x "
           f"{FRAGMENTATION} <= memory - {CUDA_RESERVED_GIB:g} GiB; host = {HOST_BASE_GIB:g} GiB process + weights "
           f"loaded or checkpoints written; {split_tokens(params, 'test')[2]}.")
+    fit = attack_batch_fit(c)
+    if fit:
+        a = params.attack
+        now = {"attack.batch_size": a.batch_size, "attack.uat.batch_size": a.uat.batch_size}
+        print("attack batches: the largest that fit on this GPU (powers of two): "
+              + ", ".join(f"{k} {v} (now {now[k]})" for k, v in fit.items()))
     found = [p for e in rows for p in problems(c, e, ini)]
     for line in found:
         print(f"error: {line}")

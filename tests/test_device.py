@@ -107,3 +107,44 @@ def test_every_gpu_section_of_resources_ini_names_the_gpu_model():
     ini.read(REPO / "slurm" / "resources.ini")
     requests = {name: ini[name].get("gres", "") for name in ini.sections() if ini[name].get("gres")}
     assert requests and all(g == "gpu:a100:1" for g in requests.values()), requests
+
+
+def test_frozen_models_score_in_bf16_weights_with_the_numbers_of_autocast(smoke_workspace, smoke_params,
+                                                                          monkeypatch):
+    """eval.precision bf16: the Linear weights are cast once, as autocast casts them per forward; losses and the
+    gradients the attacks rank candidates by are bit-identical to autocast over the fp32 weights."""
+    import copy
+
+    from pipeline.models import load_causal_lm
+
+    fp32 = load_causal_lm(smoke_workspace / "outputs/models/pretrained")
+    cast = device.for_scoring(copy.deepcopy(fp32), "bf16")
+    linear = [m for m in cast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert cast.get_input_embeddings().weight.dtype == torch.float32
+    assert device.for_scoring(copy.deepcopy(fp32), "fp32").lm_head.weight.dtype == torch.float32
+    monkeypatch.chdir(smoke_workspace)
+    setup = load_setup(smoke_params, "pretrained", 0)
+    a = smoke_params.attack
+    tokens = setup.eval.tokens[:8]
+    scores = {}
+    for name, model in (("fp32", fp32), ("cast", cast)):
+        scorer = A.Scorer(model, a.continuation_tokens, a.batch_size, setup.candidates, "bf16")
+        scores[name] = (scorer.nll(tokens, count=False), scorer.flip_scores(tokens, torch.arange(a.prompt_tokens))[0])
+    assert torch.equal(scores["fp32"][0], scores["cast"][0]) and torch.equal(scores["fp32"][1], scores["cast"][1])
+
+
+def test_every_scoring_stage_runs_with_bf16_weights(workspace_copy, monkeypatch):
+    """eval.precision bf16 on the CPU, as auto resolves on an A100: each scoring stage loads its models with bf16
+    Linear weights and every forward runs under autocast (one outside it fails on the dtypes)."""
+    import yaml
+
+    raw = yaml.safe_load((workspace_copy / "params.yaml").read_text())
+    raw["eval"]["precision"] = "bf16"
+    (workspace_copy / "params.yaml").write_text(yaml.safe_dump(raw))
+    loaded = []
+    for_scoring = device.for_scoring
+    monkeypatch.setattr(device, "for_scoring", lambda m, p: loaded.append(for_scoring(m, p)) or loaded[-1])
+    for argv in (["evaluate", "--arm", "monotonic_init"], ["assess", "--arm", "pretrained"]):
+        assert run_stage(workspace_copy, *argv, "--seed", "0") == 0, argv
+    assert len(loaded) == 2 and all(m.lm_head.weight.dtype == torch.bfloat16 for m in loaded)

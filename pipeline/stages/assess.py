@@ -64,7 +64,7 @@ def run(params, args) -> int:
             out.mkdir(parents=True, exist_ok=True)
     caches = []
     for arm in arms:
-        model, meta = load_arm_model(params, arm, args.seed)
+        model, meta = load_arm_model(params, arm, args.seed, scoring=True)
         setup = attack.load_setup(params, arm, args.seed, loaded=(model, meta))
         cache = attack.cache_for(params, setup, arm, args.seed)
         caches.append(cache)

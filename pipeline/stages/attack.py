@@ -59,12 +59,12 @@ def load_setup(params, arm: str, seed: int, data_dir: str | Path | None = None, 
 
     data_dir = Path(data_dir or paths.DATA_DIR)
     a = params.attack
-    model, meta = loaded or load_arm_model(params, arm, seed)
+    model, meta = loaded or load_arm_model(params, arm, seed, scoring=True)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     candidates = A.candidate_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
     opt = A.attack_examples(data_dir, "attack_opt", a.opt_examples, a.prompt_tokens, a.continuation_tokens)
     evaluation = A.attack_examples(data_dir, "attack_eval", a.eval_examples, a.prompt_tokens, a.continuation_tokens)
-    precision = resolve_precision(params.eval.precision, next(model.parameters()).device)
+    precision = resolve_precision(params.eval.precision, model.get_input_embeddings().weight.device)
     clean = A.Scorer(model, a.continuation_tokens, a.batch_size, candidates, precision).nll(evaluation.tokens, count=False)
     return AttackSetup(model, meta, tokenizer, candidates, opt, evaluation, clean, precision,
                        arms.get(arm).model_dir(seed))

@@ -46,5 +46,5 @@ def evaluate(params, arm: str, seed: int, model, meta: dict) -> dict:
 
 
 def run(params, args) -> int:
-    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed))
+    evaluate(params, args.arm, args.seed, *load_arm_model(params, args.arm, args.seed, scoring=True))
     return 0
