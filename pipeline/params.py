@@ -34,7 +34,7 @@ MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only;
 INIT_MODES = ("abs", "clamp")
 SPLITS = ("train", "validation", "test", "attack_opt", "attack_eval")
 HELD_OUT = SPLITS[1:]
-PROFILES = ("embedded", "smoke", "rehearsal", "cluster")
+PROFILES = ("embedded", "smoke", "rehearsal", "cluster", "cluster-410m", "cluster-160m")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 

@@ -100,13 +100,26 @@ class Estimate:
 
 # --- the model --------------------------------------------------------------------------------------
 
+def fetched_snapshot(params) -> Path | None:
+    """The model's snapshot in the hub cache at refs.lock.yaml's commit, if fetch has stored it."""
+    from . import hub, refs
+
+    if params.model.source != "hf":
+        return None
+    try:
+        return hub.model_repo(params.model, refs.find(params, "model")["commit"]).snapshot
+    except (refs.UnresolvedRef, hub.HubCacheError):
+        return None
+
+
 def model_config(params):
-    """The checkpoint's config.json when model.hf_local_path holds one, else a GPT-NeoX config with
-    Pythia's layout from the profile's model.* keys and tokenizer.vocab_size (as models.tiny_gpt_neox)."""
+    """The checkpoint's config.json when model.hf_local_path or the fetched snapshot holds one, else a GPT-NeoX
+    config with Pythia's layout from the profile's model.* keys and tokenizer.vocab_size (as
+    models.tiny_gpt_neox)."""
     from transformers import AutoConfig, GPTNeoXConfig
 
     m = params.model
-    local = Path(m.hf_local_path) if m.hf_local_path else None
+    local = Path(m.hf_local_path) if m.hf_local_path else fetched_snapshot(params)
     if local is not None and (local / "config.json").exists():
         return AutoConfig.from_pretrained(str(local), local_files_only=True), f"{local}/config.json"
     config = GPTNeoXConfig(
@@ -115,7 +128,8 @@ def model_config(params):
         max_position_embeddings=m.max_position_embeddings, hidden_act="gelu", use_parallel_residual=True,
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
-    why = "no config.json at model.hf_local_path" if local is not None else "model.source scratch"
+    why = ("model.source scratch" if m.source == "scratch" else
+           "no config.json at model.hf_local_path" if m.hf_local_path else "the model is not fetched yet")
     return config, (f"built from model.* and tokenizer.vocab_size={params.tokenizer.vocab_size} with Pythia's "
                     f"layout: rotary 0.25, parallel residual, untied embeddings ({why})")
 

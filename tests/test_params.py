@@ -275,6 +275,30 @@ def test_hf_documents_that_leave_none_for_train_fail_check_params(tmp_path, caps
     assert f"{path} is valid, but" in capsys.readouterr().err
 
 
+LADDER = {"cluster-410m": (1024, 24, 16, 4096, 3e-4), "cluster-160m": (768, 12, 12, 3072, 6e-4)}   # Pythia's configs,
+LADDER_KEYS = {"profile", "model.hf_name", "model.hf_revision", "model.hf_local_path", "model.hidden_size",   # peak lr
+               "model.num_layers", "model.num_heads", "model.intermediate_size", "train.batch_size", "train.grad_accum",
+               "train.lr", "train.gradient_checkpointing", "attack.batch_size", "attack.uat.batch_size"}
+
+
+@pytest.mark.parametrize("name", LADDER)
+def test_the_model_size_ladder_differs_from_the_cluster_profile_only_where_the_size_does(name):
+    """The same data, token budget, schedule, attacks and seeds as Pythia-1.4B's profile; the model, its sizes, the
+    lr scaled as Pythia's peak pretraining lr (1e-5 is 1.4B's 2e-4 / 20), the micro-batch and attack batches."""
+    cluster, rung = (yaml.safe_load((REPO / "profiles" / f"{n}.yaml").read_text()) for n in ("cluster", name))
+    keys = key_structure(cluster)
+    leaves = {k for k in keys if k and not any(j.startswith(k + ".") for j in keys)}
+    differ = {k for k in leaves if value_at(cluster, k) != value_at(rung, k)}
+    assert differ <= LADDER_KEYS, sorted(differ - LADDER_KEYS)
+    hidden, layers, heads, intermediate, peak_lr = LADDER[name]
+    m, t = rung["model"], rung["train"]
+    assert (m["hidden_size"], m["num_layers"], m["num_heads"], m["intermediate_size"]) == (hidden, layers, heads,
+                                                                                           intermediate)
+    assert m["hf_name"] == f"EleutherAI/pythia-{name.split('-')[1]}" and m["hf_local_path"] is None
+    assert t["batch_size"] * t["grad_accum"] == cluster["train"]["batch_size"] * cluster["train"]["grad_accum"]
+    assert float(t["lr"]) == pytest.approx(peak_lr / 20)
+
+
 REHEARSAL_DEVIATIONS = {"data.hf_dataset", "data.hf_revision", "data.hf_train_files", "model.hf_name",
                         "model.hf_revision", "model.hf_local_path", "frontier.steps", "benchmarks.tasks"}
 

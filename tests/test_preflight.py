@@ -178,15 +178,18 @@ def test_resources_section_is_the_longest_covering_one_as_the_submitter_reads_it
     assert "of compute, slurm/resources.ini [assess-ref] time = 01:00:00: raise time to" in errors[0]
 
 
-def test_the_cluster_attack_batches_are_the_largest_that_fit_an_a100_40gb(capsys):
-    """Sized from the memory model, with the frozen model's Linear weights in bf16 (device.for_scoring); a
-    change of either that moves the fit fails here until the profile follows."""
-    cluster = P.load(PROFILES / "cluster.yaml")
+@pytest.mark.parametrize("profile", ["cluster", "cluster-410m", "cluster-160m"])
+def test_the_cluster_attack_batches_are_the_largest_that_fit_an_a100_40gb(capsys, profile):
+    """Sized from the memory model, with the frozen model's Linear weights in bf16 (device.for_scoring), for each
+    rung of the model-size ladder; a change of either that moves the fit fails here until the profile follows."""
+    cluster = P.load(PROFILES / f"{profile}.yaml")
     c = preflight.Context(cluster, preflight.model_shape(cluster), preflight.DEVICES["a100-40gb"], "a100-40gb", 0.4)
     fit = preflight.attack_batch_fit(c)
     assert fit == {"attack.batch_size": cluster.attack.batch_size, "attack.uat.batch_size": cluster.attack.uat.batch_size}
     assert fit["attack.batch_size"] >= 4 * 16          # 407a7ab scored 16 sequences (~1.6 k tokens) per forward
+    ini = preflight.read_resources()
+    assert not [p for e in preflight.estimates(c) for p in preflight.problems(c, e, ini)], profile   # every job fits
     s = c.shape
     assert preflight.scoring_weight_bytes(c) == 2 * (s.params - s.embedding) + 4 * s.embedding < 4 * s.params
-    rc, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--gpu", "a100-80gb")
+    rc, out = preflight_run(capsys, "--params", str(PROFILES / f"{profile}.yaml"), "--gpu", "a100-80gb")
     assert f"attack.batch_size {2 * fit['attack.batch_size']} (now {cluster.attack.batch_size})" in out
