@@ -3,8 +3,9 @@
   python bench/gpu_check.py [--cpu] [--out FILE]
 
 1. The smoke profile's whole `dvc repro` in a fresh clone of HEAD on the accelerator: the run record of every
-   step but data and aggregate must name a CUDA device for its model, and every output but train's must record
-   bf16 autocast as its precision (the benchmarks' harness: fp32; with --cpu: fp32 everywhere).
+   step but data and aggregate must name a CUDA device for its model (and the GPU with its compute capability),
+   every output but train's must record bf16 autocast as its precision (the benchmarks' harness: fp32; with
+   --cpu: fp32 everywhere), and every training run must finish (its metrics written after the total update norm).
 2. Train-step throughput (MFU) and peak memory of a Pythia-410M-shaped, randomly initialised GPT-NeoX with the
    real trainer (pipeline.training.train, bf16 autocast, fp32 master weights) against `preflight`'s estimate.
 3. Attack candidate scoring (pipeline.attacks.Scorer.nll) in bf16 autocast vs fp32: candidates/s and the
@@ -69,6 +70,7 @@ def smoke_on_device(cpu: bool) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"smoke dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         records = {p.stem: json.loads(p.read_text()) for p in sorted((ws / "outputs/runs").glob("*.json"))}
+        trained = [json.loads(p.read_text()) for p in sorted((ws / "outputs/train_logs").glob("*/metrics.json"))]
     stage = {name: r["provenance"]["stage"] for name, r in records.items()}
     devices = {name: r.get("model_device") for name, r in records.items()   # None: a model step that recorded none
                if stage[name] not in MODEL_FREE_STAGES}
@@ -76,9 +78,13 @@ def smoke_on_device(cpu: bool) -> dict:
     precisions = {name: records[name]["provenance"].get("precision") for name in devices if stage[name] != "train"}
     expected = {name: "fp32" if cpu or stage[name] in FP32_STAGES else "bf16" for name in precisions}
     want = "cpu" if cpu else "cuda"
+    gpus = {r["device"] for r in records.values() if r["device"].startswith("cuda")}
     return {"seconds": round(time.time() - t0, 1), "model_devices": devices, "precisions": precisions,
             "all_on_expected_device": bool(devices) and all(str(d).startswith(want) for d in devices.values()),
-            "precisions_as_expected": precisions == expected}
+            "precisions_as_expected": precisions == expected,
+            # the train stages ran to their end on the device (the total update norm, which crashed there before)
+            "trained_to_the_end": bool(trained) and all("update_norm_total" in m for m in trained),
+            "run_records_name_the_gpu": cpu or (bool(gpus) and all("compute capability" in g for g in gpus))}
 
 
 def shaped_params(cpu: bool):
@@ -184,7 +190,8 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     smoke = report["smoke"]
-    return 0 if smoke["all_on_expected_device"] and smoke["precisions_as_expected"] else 1
+    checks = ("all_on_expected_device", "precisions_as_expected", "trained_to_the_end", "run_records_name_the_gpu")
+    return 0 if all(smoke[k] for k in checks) else 1
 
 
 if __name__ == "__main__":

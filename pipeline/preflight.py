@@ -672,6 +672,10 @@ def run(params, args) -> int:
           f"{params.eval.precision}), benchmarks in fp32, training as its row says (train.precision); fits = peak x "
           f"{FRAGMENTATION} <= memory - {CUDA_RESERVED_GIB:g} GiB; host = {HOST_BASE_GIB:g} GiB process + weights "
           f"loaded or checkpoints written; {split_tokens(params, 'test')[2]}.")
+    if c.cuda:
+        gpu_hours = sum(e.jobs * e.hours for e in rows if e.gpu)
+        print(f"GPU-hours: {gpu_hours:.0f} for the whole DAG ({len(params.seeds)} seeds; jobs x hours per job of "
+              "every GPU stage)")
     fit = attack_batch_fit(c)
     if fit:
         a = params.attack

@@ -28,3 +28,4 @@ def test_gpu_check_on_cpu_finds_every_model_step_on_the_cpu(tmp_path):
     # every output but train's (train.precision: its metrics) records the precision; on the CPU, fp32
     assert {name.split("-")[0] for name in smoke["precisions"]} == MODEL_STAGES - {"train"}
     assert set(smoke["precisions"].values()) == {"fp32"} and smoke["precisions_as_expected"]
+    assert smoke["trained_to_the_end"] and smoke["run_records_name_the_gpu"]
