@@ -61,10 +61,10 @@ def task_needs(b, task_refs: list) -> list[Need]:
         return []
     from . import benchmarks as B
 
-    manager = B.harness_tasks()
     hub_dir, prepared = B.task_caches(b)
-    return [Need(r, B.dataset_of(r.key, manager), hub_dir, patterns=("*",),
-                 task={"name": B.dataset_config(r.key, manager), "prepared": str(prepared)}) for r in task_refs]
+    configs = {r.key: B.harness_task_config(r.key) for r in task_refs}
+    return [Need(r, configs[r.key]["dataset_path"], hub_dir, patterns=("*",),
+                 task={"name": configs[r.key].get("dataset_name"), "prepared": str(prepared)}) for r in task_refs]
 
 
 class HubRemote:

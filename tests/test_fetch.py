@@ -325,7 +325,7 @@ def test_fetch_offline_reports_missing_and_damaged_files(scratch, rehearsal_para
     assert str(link) in capsys.readouterr().err
 
 
-@pytest.mark.slow   # lm-eval's task registry takes ~15 s to build
+@pytest.mark.slow   # lm-eval's task index takes ~15 s to build
 def test_fetch_needs_exactly_what_the_profile_reads(monkeypatch, tmp_path):
     from pipeline import fetch
 
@@ -344,3 +344,8 @@ def test_fetch_needs_exactly_what_the_profile_reads(monkeypatch, tmp_path):
     assert fetch.needs(cluster)[0].cache_dir == tmp_path / "hf" / "hub"
     assert [n.cache_dir for n in fetch.needs(cluster) if n.ref.section == "tasks"][0] == tmp_path / "hf/tasks/hub"
     assert fetch.needs(P.load(REPO / "params.yaml")) == []
+    from pipeline import benchmarks as B                 # the text scan finds what the harness's own index does
+
+    manager = B.task_manager(cluster.benchmarks.tasks, None)
+    for task in cluster.benchmarks.tasks[1:]:
+        assert B.harness_task_config(task) == B.task_config(task, manager), task

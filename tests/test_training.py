@@ -358,27 +358,31 @@ def test_every_training_step_computes_on_the_models_device(smoke_workspace, smok
 
 
 def test_fingerprint_ignores_comments_docstrings_and_code_outside_the_trajectory(tmp_path):
-    """A copy of the package with a comment, a changed docstring and a fix to the final update-norm report
-    keeps the fingerprint's code hash (a resubmitted run resumes its checkpoints); a change to the schedule
-    or the data order changes it."""
-    def code_hash_of(edit) -> str:
-        pkg = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+    """Copies of the package with a comment, a changed docstring and a fix to the final update-norm report keep
+    the fingerprint's code hash (a resubmitted run resumes its checkpoints); a change to the schedule or the data
+    order changes it. One process imports each copy in turn."""
+    edits = [("training.py", "", ""), ("training.py", "def lr_at(", "# a comment\ndef lr_at("),
+             ("training.py", '"""Linear warmup, then', '"""Reworded: linear warmup, then'),
+             ("training.py", "out[g] = math.sqrt(sq)", "out[g] = float(math.sqrt(sq))"),
+             ("checkpoints.py", "def sha256(", "# a comment\ndef sha256("),
+             ("training.py", "return peak * (step + 1) / warmup", "return peak * step / warmup"),
+             ("data.py", "default_rng([seed, epoch])", "default_rng([seed, epoch + 1])")]
+    copies = []
+    for i, (name, old, new) in enumerate(edits):
+        pkg = tmp_path / f"v{i}"
         shutil.copytree(REPO / "pipeline", pkg / "pipeline")
-        source = pkg / "pipeline" / edit[0]
-        text = source.read_text()
-        assert edit[1] in text, edit
-        source.write_text(text.replace(edit[1], edit[2], 1))
-        return subprocess.run([sys.executable, "-c", "from pipeline.training import code_hash; print(code_hash())"],
-                              cwd=pkg, capture_output=True, text=True, check=True, env={**ENV, "PYTHONPATH": str(pkg)}
-                              ).stdout.strip()
-
-    base = code_hash_of(("training.py", "", ""))
-    assert base == code_hash_of(("training.py", "def lr_at(", "# a comment\ndef lr_at("))
-    assert base == code_hash_of(("training.py", '"""Linear warmup, then', '"""Reworded: linear warmup, then'))
-    assert base == code_hash_of(("training.py", "out[g] = math.sqrt(sq)", "out[g] = float(math.sqrt(sq))"))
-    assert base == code_hash_of(("checkpoints.py", "def sha256(", "# a comment\ndef sha256("))
-    assert base != code_hash_of(("training.py", "return peak * (step + 1) / warmup", "return peak * step / warmup"))
-    assert base != code_hash_of(("data.py", "default_rng([seed, epoch])", "default_rng([seed, epoch + 1])"))
+        text = (pkg / "pipeline" / name).read_text()
+        assert old in text, old
+        (pkg / "pipeline" / name).write_text(text.replace(old, new, 1))
+        copies.append(str(pkg))
+    script = ("import sys\nfor root in sys.argv[1:]:\n"
+              "    for m in [m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')]: del sys.modules[m]\n"
+              "    sys.path.insert(0, root)\n    from pipeline.training import code_hash\n    print(code_hash())\n"
+              "    sys.path.pop(0)\n")
+    hashes = subprocess.run([sys.executable, "-c", script, *copies], capture_output=True, text=True, check=True,
+                            env={k: v for k, v in ENV.items() if k != "PYTHONPATH"}).stdout.split()
+    assert len(hashes) == len(edits) and len(set(hashes[:5])) == 1, hashes
+    assert hashes[5] != hashes[0] and hashes[6] != hashes[0] and hashes[5] != hashes[6]
 
 
 def test_without_flock_an_exclusive_lock_file_names_the_owner_and_stale_ones_are_replaced(tmp_path, monkeypatch):
