@@ -89,6 +89,13 @@ def hub_ref(default=dataclasses.MISSING):
                  "commit stages read, in refs.lock.yaml)", lambda v: bool(v) and not any(c.isspace() for c in v), default)
 
 
+SEED_LIMIT = 2 ** 32        # numpy's legacy seeding (np.random.seed, seed_everything) takes seeds below this
+
+
+def seed_spec(default=dataclasses.MISSING):
+    return _spec(f"an integer in [0, 2**32) (numpy's seeding)", lambda v: 0 <= v < SEED_LIMIT, default)
+
+
 def anything(default=dataclasses.MISSING):
     return _spec("any value of the declared type", lambda v: True, default)
 
@@ -109,7 +116,7 @@ class DataParams:
     hf_cache_dir: typing.Optional[str] = anything()   # null: HF_HUB_CACHE; $VARS are expanded when used
     max_documents: int = nonneg()          # documents in all splits; 0 = every document (embedded only)
     min_chars: int = at_least(1)
-    split_seed: int = nonneg()
+    split_seed: int = seed_spec()
     fractions: dict = anything()
     seq_len: int = at_least(8)
 
@@ -141,7 +148,7 @@ class PretrainParams:
     lr: float = positive()
     warmup_ratio: float = unit_interval()
     weight_decay: float = nonneg()
-    seed: int = nonneg()
+    seed: int = seed_spec()
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class FrontierParams:
 class AggregateParams:
     bootstrap_samples: int = at_least(100)
     confidence: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
-    seed: int = nonneg()
+    seed: int = seed_spec()
     equivalence_margin_nats: float = positive()   # TOST margin for paired differences in nats/token
     power: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)   # for the report's detectable difference
     plateau_window: int = at_least(1)     # validations over which recovery must have stopped improving
@@ -373,8 +380,8 @@ def _build(cls, raw, prefix: str = ""):
 # --- cross-field rules --------------------------------------------------------------------------
 
 def _check_consistency(p: Params) -> None:
-    if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in p.seeds):
-        raise ParamsError("seeds", p.seeds, "a non-empty list of integers >= 0")
+    if not p.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in p.seeds):
+        raise ParamsError("seeds", p.seeds, "a non-empty list of integers in [0, 2**32) (numpy's seeding)")
     if len(set(p.seeds)) != len(p.seeds):
         raise ParamsError("seeds", p.seeds, "distinct seeds")
 
@@ -415,6 +422,11 @@ def _check_consistency(p: Params) -> None:
         raise ParamsError("attack.prompt_tokens", a.prompt_tokens,
                           "prompt + continuation + trigger length within eval.context_length "
                           f"({p.eval.context_length})")
+    for section in ATTACKS:        # a pool drawn from the candidate tokens: at most the vocabulary
+        topk = getattr(a, section).topk
+        if topk >= p.tokenizer.vocab_size:
+            raise ParamsError(f"attack.{section}.topk", topk, f"fewer than tokenizer.vocab_size "
+                              f"({p.tokenizer.vocab_size}), the tokens a candidate pool is drawn from")
     if a.hotflip.flips > a.prompt_tokens:
         raise ParamsError("attack.hotflip.flips", a.hotflip.flips,
                           f"at most attack.prompt_tokens ({a.prompt_tokens})")

@@ -85,7 +85,7 @@ BAD_CASES = [
      "train.arm_overrides.baseline", 5, "a mapping"),
     ("empty-seeds", lambda r: set_key(r, "seeds", []), "seeds", [], "non-empty"),
     ("duplicate-seeds", lambda r: set_key(r, "seeds", [0, 1, 0]), "seeds", [0, 1, 0], "distinct"),
-    ("negative-seed", lambda r: set_key(r, "seeds", [0, -1]), "seeds", [0, -1], "integers >= 0"),
+    ("negative-seed", lambda r: set_key(r, "seeds", [0, -1]), "seeds", [0, -1], "integers in [0, 2**32)"),
     ("fractions-not-summing-to-1", lambda r: set_key(r, "data.fractions", fractions(train=0.9)),
      "data.fractions", fractions(train=0.9), "summing to 1"),
     ("fraction-missing-split", lambda r: set_key(r, "data.fractions", fractions(attack_eval=None, train=0.85)),
@@ -377,3 +377,18 @@ def test_params_are_immutable_and_hash_is_stable():
         params.train.lr = 1.0
     assert params.hash() == P.load(PARAMS_YAML).hash() == P.validate(copy.deepcopy(base_raw())).hash()
     assert params.hash() != P.load(REPO / "profiles" / "smoke.yaml").hash()
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("seeds", [0, 2 ** 32], "[0, 2**32)"),
+    ("pretrain.seed", 2 ** 32, "[0, 2**32)"),
+    ("data.split_seed", 2 ** 40, "[0, 2**32)"),
+    ("attack.hotflip.topk", 2048, "fewer than tokenizer.vocab_size (2048)"),
+    ("attack.uat.topk", 5000, "fewer than tokenizer.vocab_size (2048)"),
+])
+def test_seeds_numpy_cannot_take_and_pools_beyond_the_vocabulary_fail_validation(key, value, allowed):
+    """Before: the first stage that seeds crashed in np.random.seed; a top-k beyond the vocabulary in topk()."""
+    raw = set_key(base_raw(), key, value)
+    with pytest.raises(P.ParamsError) as exc:
+        P.validate(raw)
+    assert exc.value.key == key and allowed in exc.value.allowed

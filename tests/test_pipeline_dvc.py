@@ -259,3 +259,16 @@ def test_a_second_fresh_clone_reproduces_every_hash_of_the_first(smoke_dvc_repro
 
 if __name__ == "__main__":
     rewrite_code_deps()
+
+
+def test_aggregate_depends_on_what_it_reads_and_on_no_model():
+    """A job workspace checks out its stage's deps: aggregate's are metrics, logs and attack outputs (kilobytes),
+    never a model directory (the trained arms' models are outputs/train/, their logs outputs/train_logs/)."""
+    from pipeline import arms, paths
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["aggregate"]["deps"]
+    outputs = [d for d in deps if d.startswith("outputs/")]
+    models = {str(paths.MODELS_DIR), str(paths.train_dir("baseline", 0).parent)}
+    assert outputs and not set(outputs) & models, outputs
+    assert str(paths.train_log_dir("baseline", 0).parent) in outputs
+    assert all(not str(arms.get(a).model_dir(0)).startswith(tuple(outputs)) for a in arms.ARM_NAMES)

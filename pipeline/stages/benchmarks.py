@@ -7,7 +7,6 @@ dvc.yaml runs it once for the untrained arms (their models serve every seed: ben
 first seed's harness seeds) and per seed for the trained ones (benchmarks/<arm>-s<seed>/)."""
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..arms import ARMS
 from ..data import load_tokenizer
 from ..io import staged_dir, write_json
 from ..loading import load_arm_model
+from ..params import InputError
 from ..paths import DATA_DIR, benchmark_dir, run_name
 from ..provenance import provenance, record_run
 
@@ -31,7 +31,7 @@ def prepare_tasks(params, task_dir: Path):
     if B.LOCAL_TASK in b.tasks:
         items = DATA_DIR / "benchmarks" / B.ITEMS_FILE
         if not items.is_file():
-            raise FileNotFoundError(f"{items} is missing: run the data stage first (dvc repro data)")
+            raise InputError(f"{items} is missing: run the data stage first (dvc repro data)")
         (task_dir / f"{B.LOCAL_TASK}.yaml").write_text(B.local_task_yaml(items))
     manager = B.task_manager(b.tasks, task_dir)
     lock = refs.read()
@@ -62,11 +62,7 @@ def benchmark_arm(params, arm: str, seed: int, manager, specs: list, commits: di
 
 def run(params, args) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-tasks-") as task_dir:
-        try:
-            manager, specs, commits = prepare_tasks(params, Path(task_dir))
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        manager, specs, commits = prepare_tasks(params, Path(task_dir))     # InputError: exit 2, nothing computed
         for arm in args.arm:
             metrics = benchmark_arm(params, arm, args.seed, manager, specs, commits)
             rows = ", ".join(f"{task} acc {m.get('acc,none', float('nan')):.3f}" for task, m in metrics["tasks"].items())
