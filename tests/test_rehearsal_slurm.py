@@ -189,6 +189,10 @@ def test_collaborator_pulls_every_result_from_the_remote_after_scratch_is_purged
     gather_log = (rehearsal_runs["run_dir"] / "logs" / "gather.log").read_text()
     assert "pushed every cached output of the run to the DVC remote 'store'" in gather_log, gather_log
     commit_results(cluster)
+    produced = {p.relative_to(cluster): p.read_bytes() for p in (cluster / "outputs").rglob("*")
+                if p.is_file() and p.name != ".gitignore"}  # the workspace links its outputs from the cache
+    assert Path("outputs/train_logs/baseline-s1/metrics.json") in produced
+    assert Path("outputs/report/results.json") in produced
     shutil.rmtree(cluster / ".dvc" / "cache")                 # scratch purged: the shared cache, runs, checkpoints
     shutil.rmtree(rehearsal_runs["base"] / "state")
     clone = tmp_path / "collaborator"
@@ -196,9 +200,5 @@ def test_collaborator_pulls_every_result_from_the_remote_after_scratch_is_purged
     dvc(clone, env, "remote", "add", "-d", "--local", "store", str(store))   # a fresh cache: nothing shared
     dvc(clone, env, "pull")
     assert "up to date" in dvc(clone, env, "status")
-    produced = [p.relative_to(cluster) for p in (cluster / "outputs").rglob("*")
-                if p.is_file() and p.name != ".gitignore"]
-    assert Path("outputs/train_logs/baseline-s1/metrics.json") in produced
-    assert Path("outputs/report/results.json") in produced
-    for rel in produced:
-        assert (clone / rel).read_bytes() == (cluster / rel).read_bytes(), rel
+    for rel, content in produced.items():
+        assert (clone / rel).read_bytes() == content, rel
