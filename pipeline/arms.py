@@ -15,6 +15,7 @@ class Arm:
     constrained: bool          # the variant's linear maps are W = softplus(V)
     trained: bool              # recovery-trained per seed (else one model serves every seed)
     start: str | None          # the arm whose model this one is made from
+    family: str                # the curve it belongs to: unconstrained (the reference), monotonic, or control
     description: str
     checkpoint_of: str | None = None    # a checkpoint of this arm's training (pretraining for pretrained) ...
     step: int | None = None             # ... at this step: a point of the matched-NLL frontier
@@ -33,14 +34,17 @@ class Arm:
 
 
 ARM_TABLE = (
-    Arm("pretrained", constrained=False, trained=False, start=None,
+    Arm("pretrained", constrained=False, trained=False, start=None, family="unconstrained",
         description="the starting model, never trained"),
-    Arm("baseline", constrained=False, trained=True, start="pretrained",
+    Arm("baseline", constrained=False, trained=True, start="pretrained", family="unconstrained",
         description="the pretrained model, recovery-trained on the train split"),
-    Arm("monotonic_init", constrained=True, trained=False, start="pretrained",
+    Arm("monotonic_init", constrained=True, trained=False, start="pretrained", family="monotonic",
         description="the pretrained model with the constraint applied, before any training"),
-    Arm("monotonic", constrained=True, trained=True, start="monotonic_init",
+    Arm("monotonic", constrained=True, trained=True, start="monotonic_init", family="monotonic",
         description="monotonic_init, recovery-trained exactly like baseline"),
+    Arm("flipped", constrained=False, trained=True, start="monotonic_init", family="control",
+        description="monotonic_init's materialized weights (the same damage), recovery-trained exactly like "
+                    "monotonic but without the constraint: the damage-matched control"),
 )
 ARMS = {arm.name: arm for arm in ARM_TABLE}
 ARM_NAMES = tuple(ARMS)
@@ -61,8 +65,8 @@ def at_step(name: str, step: int) -> Arm:
     if frontier_key(name) is None:
         raise ValueError(f"arm {name!r} is never trained: it has no checkpoints along training")
     what = "pretraining" if name == "pretrained" else "recovery training"
-    return Arm(f"{name}-step{step}", arm.constrained, arm.trained, arm.start, checkpoint_of=name, step=step,
-               description=f"{name} as it was at step {step} of {what}")
+    return Arm(f"{name}-step{step}", arm.constrained, arm.trained, arm.start, arm.family, checkpoint_of=name,
+               step=step, description=f"{name} as it was at step {step} of {what}")
 
 
 def checkpoints_of(name: str, frontier) -> list[str]:

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data import TokenSplit
 from .device import eval_autocast
+from .evaluation import token_nll
 from .io import atomic_torch_save
 
 EXAMPLE_SELECTION_SEED = 20190801   # fixed: the same examples for every arm and seed
@@ -132,7 +132,7 @@ class Scorer:
             logits = self.model(**kwargs, logits_to_keep=c + 1).logits
         logits = logits[:, :-1].float()   # predict the last c tokens
         targets = ids[:, -c:]
-        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
+        return token_nll(logits, targets).mean(dim=1)
 
     @torch.no_grad()
     def nll(self, ids: torch.Tensor, count: bool = True) -> torch.Tensor:

@@ -4,8 +4,9 @@ Monotone only per linear map: GELU and SiLU are not monotone functions, so a "mo
 or Llama is not a globally monotone function of its input. Outputs say so (MONOTONICITY_SCOPE).
 
 Init modes, from a pretrained W:
-  abs    V = softplus^-1(|W| + eps): every negative weight has its sign flipped (the reference).
-  clamp  V = softplus^-1(max(W, eps)): positive weights kept, negative ones set to eps.
+  abs         V = softplus^-1(|W| + eps): every negative weight has its sign flipped (the reference).
+  clamp       V = softplus^-1(max(W, eps)): positive weights kept, negative ones set to eps.
+  equivalent  the same function with every constrained weight >= eps (GPT-NeoX only; equivalent_shift).
 
 A parametrized model is stored as a normal HF directory whose model.safetensors holds the
 materialized W (so AutoModelForCausalLM loads it with identical logits) plus
@@ -55,6 +56,67 @@ def initial_weight(w: torch.Tensor, init: str, eps: float) -> torch.Tensor:
     raise ValueError(f"unknown init mode {init!r}; allowed: {', '.join(INIT_MODES)}")
 
 
+def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> None:
+    """linear(norm(x)) unchanged with the norm's gain and bias moved into the linear map (gain 1, bias 0)."""
+    if linear.bias is None or norm.bias is None:
+        raise MonotonicityError("the equivalent init folds the LayerNorm bias into the linear bias: both needed")
+    w = linear.weight.double()
+    linear.bias.copy_(linear.bias.double() + w @ norm.bias.double())
+    linear.weight.copy_(w * norm.weight.double())
+    norm.weight.fill_(1.0)
+    norm.bias.zero_()
+
+
+def _shift(weight: torch.Tensor, eps: float, dim: int) -> None:
+    """weight + the least constant along `dim` that lifts every entry to >= eps (a row or column offset)."""
+    w = weight.double()
+    weight.copy_(w + (eps - w).amax(dim=dim, keepdim=True).clamp_min(0.0))
+
+
+def equivalent_shift(model, variant: str, eps: float) -> None:
+    """Make every weight the variant constrains >= eps without changing the function (in place, GPT-NeoX).
+    The MLP's input map reads LayerNorm(x), whose normalized part sums to zero over features: with the
+    LN's gain and bias folded into it (gain 1, bias 0; the norm feeds only the MLP), adding a constant to a
+    row adds that constant times sum(normalized x) = 0. The output maps (MLP out, attention out) write to
+    the residual stream: a constant per column adds a multiple of the all-ones vector, which every reader
+    of the stream (a LayerNorm) subtracts as part of the mean. No 1/gain anywhere, so a small or zero gain
+    costs nothing; what rounding leaves is measured by equivalence_error. RMSNorm subtracts no mean: there
+    no such conversion exists (the constraint binds), and this refuses."""
+    if variant.startswith("gated") or getattr(model.config, "model_type", None) != "gpt_neox":
+        raise MonotonicityError(f"init 'equivalent' needs a LayerNorm GPT-NeoX model and one of its variants "
+                                f"(mlp_in, mlp_both, mlp_in_attn_out); got {type(model).__name__} with {variant!r}: "
+                                "RMSNorm does not subtract the mean, so no function-preserving shift exists")
+    suffixes = VARIANT_MODULES[variant]
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            _fold_norm(layer.post_attention_layernorm, layer.mlp.dense_h_to_4h)
+            _shift(layer.mlp.dense_h_to_4h.weight, eps, dim=1)
+            for name in ("mlp.dense_4h_to_h", "attention.dense"):
+                if name in suffixes:
+                    _shift(layer.get_submodule(name).weight, eps, dim=0)
+
+
+def equivalence_error(original, converted, ids: torch.Tensor) -> dict:
+    """Max |logit difference| between two models on `ids`: in fp32, and under bf16 autocast against the
+    original under the same autocast (on the ids' device; with bf16's own error on the original beside it, the floor)."""
+    def logits(model, bf16: bool) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(input_ids=ids).logits.float()
+
+    fp32, bf16 = logits(original, False), logits(original, True)
+    return {"max_abs_logit_diff_fp32": float((logits(converted, False) - fp32).abs().max()),
+            "max_abs_logit_diff_bf16": float((logits(converted, True) - bf16).abs().max()),
+            "bf16_floor_max_abs_logit_diff": float((bf16 - fp32).abs().max()),
+            "logit_scale_max_abs": float(fp32.abs().max()), "tokens": int(ids.numel())}
+
+
+def nonnegative_share(model, variant: str) -> float:
+    """The share of the variant's weights that are >= 0 (1.0 for a constrained model)."""
+    with torch.no_grad():
+        weights = [m.weight for _, m in constrained_modules(model, variant)]
+        return sum(int((w >= 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
 def _layer_count(model) -> int:
     return model.config.num_hidden_layers
 
@@ -77,9 +139,12 @@ def apply_monotonic(model, variant: str, init: str, eps: float) -> dict:
     """Constrain a model in place; returns the verification report."""
     if is_parametrized(model):
         raise MonotonicityError("model is already parametrized: a second softplus would stack on the first")
+    if init == "equivalent":
+        equivalent_shift(model, variant, eps)
     for _, module in constrained_modules(model, variant):
-        with torch.no_grad():
-            module.weight.copy_(initial_weight(module.weight.detach(), init, eps))
+        if init != "equivalent":
+            with torch.no_grad():
+                module.weight.copy_(initial_weight(module.weight.detach(), init, eps))
         parametrize.register_parametrization(module, "weight", Softplus())
     return verify(model, variant)
 

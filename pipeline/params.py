@@ -31,7 +31,7 @@ VARIANT_MODULES = {
 VARIANTS = tuple(VARIANT_MODULES)
 MONOTONICITY_SCOPE = ("non-negative weights in the constrained linear maps only; the activations (GELU/SiLU) "
                       "are not monotone, so the network is not globally monotone in its input")
-INIT_MODES = ("abs", "clamp")
+INIT_MODES = ("abs", "clamp", "equivalent")
 SPLITS = ("train", "validation", "test", "attack_opt", "attack_eval")
 HELD_OUT = SPLITS[1:]
 PROFILES = ("embedded", "smoke", "rehearsal", "cluster", "cluster-410m", "cluster-160m")
@@ -155,7 +155,7 @@ class PretrainParams:
 class MonotonicParams:
     variant: str = choice(*VARIANTS)
     init: str = choice(*INIT_MODES)
-    eps: float = positive()               # abs: V = softplus^-1(|W| + eps); clamp: W -> max(W, eps)
+    eps: float = positive()               # abs: V = softplus^-1(|W| + eps); clamp: W -> max(W, eps); equivalent: min W
 
 
 @dataclass(frozen=True)
@@ -412,6 +412,9 @@ def _check_consistency(p: Params) -> None:
         if p.eval.context_length > p.model.max_position_embeddings:
             raise ParamsError("eval.context_length", p.eval.context_length,
                               f"at most model.max_position_embeddings ({p.model.max_position_embeddings})")
+    if p.monotonic.init == "equivalent" and p.monotonic.variant.startswith("gated"):
+        raise ParamsError("monotonic.init", "equivalent", "abs or clamp for a gated (RMSNorm) variant: "
+                          "the function-preserving shift needs a LayerNorm, which subtracts the mean")
     if p.monotonic.variant.startswith("gated") and p.model.source == "scratch":
         raise ParamsError("monotonic.variant", p.monotonic.variant,
                           "mlp_in, mlp_both or mlp_in_attn_out for the GPT-NeoX model built from scratch")

@@ -119,7 +119,7 @@ def matched_paragraph(summary: dict) -> list[str]:
         parts.append(f"under {_name(attack)} the monotonic model's NLL increase is {mono:.3f} nats/token against "
                      f"the curve's {m['curve_increase']:.3f} at its clean NLL of {m['target_clean']:.3f} ({where}); "
                      f"difference {_stats(c, conf)}: " + judgement(c, alpha, less, more))
-    return [f"**Robustness at matched clean NLL (the headline).** The unconstrained reference curve runs through "
+    return [f"**Robustness at matched clean NLL, against the unconstrained curve.** The unconstrained reference curve runs through "
             f"{', '.join(f['curve'])} (clean NLL and attack NLL increase on the attack-evaluation examples, "
             "piecewise linear between them); the monotonic model is compared with that curve at its own clean NLL, "
             "so the constraint's effect is not confounded with its perplexity cost: " + "; ".join(parts) + ". "
@@ -128,6 +128,66 @@ def matched_paragraph(summary: dict) -> list[str]:
             "comparison (same recovery budget, different perplexity) follows below.", "",
             *([f"Budget sweep: the same matched comparison for the monotonic model's recovery checkpoints (the "
                f"recovery budget so far): " + "; ".join(sweep) + ".", ""] if sweep else [])]
+
+
+def _headline(c: dict, alpha: float, less: str, more: str) -> str:
+    d = c["difference"]
+    return (f"{_name(c['metric'].split('.')[0])} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], "
+            f"{judgement(c, alpha, less, more)}")
+
+
+def conversion_line(conversion: dict) -> str:
+    eq, ppl = conversion["equivalent"], conversion["pretrained_validation_perplexity"]
+    damage = (f"The `{conversion['init']}` init used here takes validation perplexity from {ppl:.2f} to "
+              f"{conversion['validation_perplexity']:.1f} before recovery.")
+    if not eq["exists"]:
+        return f"1. **The constraint binds here** (no function-preserving conversion exists: RMSNorm). {damage}"
+    return (f"1. **The constraint restricts no function here.** The exact conversion (init `equivalent`: LayerNorm "
+            f"folded into the MLP input map, constant row/column shifts the LayerNorms cancel) makes every constrained "
+            f"weight >= {eq['min_weight']:.0e} with validation perplexity {eq['validation_perplexity']:.4f} vs "
+            f"{ppl:.4f} (max |logit difference| {eq['max_abs_logit_diff_fp32']:.0e} in fp32; under bf16 autocast "
+            f"{eq['max_abs_logit_diff_bf16']:.2f}, against bf16's own {eq['bf16_floor_max_abs_logit_diff']:.2f} on the "
+            f"unconverted model). So any effect below comes from the damage and the training, not from what a "
+            f"non-negative model can represent. {damage}")
+
+
+def answer(summary: dict) -> list[str]:
+    """The first screen: at most five numbered lines, each comparison with its interval and verdict."""
+    alpha = 1 - summary["confidence"]
+    more, less = "monotonic more vulnerable", "monotonic less vulnerable"
+    f = summary["frontier"]
+    pick = lambda rows, a, b: [c for c in rows if c["arm_a"] == a and c["arm_b"] == b  # noqa: E731
+                               and c["metric"].endswith("abs_increase")]
+    same_step = "; ".join(_headline(c, alpha, less, more) for c in pick(summary["comparisons"], "monotonic", "flipped"))
+    along = "; ".join(_headline(c, alpha, less, more) for c in pick(f["matched_control"], "monotonic",
+                                                                    f["matched_control"][0]["arm_b"]))
+    curve = "; ".join(_headline(c, alpha, less, more) for c in pick(f["matched"], "monotonic", f["matched"][0]["arm_b"]))
+    shares = {arm: np.mean([t["nonnegative_share"]["final"] for t in summary["arms"][arm]["train"].values()])
+              for arm in ("flipped", "baseline")}
+    return ["## The answer", "", conversion_line(summary["conversion"]),
+            f"2. **Constraint vs its damage-matched control** (`flipped`: monotonic_init's weights, trained identically "
+            f"without the constraint), monotonic - flipped in attack NLL increase (nats/token, "
+            f"{round(100 * summary['confidence'])}% CI) at the same recovery step: {same_step}; at matched clean NLL "
+            f"along the control's recovery curve ({', '.join(f['control_curve'])}): {along}.",
+            f"3. **Against the unconstrained reference curve** (pretraining checkpoints, pretrained, baseline) at "
+            f"matched clean NLL: {curve}.",
+            f"4. After recovery {100 * shares['flipped']:.1f}% of the control's constrained-variant weights are >= 0 "
+            f"({100 * shares['baseline']:.1f}% of the baseline's)" + (
+                ": line 2 contrasts a constrained model with a mostly non-negative unconstrained one." if
+                shares["flipped"] > 0.75 else "."),
+            "5. Compact table (step-matched, every arm; the full one and every test follow):", "",
+            compact_table(summary), ""]
+
+
+def compact_table(summary: dict) -> str:
+    attacks = summary["attacks"]
+    rows = ["| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL" for a in attacks) + " |",
+            "|---" * (len(attacks) + 2) + "|"]
+    for arm in ARMS:
+        e = summary["arms"][arm]
+        rows.append(f"| {arm} | {_ci(e['perplexity'], '{:.2f}')} | "
+                    + " | ".join(_ci(e[a]["abs_increase"]) for a in attacks) + " |")
+    return "\n".join(rows)
 
 
 def recovery_warning(summary: dict) -> list[str]:
@@ -192,7 +252,7 @@ def methods(summary: dict) -> list[str]:
 def power_table(summary: dict) -> list[str]:
     """The smallest paired difference each comparison could detect, with its assumptions."""
     alpha = 1 - summary["confidence"]
-    compared = summary["comparisons"] + summary["frontier"]["matched"]
+    compared = summary["comparisons"] + summary["frontier"]["matched"] + summary["frontier"]["matched_control"]
     metrics = list(dict.fromkeys(c["metric"] for c in summary["comparisons"]))
     pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in compared))
     cell = {(c["arm_a"], c["arm_b"], c["metric"]): f"{c['detectable']:.3f}" for c in compared}
@@ -244,7 +304,7 @@ def optimizer_differences(summary: dict) -> list[str]:
 def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
-             "",
+             "", *answer(summary), "## Details", "",
              *matched_paragraph(summary),
              f"Profile `{params.profile}`, seeds {summary['seeds']}, params hash `{prov['params_hash']}`, "
              f"torch {prov['packages']['torch']}, transformers {prov['packages']['transformers']}. The code that ran "
@@ -293,7 +353,7 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, files = loaded["runs"], []
-    colors = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:red")))
+    colors = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm in TRAINED_ARMS:
@@ -342,7 +402,7 @@ def frontier_plot(frontier: dict, attacks, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(attacks), figsize=(5.5 * len(attacks), 8), squeeze=False)
-    colors = {"unconstrained": "tab:blue", "monotonic": "tab:red"}
+    colors = {"unconstrained": "tab:blue", "monotonic": "tab:red", "control": "tab:green"}
     shown = [p for p in frontier["points"] if p["label"] != "monotonic_init"]
     for col, attack in enumerate(attacks):
         for row, field in enumerate(("abs_increase", "success_abs")):

@@ -274,7 +274,8 @@ class Run:
 
     @property
     def columns(self) -> list[str]:
-        return ["step", "loss", "lr", "grad_norm", *[f"update_norm_{g}" for g in self.groups], *TIMING_COLUMNS]
+        return ["step", "loss", "lr", "grad_norm", *[f"update_norm_{g}" for g in norm_names(self.groups)],
+                *TIMING_COLUMNS]
 
     def wall_seconds(self) -> float:
         return self.wall_at_start + time.time() - self.started
@@ -428,7 +429,7 @@ def start_run(model, tp: TrainParams, seq_len: int, *, seed: int, constrained: S
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer, groups, base_lrs = build_optimizer(model, tp, constrained)
-    state = TrainState(update_norm_sum={g: 0.0 for g in groups})
+    state = TrainState(update_norm_sum={g: 0.0 for g in norm_names(groups)})
     owner = claim_run(root, desc) if root is not None and accelerator.is_main_process else None
     resumed = find_checkpoint(accelerator, root, fingerprint, desc)
     if resumed is not None:
@@ -468,6 +469,8 @@ def train_step(run: Run, train_data) -> dict | None:
     logged = (step + 1) % tp.log_interval == 0 or step + 1 == tp.max_steps
     params = {g: [p for _, p in members] for g, members in run.groups.items()}
     before = {g: [p.detach().clone() for p in ps] for g, ps in params.items()} if logged else {}
+    if "constrained" in before:
+        before[W_SPACE] = materialized(params["constrained"])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -481,11 +484,28 @@ def train_step(run: Run, train_data) -> dict | None:
             **{f"update_norm_{g}": n for g, n in norms.items()}}
 
 
+W_SPACE = "constrained_w"    # the constrained group's update measured on W = softplus(V), beside V's
+
+
+def norm_names(groups) -> list[str]:
+    """The update norms logged: one per parameter group, and W_SPACE beside a constrained group."""
+    return [*groups, *([W_SPACE] if "constrained" in groups else [])]
+
+
+def materialized(vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    from .monotonic import Softplus
+
+    with torch.no_grad():
+        return [Softplus()(v.detach()) for v in vs]
+
+
 def update_norms(before: dict[str, list[torch.Tensor]], params: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Per group, the norm of the step's actual change of the weights (snapshot - weights, in place)."""
+    """Per group, the norm of the step's actual change of the weights (snapshot - weights, in place); for
+    W_SPACE, of the materialized constrained weights."""
     norms = {}
     for g, snapshot in before.items():
-        torch._foreach_sub_(snapshot, [p.detach() for p in params[g]])
+        now = materialized(params["constrained"]) if g == W_SPACE else [p.detach() for p in params[g]]
+        torch._foreach_sub_(snapshot, now)
         norms[g] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(snapshot))))
     return norms
 
@@ -633,14 +653,20 @@ def data_position(seed: int, step: int, global_batch: int, seq_len: int) -> dict
 
 
 def update_norms_from(model, reference, groups: dict[str, list[str]]) -> dict[str, float]:
-    """Per group, the norm of (trained weights - reference weights): the total update of the run."""
-    ref = dict(reference.named_parameters())
-    params = dict(model.named_parameters())
+    """Per group, the norm of (trained weights - reference weights): the total update of the run; W_SPACE:
+    of the constrained modules' materialized weights."""
+    ref, params = dict(reference.named_parameters()), dict(model.named_parameters())
+    from .monotonic import PARAM_SUFFIX
+
+    tensors = {g: [(params[n], ref[n]) for n in names] for g, names in groups.items()}
+    if "constrained" in groups:
+        tensors[W_SPACE] = [(model.get_submodule(n[: -len(PARAM_SUFFIX)]).weight,
+                             reference.get_submodule(n[: -len(PARAM_SUFFIX)]).weight) for n in groups["constrained"]]
     out = {}
     with torch.no_grad():
-        for g, names in groups.items():
-            sq = sum(float((params[n].detach().double() - ref[n].detach().to(params[n].device).double()).pow(2).sum())
-                     for n in names)    # on the trained weights' device: the reference may be elsewhere
+        for g, pairs in tensors.items():
+            sq = sum(float((a.detach().double() - b.detach().to(a.device).double()).pow(2).sum())
+                     for a, b in pairs)    # on the trained weights' device: the reference may be elsewhere
             out[g] = math.sqrt(sq)
     return out
 

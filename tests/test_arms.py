@@ -11,14 +11,16 @@ from pipeline.__main__ import build_parser
 
 def test_table_is_consistent_with_the_protocol():
     table = arms.ARMS
-    assert list(table) == ["pretrained", "baseline", "monotonic_init", "monotonic"]
+    assert list(table) == ["pretrained", "baseline", "monotonic_init", "monotonic", "flipped"]
     for arm in table.values():
         if arm.start is not None:
             start = table[arm.start]
             assert not start.trained                       # every arm starts from a seed-independent model
-            assert start.constrained <= arm.constrained    # the constraint is never removed
+            # the constraint is never removed, except by the control, which exists to remove it
+            assert start.constrained <= arm.constrained or (arm.family == "control" and not arm.constrained)
         assert arm.trained == (arm.name in arms.TRAINED_ARMS)
     assert table["monotonic"].start == "monotonic_init" and table["baseline"].start == "pretrained"
+    assert table["flipped"].start == table["monotonic"].start and table["flipped"].trained
 
 
 def test_model_directories_follow_trained_or_not():
@@ -73,11 +75,13 @@ def test_a_new_arm_joins_its_family_its_checkpoints_and_its_paths_from_the_table
     from pipeline.stages.aggregate import families
 
     monkeypatch.setitem(arms.ARMS, "monotonic_long", arms.Arm(
-        "monotonic_long", constrained=True, trained=True, start="monotonic_init", description="trained longer"))
+        "monotonic_long", constrained=True, trained=True, start="monotonic_init", family="monotonic",
+        description="trained longer"))
     frontier = FrontierParams(steps=[10], recovery_steps=[20])
     assert families(frontier) == {
         "unconstrained": ["pretrained-step10", "pretrained", "baseline-step20", "baseline"],
-        "monotonic": ["monotonic_init", "monotonic-step20", "monotonic", "monotonic_long-step20", "monotonic_long"]}
+        "monotonic": ["monotonic_init", "monotonic-step20", "monotonic", "monotonic_long-step20", "monotonic_long"],
+        "control": ["monotonic_init", "flipped-step20", "flipped"]}
     assert arms.frontier_key("monotonic_long") == "frontier.recovery_steps"
     assert arms.frontier_key("monotonic_init") is None
     assert paths.eval_dir("monotonic_long-step20", 1) == Path(

@@ -110,6 +110,39 @@ def test_apply_constrains_exactly_the_variant_modules(variant, init):
             torch.testing.assert_close(w[positive], w0[positive], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("variant", NEOX_VARIANTS)
+def test_equivalent_init_keeps_the_function_with_every_constrained_weight_at_least_eps(variant):
+    source = source_model(variant)
+    with torch.no_grad():     # LayerNorm gains of both signs, one of them zero, and non-zero biases
+        for layer in source.gpt_neox.layers:
+            gain = layer.post_attention_layernorm.weight
+            gain.copy_(torch.linspace(-1.5, 1.5, gain.numel()))
+            gain[3] = 0.0
+    model = copy.deepcopy(source)
+    report = M.apply_monotonic(model, variant, "equivalent", EPS)
+    assert report["ok"] and report["min_weight"] >= EPS * (1 - 1e-6)
+    assert M.nonnegative_share(source, variant) < 1.0 == M.nonnegative_share(model, variant)
+    torch.testing.assert_close(logits(model), logits(source), rtol=0, atol=1e-4)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    error = M.equivalence_error(source, M.export_plain(model), ids)
+    assert error["max_abs_logit_diff_fp32"] < 1e-4 < error["logit_scale_max_abs"]
+    moved = [n for n in expected_modules(model, variant)
+             if not torch.equal(model.get_submodule(n).weight, source.get_submodule(n).weight)]
+    assert moved    # the weights did change: only the function is kept
+    abs_model = copy.deepcopy(source)
+    M.apply_monotonic(abs_model, variant, "abs", EPS)
+    assert (logits(abs_model) - logits(source)).abs().max() > 1e-2    # what the damaging init does instead
+
+
+@pytest.mark.parametrize("variant", GATED_VARIANTS + NEOX_VARIANTS[1:2])
+def test_equivalent_init_is_refused_where_the_norm_subtracts_no_mean(variant):
+    model = source_model("gated_updown")      # Llama: RMSNorm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(M.MonotonicityError, match="RMSNorm does not subtract the mean"):
+        M.apply_monotonic(model, variant, "equivalent", EPS)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("variant,model_fn", [("mlp_both", tiny_llama), ("mlp_in_attn_out", tiny_llama),
                                               ("gated_updown", tiny_neox), ("gated_all", tiny_neox)])
 def test_variant_that_matches_nothing_is_an_error(variant, model_fn):

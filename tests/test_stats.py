@@ -194,7 +194,8 @@ def _loaded(seeds, rng, steps=(15, 30)):
     # clean NLL on the attack examples above pretrained's: the frontier's checkpoints lie on either side of monotonic
     clean_shift = {"pretrained": 0.0, "baseline": -0.02, "monotonic_init": 2.0, "monotonic": 0.5,
                    **{f"pretrained-step{step}": 1.0 - 0.02 * step for step in steps},
-                   "baseline-step5": -0.01, "monotonic-step5": 0.8}     # smoke's frontier.recovery_steps: [5]
+                   "baseline-step5": -0.01, "monotonic-step5": 0.8,     # smoke's frontier.recovery_steps: [5]
+                   "flipped": 0.3, "flipped-step5": 1.5}                # the control's curve from monotonic_init
     runs = {arm: {} for arm in clean_shift}
     for s in seeds:
         for k, arm in enumerate(clean_shift):
@@ -209,6 +210,7 @@ def _loaded(seeds, rng, steps=(15, 30)):
                 runs[arm][s]["val_log"] = [{"step": 5.0 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]
                 runs[arm][s]["train"] = {"overrides": {}, "validation_perplexity": 50.0, "steps": 10,
                                          "tokens_seen": 1000, "update_norm_total": {"W": 1.0},
+                                         "nonnegative_share": {"start": 1.0, "final": 0.9 if arm == "flipped" else 0.5},
                                          "train": {"lr": 1e-3, "weight_decay": 0.1, "constrained_weight_decay": 0.0,
                                                    "constrained_lr_multiplier": 1.0, "arm_overrides": {}}}
     transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
@@ -217,7 +219,11 @@ def _loaded(seeds, rng, steps=(15, 30)):
     benchmarks = {arm: {s: {"pipeline_lastword": {"items": [
         {"doc_id": i, "acc": float(r and not (arm == "monotonic" and i < 10))} for i, r in enumerate(right)]}}
         for s in seeds} for arm in ARM_NAMES}
-    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks}
+    conversion = {"init": "abs", "eps": 1e-4, "validation_perplexity": 900.0, "pretrained_validation_perplexity": 80.0,
+                  "equivalent": {"exists": True, "min_weight": 1e-4, "validation_perplexity": 80.00001,
+                                 "max_abs_logit_diff_fp32": 1e-4, "max_abs_logit_diff_bf16": 0.2,
+                                 "bf16_floor_max_abs_logit_diff": 0.07}}
+    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks, "conversion": conversion}
 
 
 def _params(seeds):
@@ -229,9 +235,11 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     seeds = [0, 1, 2]
     params = _params(seeds)
     summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
-    matched = summary["frontier"]["matched"]
-    family = summary["comparisons"] + matched + summary["controls"]
-    assert summary["family_size"] == len(family) == 4 * (1 + 2 + 1) + 2 * 2 + 4 * 2   # clean NLL once per example set
+    matched, along = summary["frontier"]["matched"], summary["frontier"]["matched_control"]
+    family = summary["comparisons"] + matched + along + summary["controls"]
+    # 6 arm pairs x (test NLL, 2 attacks, clean NLL once per example set); 2 targets x 2 attacks against each
+    # curve; 5 arms x 2 attacks against their random control
+    assert summary["family_size"] == len(family) == 6 * (1 + 2 + 1) + 2 * 2 + 2 * 2 + 5 * 2
     assert all(c["p_holm"] >= c["p_value"] for c in family)
     nll = summary["arms"]["baseline"]["test_nll_per_token"]
     assert nll["mean"] == pytest.approx(4.21) and nll["n_documents"] == 5 and nll["se_seeds"] == 0
@@ -257,8 +265,18 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     assert where == {"monotonic": ("pretrained-step30", "pretrained-step15", False),          # clean +0.5
                      "monotonic-step5": ("pretrained-step30", "pretrained-step15", True)}     # +0.8: beyond +0.7
     assert "monotonic-step5 (recovery step 5): difference" in text and "extrapolated" in text
-    assert text.split("\n")[2].startswith("**Robustness at matched clean NLL (the headline).**")
-    assert "between pretrained-step30 and pretrained-step15" in text.split("\n")[2]
+    assert summary["frontier"]["control_curve"] == ["monotonic_init", "flipped-step5", "flipped"]
+    where = {c["arm_a"]: (c["match"]["lower"], c["match"]["upper"], c["match"]["extrapolated"]) for c in along}
+    assert where == {"monotonic": ("flipped", "flipped-step5", False), "monotonic-step5": ("flipped", "flipped-step5",
+                                                                                             False)}
+    lines = text.split("\n")
+    answer = lines[lines.index("## The answer") + 2: lines.index("## Details")]
+    assert answer[0].startswith("1. **The constraint restricts no function here.**") and "80.0000" in answer[0]
+    assert answer[1].startswith("2. **Constraint vs its damage-matched control**") and "HotFlip" in answer[1]
+    assert "90.0% of the control's constrained-variant weights" in answer[3] and "(50.0% of the baseline's)" in answer[3]
+    assert "| flipped |" in "\n".join(answer)
+    headline = next(line for line in lines if line.startswith("**Robustness at matched clean NLL"))
+    assert "between pretrained-step30 and pretrained-step15" in headline
     recovery = summary["recovery"]["arms"]
     assert not recovery["monotonic"][0]["plateaued"] and recovery["baseline"][0]["plateaued"]
     warning = next(line for line in text.split("\n") if "Recovery had not plateaued" in line)
@@ -286,7 +304,7 @@ def test_every_arm_and_seed_resamples_the_same_documents():
 def test_report_says_what_a_seed_varies():
     assert "not estimated" in report.seed_sentence([0])
     text = report.seed_sentence([0, 1, 2])
-    assert "for baseline, monotonic, the recovery-training data order" in text
+    assert "for baseline, monotonic, flipped, the recovery-training data order" in text
     assert "for pretrained, monotonic_init, only the attacks' random streams" in text and "2 degrees" in text
 
 

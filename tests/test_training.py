@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import shutil
@@ -86,7 +87,7 @@ TRAIN = {"constrained_lr_multiplier": 10.0, "constrained_weight_decay": 0.01}
 @pytest.fixture(scope="module")
 def trained(smoke_workspace, tmp_path_factory) -> Path:
     ws = copy_workspace(smoke_workspace, tmp_path_factory.mktemp("trained") / "ws", **TRAIN)
-    for arm in ("baseline", "monotonic"):
+    for arm in ("baseline", "monotonic", "flipped"):
         assert run_stage(ws, "train", "--arm", arm, "--seed", "0") == 0
     return ws
 
@@ -106,13 +107,13 @@ def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
         assert b[key] == m[key], key
     assert b["steps"] == tp.max_steps and b["tokens_seen"] == tp.max_steps * tp.batch_size * smoke_params.data.seq_len
     assert b["overrides"] == {} and b["budgets_equal"] and "provenance" in b
-    assert set(m["update_norm_total"]) == {"decay", "no_decay", "constrained"}
+    assert set(m["update_norm_total"]) == {"decay", "no_decay", "constrained", "constrained_w"}
     assert m["update_norm_total"]["constrained"] > 1e-3 and b["update_norm_total"]["decay"] > 1e-3
     assert m["monotonic_verify"]["ok"] and m["monotonic_verify"]["min_weight"] >= 0
 
     log = read_csv(trained / "outputs/train_logs/monotonic-s0/log.csv")
     assert list(log[0]) == ["step", "loss", "lr", "grad_norm", "update_norm_decay", "update_norm_no_decay",
-                            "update_norm_constrained"]   # timing columns go to the run record
+                            "update_norm_constrained", "update_norm_constrained_w"]   # timing: in the run record
     assert [int(r["step"]) for r in log] == list(range(1, tp.max_steps + 1))
     assert all(float(r["update_norm_constrained"]) > 0 for r in log)
     val = read_csv(trained / "outputs/train_logs/monotonic-s0/val_log.csv")
@@ -132,6 +133,66 @@ def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
     groups = {g["name"]: g for g in json.loads((root / "step-0000012/optimizer.json").read_text())["param_groups"]}
     assert groups["constrained"]["weight_decay"] == 0.01 and groups["decay"]["weight_decay"] == tp.weight_decay
     assert groups["constrained"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
+
+
+def variant_weights(model_dir: Path, variant: str = "mlp_both") -> dict:
+    from pipeline.models import load_causal_lm
+    from pipeline.monotonic import constrained_modules
+
+    model = load_causal_lm(model_dir)
+    return {name: m.weight.detach().double() for name, m in constrained_modules(model, variant)}
+
+
+def test_w_space_update_norms_are_the_norm_of_the_materialized_weight_difference(trained):
+    m = json.loads((trained / "outputs/train_logs/monotonic-s0/metrics.json").read_text())
+    start, final = (variant_weights(d) for d in (trained / "outputs/models/monotonic_init",
+                                                 trained / "outputs/train/monotonic-s0/model"))
+    expected = math.sqrt(sum(float((final[n] - start[n]).pow(2).sum()) for n in start))
+    assert m["update_norm_total"]["constrained_w"] == pytest.approx(expected, rel=1e-5)
+    assert m["update_norm_total"]["constrained_w"] != pytest.approx(m["update_norm_total"]["constrained"], rel=0.01)
+    assert m["update_norm_path"]["constrained_w"] >= expected * (1 - 1e-6)    # the path is at least the distance
+    assert set(m["nonnegative_share"].values()) == {1.0} and {"start", "final"} < set(m["nonnegative_share"])
+
+
+def test_the_damage_control_starts_from_monotonic_inits_weights_and_trains_them_unconstrained(trained, smoke_params):
+    from pipeline.training import parameter_groups
+    from pipeline.models import load_causal_lm
+
+    f = json.loads((trained / "outputs/train_logs/flipped-s0/metrics.json").read_text())
+    b = json.loads((trained / "outputs/train_logs/baseline-s0/metrics.json").read_text())
+    for key in ("steps", "tokens_seen", "data_order_sha256", "train", "validation_windows"):
+        assert f[key] == b[key], key
+    assert f["trained_from"].endswith("outputs/models/monotonic_init")
+    assert set(f["update_norm_total"]) == {"decay", "no_decay"}        # no constrained group: W itself trains
+    assert f["nonnegative_share"]["start"] == 1.0 > f["nonnegative_share"]["final"] > 0.5
+    assert b["nonnegative_share"]["start"] < 0.6
+    model_dir = trained / "outputs/train/flipped-s0/model"
+    assert not (model_dir / "monotonic_state.safetensors").exists()
+    start, final = variant_weights(trained / "outputs/models/monotonic_init"), variant_weights(model_dir)
+    expected = math.sqrt(sum(float((final[n] - start[n]).pow(2).sum()) for n in start))
+    assert 0 < expected <= f["update_norm_total"]["decay"]       # the variant's W moved, as decayed weights
+    model = load_causal_lm(model_dir)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert not parameter_groups(model, []).get("constrained")
+
+
+def test_the_damage_control_is_exactly_monotonic_init_at_step_zero(smoke_workspace, smoke_params):
+    from pipeline import arms
+    from pipeline.stages.train import load_start_model
+
+    cwd = os.getcwd()
+    os.chdir(smoke_workspace)
+    try:
+        model, constrained, source = load_start_model(smoke_params, arms.get("flipped"), 0)
+    finally:
+        os.chdir(cwd)
+    assert constrained == [] and not any(hasattr(m, "parametrizations") for m in model.modules())
+    saved = {k.replace("embed_out.", "lm_head."): v        # transformers v5 renames the head on load
+             for k, v in load_file(str(smoke_workspace / source / "model.safetensors")).items()}   # materialized W
+    state = model.state_dict()
+    assert set(saved) == set(state)
+    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
+    assert [n for n in saved if "dense_4h_to_h.weight" in n]
 
 
 def test_early_stops_and_corrupt_checkpoint_resume_bit_identically(trained, smoke_workspace, tmp_path, capfd):

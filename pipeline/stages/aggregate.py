@@ -24,8 +24,8 @@ from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, docu
 
 ATTACK_FIELDS = ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")
 CONTROL_FIELDS = ("abs_increase", "success_abs")
-COMPARISONS = (("monotonic", "baseline"), ("monotonic_init", "pretrained"), ("baseline", "pretrained"),
-               ("monotonic", "pretrained"))
+COMPARISONS = (("monotonic", "flipped"), ("monotonic", "baseline"), ("flipped", "baseline"),
+               ("monotonic_init", "pretrained"), ("baseline", "pretrained"), ("monotonic", "pretrained"))
 
 
 def _require(path: Path) -> dict:
@@ -68,10 +68,11 @@ def load_runs(params) -> dict:
                 run["val_log"] = _read_csv(tdir / "val_log.csv")
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
+    conversion = _require(paths.METRICS_DIR / "monotonic_init.json")
     benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS_BY_NAME[arm].trained
                                                            else arm) / "metrics.json")["tasks"]
                         for seed in params.seeds} for arm in ARMS}
-    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks}
+    return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks, "conversion": conversion}
 
 
 @dataclass(frozen=True)
@@ -211,14 +212,19 @@ def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
 
 
 MATCHED_LABEL = "unconstrained at matched clean NLL"
+MATCHED_CONTROL_LABEL = "control at matched clean NLL"
+FAMILIES = ("unconstrained", "monotonic", "control")
 
 
 def families(frontier) -> dict[str, list[str]]:
-    """The models of each family (the arms constrained or not) along training, each arm after its checkpoints;
-    the unconstrained family is the reference curve."""
-    return {family: [label for arm in ARMS_BY_NAME.values() if arm.constrained == constrained
-                     for label in (*checkpoints_of(arm.name, frontier), arm.name)]
-            for family, constrained in (("unconstrained", False), ("monotonic", True))}
+    """The models of each family (pipeline.arms.Arm.family) along training, each arm after its checkpoints:
+    the unconstrained family is the reference curve; the control's curve starts at the model it starts from
+    (monotonic_init: the same weights, its step 0)."""
+    out = {family: [label for arm in ARMS_BY_NAME.values() if arm.family == family
+                    for label in (*checkpoints_of(arm.name, frontier), arm.name)] for family in FAMILIES}
+    starts = [arm.start for arm in ARMS_BY_NAME.values() if arm.family == "control"]
+    out["control"] = [*dict.fromkeys(starts), *out["control"]]
+    return out
 
 
 def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
@@ -226,17 +232,17 @@ def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
                       design.values(Metric(attack, "abs_increase"), label)[0])
 
 
-def matched_comparisons(design: Design, agg, curve_labels: list[str],
-                        targets: list[str]) -> list[tuple[PairedComparison, dict]]:
+def matched_comparisons(design: Design, agg, curve_labels: list[str], targets: list[str],
+                        curve_name: str = MATCHED_LABEL) -> list[tuple[PairedComparison, dict]]:
     """Per recovered monotonic model (its recovery checkpoints and the final one) and attack: its NLL increase
-    less the unconstrained curve's at its clean NLL."""
+    less a curve's (the unconstrained reference, or the damage-matched control's recovery) at its clean NLL."""
     out = []
     for label in targets:
         for attack in ATTACKS:
             target = curve_point(design, label, attack)
             d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels])
             clusters = design.values(Metric(attack, "clean_nll"), label)[1]
-            comparison = paired_comparison(label, MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
+            comparison = paired_comparison(label, curve_name, f"{attack}.abs_increase", d, np.zeros_like(d),
                                            clusters, agg.confidence, agg.equivalence_margin_nats, agg.power,
                                            design.rng)
             out.append((comparison, match.to_dict()))
@@ -296,6 +302,12 @@ def benchmark_summary(loaded: dict, seeds, agg, rng: np.random.Generator) -> dic
     return out
 
 
+def conversion_summary(metrics: dict) -> dict:
+    """What the conversion does before any training: the damaging init's perplexity and the equivalent one's."""
+    return {k: metrics[k] for k in ("init", "eps", "validation_perplexity", "pretrained_validation_perplexity",
+                                    "equivalent")}
+
+
 def _arm_entry(arm: str, estimates: list[ArmEstimate], runs: dict, seeds) -> dict:
     est = {e.metric: e.estimate for e in estimates if e.arm == arm}
     nll = est[TEST_NLL.name]
@@ -324,8 +336,12 @@ def summarize(params, loaded: dict) -> dict:
     curve_labels = family_labels["unconstrained"]
     recovered = [label for label in family_labels["monotonic"] if get(label).trained]
     at_matched_nll = matched_comparisons(design, agg, curve_labels, recovered)
-    family = with_holm(between_arms + [c for c, _ in at_matched_nll] + control_comparisons(design, agg))
-    n_arm, n_matched = len(between_arms), len(at_matched_nll)
+    along_control = matched_comparisons(design, agg, family_labels["control"], recovered, MATCHED_CONTROL_LABEL)
+    family = with_holm(between_arms + [c for c, _ in at_matched_nll + along_control]
+                       + control_comparisons(design, agg))
+    n_arm, n_matched, n_control = len(between_arms), len(at_matched_nll), len(along_control)
+    matched_rows = [{**c.to_dict(), "match": m} for c, (_, m) in
+                    zip(family[n_arm:n_arm + n_matched + n_control], at_matched_nll + along_control)]
     transfer = {}
     for cell in transfer_cells(loaded, seeds):
         transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
@@ -333,10 +349,11 @@ def summarize(params, loaded: dict) -> dict:
     return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
             "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
-            "frontier": {"curve": curve_labels, "points": frontier_points(design, family_labels, agg.confidence),
-                         "matched": [{**c.to_dict(), "match": m} for c, (_, m) in
-                                     zip(family[n_arm:n_arm + n_matched], at_matched_nll)]},
-            "controls": [c.to_dict() for c in family[n_arm + n_matched:]],
+            "frontier": {"curve": curve_labels, "control_curve": family_labels["control"],
+                         "points": frontier_points(design, family_labels, agg.confidence),
+                         "matched": matched_rows[:n_matched], "matched_control": matched_rows[n_matched:]},
+            "controls": [c.to_dict() for c in family[n_arm + n_matched + n_control:]],
+            "conversion": conversion_summary(loaded["conversion"]),
             "recovery": recovery_plateau(runs, seeds, agg),
             "family_size": len(family), "attacks": list(ATTACKS), "control_methods": list(CONTROLS),
             "transfer_abs_increase": transfer, "arm_overrides": overrides,

@@ -1,7 +1,7 @@
 """Stage `train`: recovery-train one arm for one seed.
 
 baseline starts from the pretrained model, monotonic from monotonic_init (V = the softplus parameter,
-its own optimizer group). Both get params.train_for_arm(arm): identical budget, data order (seeded by
+its own optimizer group), flipped from monotonic_init's materialized W with no constraint. All get params.train_for_arm(arm): identical budget, data order (seeded by
 --seed), optimizer and schedule unless train.arm_overrides says otherwise, which is recorded in
 metrics.json and flagged loudly. Resumes automatically from paths.checkpoint_dir(arm, seed); exits with
 REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outputs appear only once
@@ -30,8 +30,9 @@ from .. import launch
 from ..checkpoints import sha256
 from ..io import staged_dir, write_csv, write_json
 from ..loading import load_arm_model
-from ..models import save_causal_lm
-from ..monotonic import MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, save_parametrized, verify
+from ..models import load_causal_lm, save_causal_lm
+from ..monotonic import (MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, nonnegative_share,
+                         save_parametrized, verify)
 from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir, train_log_dir
 from ..provenance import provenance, record_run
 from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, epochs, seed_everything,
@@ -39,9 +40,10 @@ from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_
 
 
 def load_start_model(params, arm: arms.Arm, seed: int):
-    """The arm's starting point: (model, its trainable V tensors if constrained, source dir)."""
+    """The arm's starting point: (model, its trainable V tensors if constrained, source dir). An unconstrained
+    arm made from a constrained one starts from its materialized W as plain weights."""
     start = arms.get(arm.start)
-    model, _ = load_arm_model(params, start.name, seed, parametrized=True)
+    model, _ = load_arm_model(params, start.name, seed, parametrized=arm.constrained)
     constrained = constrained_parameters(model) if arm.constrained else []
     if arm.constrained and not constrained:
         raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")
@@ -76,6 +78,16 @@ def copy_step_exports(root: Path, steps, out: Path) -> None:
             raise FileNotFoundError(f"{exported}: the export at recovery step {step} is missing (the run resumed "
                                     "from a checkpoint without it): remove the checkpoint directory and retrain")
         shutil.copytree(exported, out / f"step{step}")
+
+
+def nonnegative_shares(params, start, trained, steps_dir: Path) -> dict[str, float]:
+    """The share of monotonic.variant's weights that are >= 0: at the start, at each recovery export and at
+    the end (1.0 throughout for a constrained arm; an unconstrained one started from |W| may stay near it)."""
+    variant = params.monotonic.variant
+    return {"start": nonnegative_share(start, variant),
+            **{f"step{s}": nonnegative_share(load_causal_lm(steps_dir / f"step{s}"), variant)
+               for s in params.frontier.recovery_steps},
+            "final": nonnegative_share(trained, variant)}
 
 
 def warn_overrides(arm_overrides: dict) -> None:
@@ -138,6 +150,7 @@ def run(params, args) -> int:
         verify_report = export_model(result.model, out / "model", arm, variant, tokenizer, {**meta, "checkpoint": "final"})
         (out / "steps").mkdir()
         copy_step_exports(result.checkpoint_root, params.frontier.recovery_steps, out / "steps")
+    shares = nonnegative_shares(params, reference, result.model, result.checkpoint_root / "steps")
     with staged_dir(train_log_dir(name, seed)) as out:
         write_csv(out / "log.csv", log_columns, log)
         write_csv(out / "val_log.csv", ["step", "val_loss", "val_ppl"], state.val_log)
@@ -149,6 +162,7 @@ def run(params, args) -> int:
             "steps": state.step, "tokens_seen": tokens_seen, "epochs": passes, "sequences_seen": state.step * result.global_batch,
             "global_batch_sequences": result.global_batch,
             "update_norm_total": total_update, "update_norm_path": state.update_norm_sum,
+            "nonnegative_share": shares,
             "param_groups": {g: len(names) for g, names in result.groups.items()},
             "overrides": dict(params.train.arm_overrides.get(name, {})),
             "budgets_equal": not params.train.arm_overrides,
