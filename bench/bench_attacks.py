@@ -10,10 +10,13 @@ embedded workspace by default). Rates are medians over rounds that alternate the
               for each trigger placement and at budget multiples (--scales: topk and candidates scaled).
   curves      every method of both attacks on each --arm: seconds, forwards used / cap, final NLL increase,
               and the budget curves at 1/8, 1/4, 1/2 and 1 of the cap (gradient vs greedy vs random)
+  token-nll   per-token NLL of a scoring batch (no workspace needed): pipeline.evaluation.token_nll (rows of the
+              vocabulary contiguous) against cross_entropy over the transposed [N, V, S] view it replaced
 
     python bench/bench_attacks.py throughput [--arm pretrained] [--rounds 3]
     python bench/bench_attacks.py oracle [--arm baseline --seed 0] [--windows 6] [--scales 1 4]
     python bench/bench_attacks.py curves [--arm baseline pretrained] [--seed 0]
+    python bench/bench_attacks.py token-nll [--rounds 3]
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 
 from pipeline import attacks as A  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.evaluation import token_nll  # noqa: E402
 from pipeline.provenance import device_description  # noqa: E402
 from pipeline.stages import attack as S  # noqa: E402
 
@@ -148,9 +152,29 @@ def curves(params, args) -> None:
                   f"{g['greedy']:+.4f}; first-order rank correlation {d['first_order_rank_correlation']:+.3f}")
 
 
+def token_nll_rate(args, shape=(256, 32, 8192)) -> None:
+    """Milliseconds per call, median over rounds alternating the two ways, on one random batch of logits."""
+    logits = torch.randn(*shape)
+    targets = torch.randint(0, shape[-1], shape[:2])
+    ways = {"token_nll (contiguous rows)": lambda: token_nll(logits, targets),
+            "cross_entropy over [N, V, S]": lambda: torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets, reduction="none")}
+    assert torch.allclose(*(way() for way in ways.values()), atol=1e-5)
+    times = {name: [] for name in ways}
+    for _ in range(args.rounds):
+        for name, way in ways.items():
+            t0 = time.perf_counter()
+            way()
+            times[name].append(1000 * (time.perf_counter() - t0))
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    for name, value in ms.items():
+        print(f"{name}: {value:.1f} ms per {'x'.join(map(str, shape))} call")
+    print(f"ratio: {ms['cross_entropy over [N, V, S]'] / ms['token_nll (contiguous rows)']:.2f}x")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("throughput", "oracle", "curves"))
+    ap.add_argument("mode", choices=("throughput", "oracle", "curves", "token-nll"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--arm", nargs="+", default=["pretrained"])
     ap.add_argument("--seed", type=int, default=0)
@@ -161,6 +185,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "token-nll":
+        token_nll_rate(args)
+        return 0
     params = params_mod.load(args.params)
     print(f"device: {device_description()}; profile {params.profile}, arms {', '.join(args.arm)}, seed {args.seed}")
     if args.mode == "curves":

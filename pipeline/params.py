@@ -261,6 +261,8 @@ class AggregateParams:
     power: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)   # for the report's detectable difference
     plateau_window: int = at_least(1)     # validations over which recovery must have stopped improving
     plateau_threshold_nats: float = positive()   # ... by less than this drop in validation loss
+    # an attack has saturated when its last doubling of forwards added at most this share of its final increase
+    saturation_tolerance: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
 
 
 @dataclass(frozen=True)

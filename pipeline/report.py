@@ -156,38 +156,100 @@ def answer(summary: dict) -> list[str]:
     alpha = 1 - summary["confidence"]
     more, less = "monotonic more vulnerable", "monotonic less vulnerable"
     f = summary["frontier"]
-    pick = lambda rows, a, b: [c for c in rows if c["arm_a"] == a and c["arm_b"] == b  # noqa: E731
-                               and c["metric"].endswith("abs_increase")]
-    same_step = "; ".join(_headline(c, alpha, less, more) for c in pick(summary["comparisons"], "monotonic", "flipped"))
-    along = "; ".join(_headline(c, alpha, less, more) for c in pick(f["matched_control"], "monotonic",
-                                                                    f["matched_control"][0]["arm_b"]))
-    curve = "; ".join(_headline(c, alpha, less, more) for c in pick(f["matched"], "monotonic", f["matched"][0]["arm_b"]))
+    pick = lambda rows, b: [c for c in rows if c["arm_a"] == "monotonic" and c["arm_b"] == b  # noqa: E731
+                            and c["metric"].endswith("abs_increase")]
+    curve_rows, excess_rows = pick(f["matched"], f["matched"][0]["arm_b"]), pick(f["excess_vs_control"], "flipped")
+    same_step = "; ".join(_headline(c, alpha, less, more) for c in pick(summary["comparisons"], "flipped"))
+    excess = "; ".join(f"{_headline(c, alpha, less, more)} ({c['match']['target_excess']:+.3f} vs "
+                       f"{c['match']['control_excess']:+.3f})" for c in excess_rows)
     shares = {arm: np.mean([t["nonnegative_share"]["final"] for t in summary["arms"][arm]["train"].values()])
               for arm in ("flipped", "baseline")}
+    conf = round(100 * summary["confidence"])
     return ["## The answer", "", conversion_line(summary["conversion"]),
-            f"2. **Constraint vs its damage-matched control** (`flipped`: monotonic_init's weights, trained identically "
-            f"without the constraint), monotonic - flipped in attack NLL increase (nats/token, "
-            f"{round(100 * summary['confidence'])}% CI) at the same recovery step: {same_step}; at matched clean NLL "
-            f"along the control's recovery curve ({', '.join(f['control_curve'])}): {along}.",
-            f"3. **Against the unconstrained reference curve** (pretraining checkpoints, pretrained, baseline) at "
-            f"matched clean NLL: {curve}.",
+            f"2. **Against the unconstrained reference curve** (pretraining checkpoints, pretrained, baseline), "
+            f"monotonic's attack NLL increase less the curve's at monotonic's clean NLL (nats/token, {conf}% CI): "
+            + "; ".join(_headline(c, alpha, less, more) for c in curve_rows) + ".",
+            f"3. **Against its damage-matched control** (`flipped`: monotonic_init's weights, trained identically "
+            f"without the constraint), monotonic - flipped at the same recovery step: {same_step}; each one's excess "
+            f"over the unconstrained curve at its own clean NLL, monotonic's less the control's: {excess}."
+            + control_changes(curve_rows, excess_rows, alpha),
             f"4. After recovery {100 * shares['flipped']:.1f}% of the control's constrained-variant weights are >= 0 "
             f"({100 * shares['baseline']:.1f}% of the baseline's)" + (
-                ": line 2 contrasts a constrained model with a mostly non-negative unconstrained one." if
-                shares["flipped"] > 0.75 else "."),
-            "5. Compact table (step-matched, every arm; the full one and every test follow):", "",
+                ": line 3 contrasts a constrained model with a mostly non-negative unconstrained one." if
+                shares["flipped"] > 0.75 else ".") + plateau_clause(summary),
+            "5. Compact table (step-matched, every arm; the full one and every test follow)."
+            + saturation_clause(summary), "",
             compact_table(summary), ""]
 
 
+def control_changes(curve: list, excess: list, alpha: float) -> str:
+    """A plain sentence for each attack whose verdict against the unconstrained curve does not survive the
+    damage-matched control (monotonic's excess over that curve less the control's)."""
+    def call(c: dict) -> str:
+        word = verdict(c["p_holm"], c["p_equivalence_holm"], alpha)
+        return word if word.startswith(("equivalent", "not")) else ("less" if c["difference"]["mean"] < 0 else "more")
+    changed = [(_name(a["metric"].split(".")[0]), call(a), call(b)) for a in curve for b in excess
+               if a["metric"] == b["metric"] and call(a) != call(b)]
+    return "".join(f" **The control changes the {attack} verdict:** line 2 says {_vulnerability(x)}, the damage-matched "
+                   f"difference in differences says {_vulnerability(y)}." for attack, x, y in changed)
+
+
+def _vulnerability(call: str) -> str:
+    return {"less": "less vulnerable", "more": "more vulnerable", "equivalent": "equivalent within the margin",
+            "not resolved": "not resolved"}[call]
+
+
+def plateau_clause(summary: dict) -> str:
+    r = summary["recovery"]
+    open_arms = sorted({arm for arm, seeds in r["arms"].items() for v in seeds.values() if not v["plateaued"]})
+    return (f" Recovery had not plateaued for {', '.join(open_arms)} (see Details): the step-matched numbers compare "
+            "models still improving." if open_arms else " Every trained arm's recovery plateaued.")
+
+
 def compact_table(summary: dict) -> str:
+    """Per arm: perplexity, each gradient attack's NLL increase and, per example, the worst case over it, its
+    gradient-free controls and every other arm's transferred attack."""
     attacks = summary["attacks"]
-    rows = ["| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL" for a in attacks) + " |",
-            "|---" * (len(attacks) + 2) + "|"]
+    rows = ["| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL | worst case ({_name(a)}) +NLL" for a in attacks)
+            + " |", "|---" * (2 * len(attacks) + 2) + "|"]
     for arm in ARMS:
         e = summary["arms"][arm]
         rows.append(f"| {arm} | {_ci(e['perplexity'], '{:.2f}')} | "
-                    + " | ".join(_ci(e[a]["abs_increase"]) for a in attacks) + " |")
+                    + " | ".join(f"{_ci(e[a]['abs_increase'])} | {_ci(e[a + '_worst']['abs_increase'])}"
+                                 for a in attacks) + " |")
     return "\n".join(rows)
+
+
+def saturation_clause(summary: dict) -> str:
+    """The gradient attacks' last-doubling shares on the arms of the compact table, and how many models and
+    attacks (checkpoints and controls included) were flagged as unsaturated."""
+    sat = summary["saturation"]
+    flagged = [(label, name) for label, by in sat["models"].items() for name, v in by.items() if v["flagged"]]
+    total = sum(len(by) for by in sat["models"].values())
+    shares = {a: [sat["models"][arm][a]["last_doubling_share"] for arm in ARMS] for a in summary["attacks"]}
+    ranges = ", ".join(f"{_name(a)} {100 * min(v):.0f}-{100 * max(v):.0f}%" for a, v in shares.items())
+    if not flagged:
+        return (f" Every attack saturated: its last doubling of forwards added <= {100 * sat['tolerance']:.0f}% "
+                f"of its final increase ({ranges}).")
+    return (f" **{len(flagged)} of {total} attack runs had not saturated** (their last doubling of forwards added "
+            f"> {100 * sat['tolerance']:.0f}% of the final increase; gradient attacks on the arms: {ranges}): "
+            "every NLL increase here is a lower bound still rising with budget, and a difference between arms "
+            "can change sign with it.")
+
+
+def saturation_table(summary: dict) -> list[str]:
+    sat = summary["saturation"]
+    names = list(dict.fromkeys(name for by in sat["models"].values() for name in by))
+    label = lambda name: (lambda a, _, c: f"{c} ({_name(a)} budget)" if c else _name(a))(*name.partition("_"))  # noqa: E731
+    rows = ["| model | " + " | ".join(map(label, names)) + " |",
+            "|---" * (len(names) + 1) + "|"]
+    for label, by in sat["models"].items():
+        cells = [f"{100 * by[n]['last_doubling_share']:.0f}%{' !' if by[n]['flagged'] else ''}" if n in by else "-"
+                 for n in names]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ["## Saturation", "", "Share of each attack's final NLL increase gained in its last doubling of "
+            f"forwards (budget curve, mean over seeds; `!`: above aggregate.saturation_tolerance = "
+            f"{sat['tolerance']:g}, not saturated). Checkpoints run no controls.", "", *rows, ""]
 
 
 def recovery_warning(summary: dict) -> list[str]:
@@ -252,12 +314,14 @@ def methods(summary: dict) -> list[str]:
 def power_table(summary: dict) -> list[str]:
     """The smallest paired difference each comparison could detect, with its assumptions."""
     alpha = 1 - summary["confidence"]
-    compared = summary["comparisons"] + summary["frontier"]["matched"] + summary["frontier"]["matched_control"]
+    f = summary["frontier"]
+    compared = [(c, f"{c['arm_a']} vs {c['arm_b']}") for c in summary["comparisons"] + f["matched"]] + [
+        (c, f"{c['arm_a']} vs {c['arm_b']}, excess over the unconstrained curve") for c in f["excess_vs_control"]]
     metrics = list(dict.fromkeys(c["metric"] for c in summary["comparisons"]))
-    pairs = list(dict.fromkeys((c["arm_a"], c["arm_b"]) for c in compared))
-    cell = {(c["arm_a"], c["arm_b"], c["metric"]): f"{c['detectable']:.3f}" for c in compared}
+    pairs = list(dict.fromkeys(row for _, row in compared))
+    cell = {(row, c["metric"]): f"{c['detectable']:.3f}" for c, row in compared}
     rows = ["| comparison | " + " | ".join(map(metric_label, metrics)) + " |", "|---" * (len(metrics) + 1) + "|"]
-    rows += [f"| {a} vs {b} | " + " | ".join(cell.get((a, b, m), "-") for m in metrics) + " |" for a, b in pairs]
+    rows += [f"| {row} | " + " | ".join(cell.get((row, m), "-") for m in metrics) + " |" for row in pairs]
     return [f"Smallest paired difference (nats/token) detected with {100 * summary['power']:.0f}% power by a "
             f"two-sided test at alpha = {alpha:g} (unadjusted; under Holm the first of {summary['family_size']} "
             "tests runs at alpha / family size, which needs more), computed as (t(1 - alpha/2) + t(power)) x SE with "
@@ -328,6 +392,11 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",
               *control_sentences(summary), "",
+              "Worst case (compact table): per example, the highest attacked NLL over the gradient attack, its greedy "
+              "and random controls and every other arm's transferred attack (outputs/transfer/). It is descriptive "
+              "and outside the family of tests: the frontier's checkpoints run neither controls nor transfer, so no "
+              "matched-NLL comparison of the worst case exists yet.", "",
+              *saturation_table(summary),
               "## Power", "", *power_table(summary),
               "## Zero-shot benchmarks", "", *benchmark_table(summary["benchmarks"], round(100 * summary["confidence"]))]
     for attack in summary["attacks"]:

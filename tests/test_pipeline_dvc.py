@@ -181,6 +181,26 @@ def test_every_declared_param_exists_and_every_stage_is_a_pipeline_stage():
         assert f"pipeline/stages/{command[3]}.py" in deps, f"{name} must depend on its own stage module"
 
 
+def test_a_stage_naming_arms_depends_on_each_ones_model_and_declares_each_ones_output():
+    """A stage run for a list of arms reads each arm's model and writes a directory per arm: an arm missing from
+    deps lets SLURM start the stage before that arm's training ends, and one missing from outs is written
+    undeclared (neither cached nor locked)."""
+    from pipeline import arms
+
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        command = stage["cmd"].split()
+        if "--arm" not in command:
+            continue
+        start = command.index("--arm") + 1
+        named = [a for a in command[start:start + len(arms.ARM_NAMES)] if a in arms.ARM_NAMES]
+        for arm in named:
+            model = (f"outputs/train/{arm}-s${{item.seed}}/model" if arms.get(arm).trained
+                     else str(arms.get(arm).model_dir()))
+            if command[3] != "train":    # training writes the model it names
+                assert model in stage["deps"], f"stage {name} runs arm {arm} but does not depend on {model}"
+            assert any(f"/{arm}" in str(out) for out in stage.get("outs", [])), f"stage {name} declares no output of arm {arm}"
+
+
 def test_committed_lock_is_current_for_code_and_params():
     """A cheap staleness check that needs no outputs: DVC compares the lock's hashes of every code and
     params dependency with the working tree. Outputs are absent in a fresh clone and ignored here."""

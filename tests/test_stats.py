@@ -178,6 +178,19 @@ def test_report_wording_uses_the_holm_adjusted_p_values():
     assert report.judgement(c, 0.05, "less", "more").startswith("not resolved")
 
 
+def test_the_answer_says_plainly_when_the_control_changes_a_verdict():
+    """Matched against the unconstrained curve, HotFlip says more vulnerable; less the damage-matched control's
+    excess over that curve, less: the answer names the reversal. UAT agrees under both and draws no sentence."""
+    curve = [_comparison(0.01, 0.1) | {"metric": "uat.abs_increase"},
+             _comparison(0.1, 0.02) | {"metric": "hotflip.abs_increase"}]
+    control = [_comparison(0.02, 0.1) | {"metric": "uat.abs_increase"},
+               _comparison(-0.2, 0.04) | {"metric": "hotflip.abs_increase"}]
+    said = report.control_changes(curve, control, 0.05)
+    assert said.count("The control changes the") == 1 and "the HotFlip verdict" in said
+    assert "line 2 says more vulnerable, the damage-matched difference in differences says less vulnerable" in said
+    assert report.control_changes(curve, curve, 0.05) == ""
+
+
 # --- aggregate over synthetic per-example records of the crossed design ---------------------------
 
 def _loaded(seeds, rng, steps=(15, 30)):
@@ -185,11 +198,14 @@ def _loaded(seeds, rng, steps=(15, 30)):
     docs = [f"test:{d}" for d in range(5)]
     example = rng.normal(1.0, 0.3, len(ids))                 # shared by every arm and seed
 
-    def attack(shift, clean_shift=0.0):
+    def attack(shift, clean_shift=0.0, starved=False):
         inc = example * 0.1 + shift + rng.normal(0, 0.02, len(ids))
         rows = [{"id": i, "clean_nll": 3 + e + clean_shift, "abs_increase": float(x), "rel_increase": float(x) / 3,
                  "success_abs": float(x > 0.5), "success_rel": float(x > 0.45)} for i, e, x in zip(ids, example, inc)]
-        return {"examples": rows, "summary": {"success_rate_abs": 0.0}, "provenance": {"params_hash": "h"}}
+        final = float(inc.mean())
+        curve = [[50, final / 4], [100, final / 2], [200, final]] if starved else [[50, final], [100, final]]
+        return {"examples": rows, "summary": {"success_rate_abs": 0.0}, "budget_curve": curve,
+                "provenance": {"params_hash": "h"}}
 
     # clean NLL on the attack examples above pretrained's: the frontier's checkpoints lie on either side of monotonic
     clean_shift = {"pretrained": 0.0, "baseline": -0.02, "monotonic_init": 2.0, "monotonic": 0.5,
@@ -202,7 +218,8 @@ def _loaded(seeds, rng, steps=(15, 30)):
             runs[arm][s] = {
                 "eval": {"perplexity": 50.0 + k, "provenance": {"params_hash": "h"}},
                 "per_doc": {"doc_ids": docs, "nll": list(400.0 + 10 * np.arange(5) + k), "tokens": [100.0] * 5},
-                "uat": attack(0.01 * k, clean_shift[arm]), "hotflip": attack(0.05 * k, clean_shift[arm]),
+                "uat": attack(0.01 * k, clean_shift[arm]),
+                "hotflip": attack(0.05 * k, clean_shift[arm], starved=arm == "monotonic"),   # only it unsaturated
                 "controls": {c: {a: attack(0.0) for a in ("uat", "hotflip")} for c in ("random", "greedy")}
                 | {"provenance": {"params_hash": "h"}}}
             if arm in TRAINED_ARMS:
@@ -213,8 +230,15 @@ def _loaded(seeds, rng, steps=(15, 30)):
                                          "nonnegative_share": {"start": 1.0, "final": 0.9 if arm == "flipped" else 0.5},
                                          "train": {"lr": 1e-3, "weight_decay": 0.1, "constrained_weight_decay": 0.0,
                                                    "constrained_lr_multiplier": 1.0, "arm_overrides": {}}}
+    # worst case: each arm's own attack rows raised by 0.2 (as if a transferred attack were stronger everywhere)
+    worst = {s: {a: {arm: {"examples": [r | {"abs_increase": r["abs_increase"] + 0.2}
+                                        for r in runs[arm][s][a]["examples"]]} for arm in ARM_NAMES}
+                 for a in ("uat", "hotflip")} for s in seeds}
+    for s in seeds:
+        for arm in ARM_NAMES:      # as load_runs places transfer's worst case beside each arm's own attacks
+            runs[arm][s]["worst_case"] = {a: worst[s][a][arm] for a in ("uat", "hotflip")}
     transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
-                    for a in ("uat", "hotflip")} for s in seeds}
+                    for a in ("uat", "hotflip")} | {"worst_case": worst[s]} for s in seeds}
     right = rng.random(40) < 0.4                             # benchmark items: monotonic gets 10 of them wrong
     benchmarks = {arm: {s: {"pipeline_lastword": {"items": [
         {"doc_id": i, "acc": float(r and not (arm == "monotonic" and i < 10))} for i, r in enumerate(right)]}}
@@ -235,7 +259,7 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     seeds = [0, 1, 2]
     params = _params(seeds)
     summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
-    matched, along = summary["frontier"]["matched"], summary["frontier"]["matched_control"]
+    matched, along = summary["frontier"]["matched"], summary["frontier"]["excess_vs_control"]
     family = summary["comparisons"] + matched + along + summary["controls"]
     # 6 arm pairs x (test NLL, 2 attacks, clean NLL once per example set); 2 targets x 2 attacks against each
     # curve; 5 arms x 2 attacks against their random control
@@ -266,21 +290,49 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
                      "monotonic-step5": ("pretrained-step30", "pretrained-step15", True)}     # +0.8: beyond +0.7
     assert "monotonic-step5 (recovery step 5): difference" in text and "extrapolated" in text
     assert summary["frontier"]["control_curve"] == ["monotonic_init", "flipped-step5", "flipped"]
-    where = {c["arm_a"]: (c["match"]["lower"], c["match"]["upper"], c["match"]["extrapolated"]) for c in along}
-    assert where == {"monotonic": ("flipped", "flipped-step5", False), "monotonic-step5": ("flipped", "flipped-step5",
-                                                                                             False)}
+    # the control's excess: each arm matched on the unconstrained curve at its own clean NLL, then differenced
+    where = {(c["arm_a"], c["arm_b"]): (c["match"]["control"]["lower"], c["match"]["control"]["upper"],
+                                        c["match"]["control"]["extrapolated"]) for c in along}
+    assert where == {("monotonic", "flipped"): ("pretrained", "pretrained-step30", False),           # clean +0.3
+                     ("monotonic-step5", "flipped-step5"): ("pretrained-step30", "pretrained-step15", True)}  # +1.5
+    for c in along:
+        assert c["difference"]["mean"] == pytest.approx(c["match"]["target_excess"] - c["match"]["control_excess"])
+        mono = next(m for m in matched if (m["arm_a"], m["metric"]) == (c["arm_a"], c["metric"]))
+        assert c["match"]["target_excess"] == pytest.approx(mono["difference"]["mean"])
     lines = text.split("\n")
     answer = lines[lines.index("## The answer") + 2: lines.index("## Details")]
     assert answer[0].startswith("1. **The constraint restricts no function here.**") and "80.0000" in answer[0]
-    assert answer[1].startswith("2. **Constraint vs its damage-matched control**") and "HotFlip" in answer[1]
+    assert answer[1].startswith("2. **Against the unconstrained reference curve**") and "HotFlip" in answer[1]
+    assert answer[2].startswith("3. **Against its damage-matched control**") and "own clean NLL" in answer[2]
     assert "90.0% of the control's constrained-variant weights" in answer[3] and "(50.0% of the baseline's)" in answer[3]
     assert "| flipped |" in "\n".join(answer)
     headline = next(line for line in lines if line.startswith("**Robustness at matched clean NLL"))
     assert "between pretrained-step30 and pretrained-step15" in headline
     recovery = summary["recovery"]["arms"]
     assert not recovery["monotonic"][0]["plateaued"] and recovery["baseline"][0]["plateaued"]
-    warning = next(line for line in text.split("\n") if "Recovery had not plateaued" in line)
+    warning = next(line for line in text.split("\n") if line.startswith("> **Recovery had not plateaued"))
     assert "monotonic seed 0 (-0.050)" in warning and "baseline" not in warning
+    assert "Recovery had not plateaued for monotonic (see Details)" in "\n".join(answer)
+    # the worst case: every arm's own rows + 0.2, in the compact table beside the gradient attack
+    for arm in ARM_NAMES:
+        e = summary["arms"][arm]
+        assert e["hotflip_worst"]["abs_increase"]["mean"] == pytest.approx(e["hotflip"]["abs_increase"]["mean"] + 0.2)
+    assert "| worst case (HotFlip) +NLL |" in "\n".join(answer)
+    # saturation: only monotonic's HotFlip was starved (half its increase came in the last doubling)
+    sat = summary["saturation"]["models"]
+    assert sat["monotonic"]["hotflip"]["last_doubling_share"] == pytest.approx(0.5)
+    assert [(m, a) for m, by in sat.items() for a, v in by.items() if v["flagged"]] == [("monotonic", "hotflip")]
+    assert "**1 of " in answer[4] and "had not saturated" in answer[4] and "## Saturation" in text
+
+
+@pytest.mark.parametrize("curve, share", [
+    ([[768, 0.17], [1536, 0.29], [2304, 0.38], [3072, 0.44]], 1 - 0.29 / 0.44),   # HotFlip: half at a point
+    ([[16, 0.07], [272, 0.24], [528, 0.26], [784, 0.28], [1040, 0.35]], 1 - 0.26 / 0.35),  # UAT: interpolated
+    ([[100, 0.3]], 0.5),                       # one point: the curve starts at 0 increase with 0 forwards
+    ([[100, 0.3], [200, 0.3]], 0.0),           # flat: saturated
+])
+def test_last_doubling_share_reads_the_budget_curve(curve, share):
+    assert aggregate.last_doubling_share(curve) == pytest.approx(share, abs=0.01)
 
 
 def test_aggregate_refuses_examples_that_differ_between_seeds():

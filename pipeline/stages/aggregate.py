@@ -68,6 +68,9 @@ def load_runs(params) -> dict:
                 run["val_log"] = _read_csv(tdir / "val_log.csv")
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
+    for seed, matrix in transfer.items():
+        for arm in ARMS:
+            runs[arm][seed]["worst_case"] = {attack: matrix["worst_case"][attack][arm] for attack in ATTACKS}
     conversion = _require(paths.METRICS_DIR / "monotonic_init.json")
     benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS_BY_NAME[arm].trained
                                                            else arm) / "metrics.json")["tasks"]
@@ -90,8 +93,9 @@ class Metric:
 
 
 TEST_NLL = Metric("per_doc", "nll")
+WORST = "worst"     # per example, the max over the attack's gradient, greedy, random and transferred runs (transfer)
 ARM_METRICS = (TEST_NLL, *(Metric(a, f) for a in ATTACKS for f in ATTACK_FIELDS),
-               *(Metric(a, f, c) for a in ATTACKS for c in CONTROLS for f in CONTROL_FIELDS))
+               *(Metric(a, f, c) for a in ATTACKS for c in (*CONTROLS, WORST) for f in CONTROL_FIELDS))
 COMPARED_METRICS = (TEST_NLL, *(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "clean_nll") for a in ATTACKS))
 RATE_FIELDS = ("success_abs", "success_rel")     # proportions: intervals clipped to [0, 1]
 
@@ -129,7 +133,8 @@ class Design:
             pd = run["per_doc"]
             tokens = np.asarray(pd["tokens"], dtype=np.float64)
             return pd["doc_ids"], list(np.asarray(pd["nll"], dtype=np.float64) / tokens), tokens
-        result = run[metric.source] if metric.control is None else run["controls"][metric.control][metric.source]
+        result = (run[metric.source] if metric.control is None else run["worst_case"][metric.source]
+                  if metric.control == WORST else run["controls"][metric.control][metric.source])
         return [r["id"] for r in result["examples"]], [float(r[metric.field]) for r in result["examples"]], None
 
     def values(self, metric: Metric, arm: str) -> tuple[np.ndarray, Clusters, np.ndarray | None]:
@@ -212,7 +217,6 @@ def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
 
 
 MATCHED_LABEL = "unconstrained at matched clean NLL"
-MATCHED_CONTROL_LABEL = "control at matched clean NLL"
 FAMILIES = ("unconstrained", "monotonic", "control")
 
 
@@ -232,20 +236,51 @@ def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
                       design.values(Metric(attack, "abs_increase"), label)[0])
 
 
-def matched_comparisons(design: Design, agg, curve_labels: list[str], targets: list[str],
-                        curve_name: str = MATCHED_LABEL) -> list[tuple[PairedComparison, dict]]:
+def matched_comparisons(design: Design, agg, curve_labels: list[str],
+                        targets: list[str]) -> list[tuple[PairedComparison, dict]]:
     """Per recovered monotonic model (its recovery checkpoints and the final one) and attack: its NLL increase
-    less a curve's (the unconstrained reference, or the damage-matched control's recovery) at its clean NLL."""
+    less the unconstrained reference curve's at its clean NLL."""
     out = []
     for label in targets:
         for attack in ATTACKS:
             target = curve_point(design, label, attack)
             d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels])
             clusters = design.values(Metric(attack, "clean_nll"), label)[1]
-            comparison = paired_comparison(label, curve_name, f"{attack}.abs_increase", d, np.zeros_like(d),
+            comparison = paired_comparison(label, MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
                                            clusters, agg.confidence, agg.equivalence_margin_nats, agg.power,
                                            design.rng)
             out.append((comparison, match.to_dict()))
+    return out
+
+
+def damage_matched(label: str) -> str:
+    """The control's model at the same recovery step as a recovered monotonic model (flipped-step40 for
+    monotonic-step40)."""
+    control = next(arm.name for arm in ARMS_BY_NAME.values() if arm.family == "control")
+    step = get(label).step
+    return control if step is None else f"{control}-step{step}"
+
+
+def excess_comparisons(design: Design, agg, curve_labels: list[str],
+                       targets: list[str]) -> list[tuple[PairedComparison, dict]]:
+    """Per recovered monotonic model and attack: its excess over the unconstrained curve at its own clean NLL
+    less its damage-matched control's excess at the control's own clean NLL (a difference in differences). Both
+    arms carry the same damage and are matched on the densely sampled unconstrained curve, never on the
+    control's own recovery curve, whose first segment (monotonic_init to the first checkpoint) is a chord across
+    the steepest part of recovery."""
+    out = []
+    for label in targets:
+        control = damage_matched(label)
+        for attack in ATTACKS:
+            curve = [curve_point(design, c, attack) for c in curve_labels]
+            d_target, m_target = matched(curve_point(design, label, attack), curve)
+            d_control, m_control = matched(curve_point(design, control, attack), curve)
+            clusters = design.values(Metric(attack, "clean_nll"), label)[1]
+            comparison = paired_comparison(label, control, f"{attack}.abs_increase", d_target, d_control, clusters,
+                                           agg.confidence, agg.equivalence_margin_nats, agg.power, design.rng)
+            out.append((comparison, {"target": m_target.to_dict(), "control": m_control.to_dict(),
+                                     "target_excess": float(d_target.mean()),
+                                     "control_excess": float(d_control.mean())}))
     return out
 
 
@@ -263,6 +298,34 @@ def frontier_points(design: Design, family_labels: dict[str, list[str]], confide
                     point[attack][field] = (clip_rate(est) if field in RATE_FIELDS else est).to_dict()
             out.append(point)
     return out
+
+
+def last_doubling_share(curve: list) -> float:
+    """The share of an attack's final NLL increase gained in its last doubling of forwards: 1 - v(F/2) / v(F) on
+    the recorded budget curve [(forwards, increase), ...], v(F/2) interpolated (0 before the first point)."""
+    forwards, values = np.asarray(curve, dtype=np.float64).T
+    final = values[-1]
+    half = np.interp(forwards[-1] / 2, np.concatenate([[0.0], forwards]), np.concatenate([[0.0], values]))
+    return float((final - half) / final) if final > 0 else float("nan")
+
+
+def saturation(runs: dict, seeds, tolerance: float) -> dict:
+    """Per model (arms and checkpoints) and attack (gradient, and the controls where they ran): the last
+    doubling's share, mean over seeds, flagged above `tolerance` (the attack had not saturated)."""
+    out = {}
+    for label, by_seed in runs.items():
+        curves: dict[str, list] = {}
+        for seed in seeds:
+            run = by_seed[seed]
+            for attack in ATTACKS:
+                curves.setdefault(attack, []).append(run[attack]["budget_curve"])
+                for control in (CONTROLS if "controls" in run else ()):
+                    curves.setdefault(f"{attack}_{control}", []).append(run["controls"][control][attack]["budget_curve"])
+        for name, per_seed in curves.items():
+            shares = [last_doubling_share(c) for c in per_seed]
+            out.setdefault(label, {})[name] = {"last_doubling_share": float(np.nanmean(shares)), "per_seed": shares,
+                                               "flagged": bool(np.nanmean(shares) > tolerance)}
+    return {"tolerance": tolerance, "models": out}
 
 
 def recovery_plateau(runs: dict, seeds, agg) -> dict:
@@ -336,7 +399,7 @@ def summarize(params, loaded: dict) -> dict:
     curve_labels = family_labels["unconstrained"]
     recovered = [label for label in family_labels["monotonic"] if get(label).trained]
     at_matched_nll = matched_comparisons(design, agg, curve_labels, recovered)
-    along_control = matched_comparisons(design, agg, family_labels["control"], recovered, MATCHED_CONTROL_LABEL)
+    along_control = excess_comparisons(design, agg, curve_labels, recovered)
     family = with_holm(between_arms + [c for c, _ in at_matched_nll + along_control]
                        + control_comparisons(design, agg))
     n_arm, n_matched, n_control = len(between_arms), len(at_matched_nll), len(along_control)
@@ -351,10 +414,11 @@ def summarize(params, loaded: dict) -> dict:
             "comparisons": [c.to_dict() for c in family[:n_arm]],
             "frontier": {"curve": curve_labels, "control_curve": family_labels["control"],
                          "points": frontier_points(design, family_labels, agg.confidence),
-                         "matched": matched_rows[:n_matched], "matched_control": matched_rows[n_matched:]},
+                         "matched": matched_rows[:n_matched], "excess_vs_control": matched_rows[n_matched:]},
             "controls": [c.to_dict() for c in family[n_arm + n_matched + n_control:]],
             "conversion": conversion_summary(loaded["conversion"]),
             "recovery": recovery_plateau(runs, seeds, agg),
+            "saturation": saturation(runs, seeds, agg.saturation_tolerance),
             "family_size": len(family), "attacks": list(ATTACKS), "control_methods": list(CONTROLS),
             "transfer_abs_increase": transfer, "arm_overrides": overrides,
             "seeds": list(seeds), "confidence": agg.confidence, "bootstrap_samples": agg.bootstrap_samples,
@@ -382,7 +446,7 @@ def run(params, args) -> int:
     summary = summarize(params, loaded)
     t0 = time.time()
     prov = provenance(params, "aggregate", seed=params.aggregate.seed)
-    per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log")}
+    per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log", "worst_case")}
                      for seed, run in seeds.items()} for arm, seeds in loaded["runs"].items()}
     with staged_dir(paths.REPORT_DIR) as out:
         write_json(out / "results.json", {"summary": summary, "runs": per_run, "transfer": loaded["transfer"],
