@@ -99,6 +99,12 @@ def comparison_sentences(summary: dict) -> list[str]:
     return out
 
 
+def _where(m: dict) -> str:
+    """Where a target meets a curve (a frontier.Match as a dict)."""
+    return (f"extrapolated from {m['lower']} and {m['upper']}: the curve does not reach it" if m["extrapolated"]
+            else f"between {m['lower']} and {m['upper']}")
+
+
 def matched_paragraph(summary: dict) -> list[str]:
     """The headline: monotonic vs the unconstrained reference curve at monotonic's clean NLL, per attack."""
     conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
@@ -108,8 +114,7 @@ def matched_paragraph(summary: dict) -> list[str]:
     parts, sweep = [], []
     for c in f["matched"]:
         attack, m = c["metric"].split(".")[0], c["match"]
-        where = (f"extrapolated from {m['lower']} and {m['upper']}: the curve does not reach it" if m["extrapolated"]
-                 else f"between {m['lower']} and {m['upper']}")
+        where = _where(m)
         step = get(c["arm_a"]).step
         if step is not None:
             sweep.append(f"{c['arm_a']} (recovery step {step}): difference {_stats(c, conf)} under {_name(attack)} "
@@ -128,6 +133,26 @@ def matched_paragraph(summary: dict) -> list[str]:
             "comparison (same recovery budget, different perplexity) follows below.", "",
             *([f"Budget sweep: the same matched comparison for the monotonic model's recovery checkpoints (the "
                f"recovery budget so far): " + "; ".join(sweep) + ".", ""] if sweep else [])]
+
+
+def excess_paragraph(summary: dict) -> list[str]:
+    """The damage-matched comparison at matched clean NLL: where each arm meets the unconstrained curve."""
+    conf, alpha = round(100 * summary["confidence"]), 1 - summary["confidence"]
+    parts = []
+    for c in summary["frontier"]["excess_vs_control"]:
+        m = c["match"]
+        parts.append(f"{c['arm_a']} vs {c['arm_b']} under {_name(c['metric'].split('.')[0])}: excess "
+                     f"{m['target_excess']:+.3f} (clean NLL {m['target']['target_clean']:.3f}, {_where(m['target'])}) less "
+                     f"{m['control_excess']:+.3f} (clean NLL {m['control']['target_clean']:.3f}, "
+                     f"{_where(m['control'])}) = {_stats(c, conf)}: "
+                     + judgement(c, alpha, "the constrained model's excess is smaller",
+                                 "the constrained model's excess is larger"))
+    return ["**The damage-matched control at matched clean NLL.** Each arm's excess vulnerability is its attack NLL "
+            "increase less the unconstrained curve's at its own clean NLL; the constrained model's excess less its "
+            "control's (the same damaged start, trained without the constraint) removes what the damage and its "
+            "recovery do to both. Both are matched on the unconstrained curve, not on the control's own recovery "
+            "curve, whose first segment (monotonic_init to its first checkpoint) is a chord across the steepest part "
+            "of recovery: " + "; ".join(parts) + ".", ""]
 
 
 def _headline(c: dict, alpha: float, less: str, more: str) -> str:
@@ -369,7 +394,7 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
              "", *answer(summary), "## Details", "",
-             *matched_paragraph(summary),
+             *matched_paragraph(summary), *excess_paragraph(summary),
              f"Profile `{params.profile}`, seeds {summary['seeds']}, params hash `{prov['params_hash']}`, "
              f"torch {prov['packages']['torch']}, transformers {prov['packages']['transformers']}. The code that ran "
              "is pinned by its file hashes in dvc.lock; commit, host, device and wall times of each step are in its "
