@@ -224,12 +224,15 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     ws = smoke_dvc_repro
     report = (ws / "outputs/report/report.md").read_text()
     assert "## Step-matched comparison: main table" in report and "monotonic" in report
-    assert report.split("\n")[2].startswith("**Robustness at matched clean NLL (the headline).**")
+    lines = report.split("\n")
+    assert lines[2] == "## The answer" and lines[4].startswith("1. **The constraint restricts no function here.**")
+    assert "**Robustness at matched clean NLL, against the unconstrained curve.**" in report
     results = json.loads((ws / "outputs/report/results.json").read_text())
     smoke = params_mod.load(ws / "params.yaml")
     steps = [f"pretrained-step{step}" for step in smoke.frontier.steps]
-    recovery = {arm: [f"{arm}-step{step}" for step in smoke.frontier.recovery_steps] for arm in ("baseline", "monotonic")}
-    for arm in (*ARM_NAMES, *steps, *recovery["baseline"], *recovery["monotonic"]):
+    recovery = {arm: [f"{arm}-step{step}" for step in smoke.frontier.recovery_steps]
+                for arm in ("baseline", "monotonic", "flipped")}
+    for arm in (*ARM_NAMES, *steps, *(label for labels in recovery.values() for label in labels)):
         assert set(map(str, results["runs"][arm])) == {str(s) for s in smoke.seeds}
     frontier = results["summary"]["frontier"]
     assert steps and recovery["monotonic"]
