@@ -141,10 +141,10 @@ def excess_paragraph(summary: dict) -> list[str]:
     parts = []
     for c in summary["frontier"]["excess_vs_control"]:
         m = c["match"]
+        target, control = (f"(clean NLL {m[k]['target_clean']:.3f}, {_where(m[k])})" for k in ("target", "control"))
         parts.append(f"{c['arm_a']} vs {c['arm_b']} under {_name(c['metric'].split('.')[0])}: excess "
-                     f"{m['target_excess']:+.3f} (clean NLL {m['target']['target_clean']:.3f}, {_where(m['target'])}) less "
-                     f"{m['control_excess']:+.3f} (clean NLL {m['control']['target_clean']:.3f}, "
-                     f"{_where(m['control'])}) = {_stats(c, conf)}: "
+                     f"{m['target_excess']:+.3f} {target} less {m['control_excess']:+.3f} {control} = "
+                     f"{_stats(c, conf)}: "
                      + judgement(c, alpha, "the constrained model's excess is smaller",
                                  "the constrained model's excess is larger"))
     return ["**The damage-matched control at matched clean NLL.** Each arm's excess vulnerability is its attack NLL "
@@ -215,8 +215,8 @@ def control_changes(curve: list, excess: list, alpha: float) -> str:
         return word if word.startswith(("equivalent", "not")) else ("less" if c["difference"]["mean"] < 0 else "more")
     changed = [(_name(a["metric"].split(".")[0]), call(a), call(b)) for a in curve for b in excess
                if a["metric"] == b["metric"] and call(a) != call(b)]
-    return "".join(f" **The control changes the {attack} verdict:** line 2 says {_vulnerability(x)}, the damage-matched "
-                   f"difference in differences says {_vulnerability(y)}." for attack, x, y in changed)
+    return "".join(f" **The control changes the {attack} verdict:** line 2 says {_vulnerability(x)}, the "
+                   f"damage-matched difference in differences says {_vulnerability(y)}." for attack, x, y in changed)
 
 
 def _vulnerability(call: str) -> str:
@@ -262,11 +262,16 @@ def saturation_clause(summary: dict) -> str:
             "can change sign with it.")
 
 
+def _attack_run_name(name: str) -> str:
+    """"hotflip" -> "HotFlip"; "hotflip_random" -> "random (HotFlip budget)"."""
+    attack, _, control = name.partition("_")
+    return f"{control} ({_name(attack)} budget)" if control else _name(attack)
+
+
 def saturation_table(summary: dict) -> list[str]:
     sat = summary["saturation"]
     names = list(dict.fromkeys(name for by in sat["models"].values() for name in by))
-    label = lambda name: (lambda a, _, c: f"{c} ({_name(a)} budget)" if c else _name(a))(*name.partition("_"))  # noqa: E731
-    rows = ["| model | " + " | ".join(map(label, names)) + " |",
+    rows = ["| model | " + " | ".join(map(_attack_run_name, names)) + " |",
             "|---" * (len(names) + 1) + "|"]
     for label, by in sat["models"].items():
         cells = [f"{100 * by[n]['last_doubling_share']:.0f}%{' !' if by[n]['flagged'] else ''}" if n in by else "-"

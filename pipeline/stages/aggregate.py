@@ -320,7 +320,8 @@ def saturation(runs: dict, seeds, tolerance: float) -> dict:
             for attack in ATTACKS:
                 curves.setdefault(attack, []).append(run[attack]["budget_curve"])
                 for control in (CONTROLS if "controls" in run else ()):
-                    curves.setdefault(f"{attack}_{control}", []).append(run["controls"][control][attack]["budget_curve"])
+                    curves.setdefault(f"{attack}_{control}", []).append(
+                        run["controls"][control][attack]["budget_curve"])
         for name, per_seed in curves.items():
             shares = [last_doubling_share(c) for c in per_seed]
             out.setdefault(label, {})[name] = {"last_doubling_share": float(np.nanmean(shares)), "per_seed": shares,
