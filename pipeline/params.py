@@ -422,6 +422,14 @@ def _check_consistency(p: Params) -> None:
                           "mlp_in, mlp_both or mlp_in_attn_out for the GPT-NeoX model built from scratch")
     if p.eval.stride > p.eval.context_length:
         raise ParamsError("eval.stride", p.eval.stride, f"at most eval.context_length ({p.eval.context_length})")
+    _check_attack(p)
+    _check_benchmarks(p.benchmarks)
+
+    _check_training(p)
+    _check_frontier(p)
+
+
+def _check_attack(p: Params) -> None:
     a = p.attack
     if a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens > p.eval.context_length:
         raise ParamsError("attack.prompt_tokens", a.prompt_tokens,
@@ -450,8 +458,8 @@ def _check_consistency(p: Params) -> None:
             raise ParamsError(f"attack.{section}.patience", s.patience,
                               f"at most the step cap attack.{section}.{'iterations' if section == 'uat' else 'steps'} ({cap})")
 
-    _check_benchmarks(p.benchmarks)
 
+def _check_training(p: Params) -> None:
     train_keys = {f.name for f in dataclasses.fields(TrainParams)} - {"arm_overrides"}
     for arm, override in p.train.arm_overrides.items():
         if arm not in TRAINED_ARMS:
@@ -463,7 +471,10 @@ def _check_consistency(p: Params) -> None:
                 raise ParamsError(f"train.arm_overrides.{arm}.{key}", override[key],
                                   f"a train key ({', '.join(sorted(train_keys))})")
         p.train_for_arm(arm)   # every overridden value passes the same checks as the section's own
-    _check_frontier(p)
+    for arm in TRAINED_ARMS:     # the plateau check reads the validations: at least one must run
+        t = p.train_for_arm(arm)
+        if t.eval_interval > t.max_steps:
+            raise ParamsError("train.eval_interval", t.eval_interval, f"at most train.max_steps ({t.max_steps} for arm {arm}): no validation would run")
 
 
 def _check_data_files(d: DataParams) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import configparser
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arms
+from .cluster import gpu_count, resource_section, slurm_gib, slurm_seconds
 from .params import LOCAL_TASK, ParamsError
 
 GIB = 2 ** 30
@@ -572,33 +572,10 @@ def read_resources(path: Path = RESOURCES) -> configparser.ConfigParser:
     return ini
 
 
-def section_of(ini, dvc_stage: str) -> str:
-    """The longest section whose kind covers the stage ([assess] covers assess-ref), else [DEFAULT]: the rule of
-    slurm/submit.py's sbatch_options."""
-    kinds = [k for k in ini.sections() if dvc_stage == k or dvc_stage.startswith(k + "-")]
-    return max(kinds, key=len) if kinds else ini.default_section
-
-
-def slurm_hours(value: str) -> float:
-    days, _, clock = value.rpartition("-")
-    h, m, s = (clock.split(":") + ["0", "0"])[:3]
-    return int(days or 0) * 24 + int(h) + int(m) / 60 + int(s) / 3600
-
-
-def slurm_gib(value: str) -> float:
-    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", value.strip().upper()).groups()
-    return float(number) * {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 1024, "": 2 ** -10}[unit]
-
-
-def gpu_count(gres: str) -> int:
-    match = re.search(r"gpu(?::[^:,]+)?:(\d+)", gres or "")
-    return int(match.group(1)) if match else 0
-
-
 def problems(c: Context, e: Estimate, ini) -> list[str]:
     """Why a stage will not run as requested, each with the setting to change."""
-    sect = section_of(ini, e.dvc_stage)
-    req = ini[sect]
+    req = resource_section(ini, e.dvc_stage)
+    sect = req.name
     out = []
     if c.cuda and e.gpu:
         if gpu_count(req.get("gres", "")) < 1:
@@ -612,7 +589,7 @@ def problems(c: Context, e: Estimate, ini) -> list[str]:
         out.append(f"{e.stage}: needs {e.host_gib:.1f} GiB of host memory, slurm/resources.ini [{sect}] mem = "
                    f"{req.get('mem')}: raise mem to {math.ceil(e.host_gib * 1.25)}G"
                    + (f" or {e.fix}" if e.fix and not c.cuda else ""))
-    limit = slurm_hours(req.get("time", "0:0:0"))
+    limit = slurm_seconds(req.get("time", "0")) / 3600
     if e.hours > limit and not e.resumable:
         out.append(f"{e.stage}: ~{e.hours:.1f} h of compute, slurm/resources.ini [{sect}] time = {req.get('time')}: "
                    f"raise time to {math.ceil(e.hours * 1.5)}:00:00")
@@ -631,8 +608,8 @@ def table(c: Context, rows: list[Estimate], ini) -> str:
              f"| {fits_head} |",
              "|---|---|---|---|---|---|---|"]
     for e in rows:
-        req = ini[section_of(ini, e.dvc_stage)]
-        limit = slurm_hours(req.get("time", "0:0:0"))
+        req = resource_section(ini, e.dvc_stage)
+        limit = slurm_seconds(req.get("time", "0")) / 3600
         when = f"{e.hours:.2f} / {req.get('time')}"
         if e.resumable and e.hours > limit:
             when += f" (requeues {math.ceil(e.hours / limit) - 1}x)"

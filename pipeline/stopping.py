@@ -1,7 +1,7 @@
 """Stop requests: how a batch job asks a long computation to checkpoint and exit with REQUEUE_EXIT_CODE.
 
-Standard library only: slurm/submit.py loads this file by path on a login node, without the project's
-environment, to pass REQUEUE_EXIT_CODE and STOP_FILE_ENV to the jobs.
+Standard library only: slurm/submit.py imports it on a login node, without the project's environment, to pass
+REQUEUE_EXIT_CODE to the jobs.
 
 Two channels, both read at step boundaries:
 - SIGUSR1/SIGTERM delivered to this process (enough when nothing sits between the sender and Python);
@@ -32,23 +32,22 @@ def stop_file() -> Path | None:
 
 
 def stop_requested() -> str | None:
-    """Why the batch job asks this process to stop ("stop file PATH"), or None: one stat, for loops that
-    poll between units of work (attack searches) without installing signal handlers."""
+    """Why the batch job asks this process to stop ("stop file PATH"), or None: one stat."""
     path = stop_file()
     return f"stop file {path}" if path is not None and path.exists() else None
 
 
-def announce(event: str) -> None:
-    print(f"\ntrain: {event}; checkpointing at the next step boundary", file=sys.stderr, flush=True)
+def announce(who: str, event: str) -> None:
+    print(f"\n{who}: {event}; checkpointing at the next step boundary", file=sys.stderr, flush=True)
 
 
 class StopRequests:
     """Context manager: `received` is the reason a stop was requested ("signal SIGUSR1", "stop file PATH")
     or None. While enabled, SIGUSR1/SIGTERM are caught (main thread only; handlers restored on exit) and
-    each read of `received` polls the stop file until a request is seen."""
+    each read of `received` polls the stop file until a request is seen. `who` names the stage in messages."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, who: str):
+        self.enabled, self.who = enabled, who
         self._catch_signals = enabled and threading.current_thread() is threading.main_thread()
         self._received: str | None = None
         self._previous: dict = {}
@@ -58,13 +57,13 @@ class StopRequests:
         if self._received is None and self.enabled:
             self._received = stop_requested()
             if self._received:
-                announce(f"found {self._received}")
+                announce(self.who, f"found {self._received}")
         return self._received
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         self._received = f"signal {name}"
-        announce(f"received {name}")
+        announce(self.who, f"received {name}")
 
     def __enter__(self):
         if self._catch_signals:

@@ -15,7 +15,7 @@ and any process count sees the same sequences (a run may even resume under anoth
 Numerics: master weights stay fp32 (checked); bf16 is autocast for compute only (precision auto: on a
 CUDA device that supports it). Per logged step the actual update norm of every parameter group is
 measured from the weights themselves, and a group whose accumulated update stays below
-train.min_update_norm fails the run (the prior implementation's bf16 rounding froze the weights).
+train.min_update_norm fails the run.
 
 Stopping early: SIGUSR1/SIGTERM or the stop file (pipeline/stopping.py), train.max_steps_per_run and
 train.wall_clock_limit_s make the loop checkpoint at the next step boundary and return completed=False;
@@ -610,7 +610,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
     val_ids = validation_windows(val_data, tp.eval_batches * run.global_batch)
     reason = None
     bar = tqdm(total=tp.max_steps, initial=state.step, desc=desc, dynamic_ncols=True, disable=not run.main)
-    with StopRequests(enabled=run.root is not None) as stops:
+    with StopRequests(enabled=run.root is not None, who="train") as stops:
         while state.step < tp.max_steps:
             t0 = time.perf_counter()
             row = train_step(run, train_data)

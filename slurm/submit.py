@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import runpy
 import shlex
 import shutil
 import subprocess
@@ -37,14 +36,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))       # the standard-library-only modules of this checkout's package
+from pipeline.cluster import in_kind, resource_section, slurm_seconds  # noqa: E402
+from pipeline.io import write_json  # noqa: E402
+from pipeline.stopping import REQUEUE_EXIT_CODE  # noqa: E402
+
 WRAPPER = HERE / "stage.sbatch"
 DEFAULT_RESOURCES = HERE / "resources.ini"
 DEFAULT_IMAGE = "container/pipeline.sif"
 CHECKPOINTS = "outputs/checkpoints"       # pipeline/paths.py: checkpoint_dir(arm, seed).parent
 UNCHECKED = re.compile(r"(^|/)(dvc\.lock|\.gitignore)$")   # DVC rewrites these; they never change a stage
 SEED_IN_CMD = re.compile(r"--seed[= ](\d+)\b")
-STOPPING = Path("pipeline") / "stopping.py"   # REQUEUE_EXIT_CODE, the stop protocol (standard library only)
-IO = Path("pipeline") / "io.py"               # atomic writes (standard library only)
 JOB_PREFIX = "pl:"
 VARIATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SIGNAL_LEAD_S = 600                       # slurm/stage.sbatch: #SBATCH --signal=B:USR1@600
@@ -123,12 +125,6 @@ def load_dag(workspace: Path, mode: str, image: Path) -> dict:
         return json.loads(run([apptainer, "exec", "--cleanenv", "--bind", str(workspace), "--pwd", str(workspace),
                                str(image), "python", "slurm/submit.py", "dag"]))
     return read_dag(workspace)
-
-
-def in_kind(stage_name: str, kind: str) -> bool:
-    """`train` covers train-baseline@0 and train-monotonic@1; `assess` covers assess@... and assess-ref@0-pretrained"""
-    base = stage_name.split("@")[0]
-    return base == kind or base.startswith(kind + "-")
 
 
 def select(stages: list[dict], names: list[str], seeds: list[int], force: bool) -> list[dict]:
@@ -235,7 +231,7 @@ def make_snapshot(workspace: Path, run_dir: Path, dag: dict, checkpoint_dir: Pat
     if link.is_symlink() or link.exists():
         fail(f"{CHECKPOINTS} exists in the submitted tree; it must stay out of git and DVC")
     link.symlink_to(checkpoint_dir, target_is_directory=True)
-    pipeline_module(IO, workspace)["write_json"](run_dir / "source.json", {
+    write_json(run_dir / "source.json", {
         "outs": dag["outs"], "files": file_digests(workspace, dag["outs"])})
 
 
@@ -257,27 +253,11 @@ def check_snapshot(run_dir: Path) -> int:
 
 # --- submission ---------------------------------------------------------------------------------------
 
-def seconds(slurm_time: str) -> int:
-    """SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    days, _, clock = slurm_time.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:
-        parts += [0] * (3 - len(parts))
-        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-    return {1: lambda m: m * 60, 2: lambda m, s: m * 60 + s, 3: lambda h, m, s: h * 3600 + m * 60 + s}[len(parts)](*parts)
-
-
-def resource_section(resources: configparser.ConfigParser, stage_name: str) -> configparser.SectionProxy:
-    """The longest section whose kind covers the stage (see in_kind), else [DEFAULT]."""
-    kinds = sorted((k for k in resources.sections() if in_kind(stage_name, k)), key=len)
-    return resources[kinds[-1]] if kinds else resources[resources.default_section]
-
-
 def sbatch_options(resources: configparser.ConfigParser, stage_name: str) -> list[str]:
     section = resource_section(resources, stage_name)
     options = {key: value for key, value in section.items() if value != ""}
     lead = int(options.get("signal", f"B:USR1@{SIGNAL_LEAD_S}").rpartition("@")[2])
-    if "time" in options and seconds(options["time"]) <= lead:
+    if "time" in options and slurm_seconds(options["time"]) <= lead:
         fail(f"{stage_name}: time {options['time']} is not longer than the USR1 lead of {lead} s "
              "(the job would be told to checkpoint as it starts); raise time or set signal = B:USR1@<less>")
     return [f"--{key}={value}" for key, value in options.items()]
@@ -298,15 +278,6 @@ def check_one_node(resources: configparser.ConfigParser, path: str, stage_names:
     for option in extra:
         if option.startswith("--nodes=") and several(option.partition("=")[2]):
             fail(f"--sbatch={option}; {why}")
-
-
-def pipeline_module(rel: Path, workspace: Path) -> dict:
-    """The globals of a standard-library-only module of the submitted tree (else of this submitter's
-    checkout), loaded by path: the submitter runs without the project's environment."""
-    for path in (workspace / rel, HERE.parent / rel):
-        if path.is_file():
-            return runpy.run_path(str(path))
-    fail(f"{rel} not found in {workspace} or {HERE.parent}")
 
 
 def state_dir_for(workspace: Path) -> Path:
@@ -408,7 +379,7 @@ def submit(args) -> int:
     env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
            "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
            "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": pipeline_module(STOPPING, workspace)["REQUEUE_EXIT_CODE"],
+           "PIPELINE_REQUEUE_EXIT_CODE": REQUEUE_EXIT_CODE,
            "PIPELINE_DVC_REMOTE": args.remote or "",
            "PIPELINE_EXPERIMENT": experiment}
     if any("," in str(v) for v in env.values()):
@@ -420,7 +391,6 @@ def submit(args) -> int:
         for tool in (WRAPPER, Path(__file__).resolve()):   # the jobs use these copies, whatever happens to slurm/
             shutil.copy2(tool, run_dir / tool.name)
     wrapper = run_dir / WRAPPER.name
-    write_json = pipeline_module(IO, workspace)["write_json"]
 
     job_ids: dict[str, str] = {}
 

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO
 from pipeline import arms
+from pipeline.cluster import resource_section
 from pipeline import params as P
 from pipeline import preflight
 from pipeline.__main__ import main
@@ -169,7 +170,7 @@ def test_resources_section_is_the_longest_covering_one_as_the_submitter_reads_it
     (tmp_path / "resources.ini").write_text(ini)
     resources = preflight.read_resources(tmp_path / "resources.ini")
     for stage in ("assess@baseline-0", "assess-ref@0-pretrained", "assess-frontier@0", "train-monotonic@1", "data"):
-        section = resources[preflight.section_of(resources, stage.split("@")[0])]
+        section = resource_section(resources, stage)
         assert f"--time={section['time']}" in submitter.sbatch_options(resources, stage), stage
     rc, out = preflight_run(capsys, "--params", str(PROFILES / "cluster.yaml"), "--resources",
                             str(tmp_path / "resources.ini"))

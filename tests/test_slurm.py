@@ -515,12 +515,10 @@ def test_wrapper_and_submitter_agree_with_the_pipeline():
     wrapper = (REPO / "slurm" / "stage.sbatch").read_text()
     assert f"#SBATCH --signal=B:USR1@{submitter.SIGNAL_LEAD_S}" in wrapper
     assert "#SBATCH --requeue" in wrapper and "#SBATCH --open-mode=append" in wrapper
-    assert submitter.pipeline_module(submitter.STOPPING, REPO)["REQUEUE_EXIT_CODE"] == stopping.REQUEUE_EXIT_CODE
     assert "REQUEUE_EXIT_CODE=$PIPELINE_REQUEUE_EXIT_CODE\n" in wrapper   # the submitter's value, no default
     assert f'export {stopping.STOP_FILE_ENV}="$PIPELINE_CHECKPOINT_DIR/' in wrapper
     assert Path(submitter.CHECKPOINTS) == paths.checkpoint_dir("baseline", 0).parent
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "stage.sbatch")]).returncode == 0
-    assert submitter.seconds("1-02:03:04") == 93784 and submitter.seconds("30") == 1800
 
 
 def test_wrapper_started_without_the_submitter_stops_before_doing_anything(tmp_path):

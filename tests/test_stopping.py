@@ -29,24 +29,25 @@ def test_stop_requests_sees_the_file_and_signals_and_restores_handlers(tmp_path,
     stop = tmp_path / "stop"
     monkeypatch.setenv(STOP_FILE_ENV, str(stop))
     before = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
-    with StopRequests(enabled=True) as stops:
+    with StopRequests(enabled=True, who="train") as stops:
         assert stops.received is None
         stop.touch()
         assert stops.received == f"stop file {stop}"
         stop.unlink()
         assert stops.received == f"stop file {stop}"      # a request, once seen, stays
     assert "train: found stop file" in capsys.readouterr().err
-    with StopRequests(enabled=True) as stops:
+    with StopRequests(enabled=True, who="attack") as stops:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stops.received == "signal SIGUSR1"
+    assert "attack: received SIGUSR1" in capsys.readouterr().err     # the stage that stops, not always "train"
     assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == before
     stop.touch()
-    with StopRequests(enabled=False) as stops:
+    with StopRequests(enabled=False, who="train") as stops:
         assert stops.received is None                      # disabled: no handlers, no polling
 
 
 def test_submitter_reads_the_exit_code_from_the_module_without_the_project():
-    """slurm/submit.py loads stopping.py by path on a login node: standard library only."""
+    """slurm/submit.py imports stopping.py on a login node: standard library only."""
     assert runpy.run_path(str(REPO / "pipeline" / "stopping.py"))["REQUEUE_EXIT_CODE"] == REQUEUE_EXIT_CODE == 75
     imports = [line for line in (REPO / "pipeline" / "stopping.py").read_text().splitlines()
                if line.startswith(("import ", "from "))]

@@ -290,7 +290,7 @@ def run_stopping(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, c
     """attack() under SIGUSR1/SIGTERM stop requests: 0 when done, REQUEUE_EXIT_CODE when stopped."""
     from ..stopping import REQUEUE_EXIT_CODE, StopRequests
 
-    with StopRequests(enabled=True) as stops:
+    with StopRequests(enabled=True, who="attack") as stops:
         try:
             attack(params, setup, arm, seed, steps, should_stop=lambda: stops.received is not None, cache=cache)
         except A.SearchStopped:
