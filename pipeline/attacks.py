@@ -12,7 +12,9 @@ Gradient-guided step (the same for both attacks): the first-order estimate of th
 token v at position p is (e_v - e_current) . dL/de_p; the top-k tokens of every editable position form one
 pool, a large batch of single-token changes is drawn from the whole pool without repeats, every one is
 scored by the true loss, and the best is kept if it raises the loss. A search runs until `patience` steps
-in a row bring no improvement, or its hard step cap. HotFlip may revisit positions: at most `flips`
+in a row bring no improvement, or its hard step cap. UAT's trigger, and so its gradient, is unchanged after a
+step without improvement: it takes no new gradient and draws only changes not yet scored; a trigger whose
+whole pool scored without improvement ends the restart. HotFlip may revisit positions: at most `flips`
 positions differ from the original at any time (at the edit budget only changed positions are editable).
 Every gradient step also records the rank correlation between the first-order scores of the candidates
 it scored and their true loss changes (a gradient-masking diagnostic).
@@ -261,7 +263,7 @@ def uat_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor
         if s["trigger"] is None:
             s["trigger"] = candidates[torch.randint(len(candidates), (uat.trigger_length,), generator=gen)]
             s["current"] = scorer.nll(with_trigger(s["trigger"], tokens, at)).mean().item()
-            s.update(step=0, stale=0, trace=[s["current"]])
+            s.update(step=0, stale=0, trace=[s["current"]], pool=None)
         elif s["step"] < uat.iterations and s["stale"] < uat.patience:
             _uat_step(s, scorer, tokens, candidates, uat, at, positions, gen, guided)
         else:
@@ -273,7 +275,7 @@ def uat_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor
         best = s["current"] if s["best"] is None else max(s["best"][1], s["current"])
         _point(s, scorer, best)
 
-    initial = {"restart": 0, "trigger": None, "current": 0.0, "step": 0, "stale": 0, "trace": [],
+    initial = {"restart": 0, "trigger": None, "current": 0.0, "step": 0, "stale": 0, "trace": [], "pool": None,
                "restarts": [], "best": None, "curve": [], "correlations": []}
     s = _drive(initial, advance, lambda s: s["restart"] >= uat.restarts, scorer=scorer, gen=gen,
                should_stop=should_stop, store=store)
@@ -284,11 +286,10 @@ def uat_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor
 def _uat_step(s: dict, scorer: Scorer, tokens, candidates, uat, at: int, positions, gen, guided: bool) -> None:
     trigger, length = s["trigger"], uat.trigger_length
     if guided:
-        scores, _ = scorer.flip_scores(with_trigger(trigger, tokens, at), positions)
-        top = scores.mean(dim=0).topk(uat.topk, dim=1)                                # [L, topk]
-        picks = torch.randperm(length * uat.topk, generator=gen)[:uat.candidates_per_step]
-        pos, tok = picks // uat.topk, top.indices.view(-1)[picks]
-        predicted = top.values.view(-1)[picks]
+        pos, tok, predicted = _uat_pool_draw(s, scorer, tokens, uat, at, positions, gen)
+        if len(pos) == 0:              # every change in the pool scored without improvement: a local optimum
+            s["stale"] = uat.patience
+            return
     else:
         pos = torch.randint(length, (uat.candidates_per_step,), generator=gen)
         tok = candidates[torch.randint(len(candidates), (uat.candidates_per_step,), generator=gen)]
@@ -299,11 +300,28 @@ def _uat_step(s: dict, scorer: Scorer, tokens, candidates, uat, at: int, positio
         s["correlations"].append(rank_correlation(predicted, losses - s["current"]))
     top_i = int(losses.argmax())
     if losses[top_i].item() > s["current"]:
-        s.update(trigger=proposals[top_i], current=losses[top_i].item(), stale=0)
+        s.update(trigger=proposals[top_i], current=losses[top_i].item(), stale=0, pool=None)
     else:
         s["stale"] += 1
     s["step"] += 1
     s["trace"].append(s["current"])
+
+
+def _uat_pool_draw(s: dict, scorer: Scorer, tokens, uat, at: int, positions, gen):
+    """Up to candidates_per_step single-token changes drawn without repeats from the trigger's gradient pool
+    (topk tokens per position) among those not yet scored against this trigger: (positions, tokens,
+    first-order scores). The pool's gradient pass runs once per trigger; a step without improvement leaves
+    the trigger and so its gradient unchanged, and draws the next untried changes instead."""
+    if s.get("pool") is None:
+        scores, _ = scorer.flip_scores(with_trigger(s["trigger"], tokens, at), positions)
+        top = scores.mean(dim=0).topk(uat.topk, dim=1)                                # [L, topk]
+        s["pool"] = {"tokens": top.indices, "scores": top.values,
+                     "tried": torch.zeros(uat.trigger_length * uat.topk, dtype=torch.bool)}
+    pool = s["pool"]
+    untried = torch.nonzero(~pool["tried"]).flatten()
+    picks = untried[torch.randperm(len(untried), generator=gen)[:uat.candidates_per_step]]
+    pool["tried"][picks] = True
+    return picks // uat.topk, pool["tokens"].view(-1)[picks], pool["scores"].view(-1)[picks]
 
 
 def uat_random_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Tensor, trigger_length: int,

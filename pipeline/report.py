@@ -176,15 +176,27 @@ def conversion_line(conversion: dict) -> str:
             f"non-negative model can represent. {damage}")
 
 
+def headline_comparisons(summary: dict) -> dict[str, list[dict]]:
+    """The answer's comparisons of monotonic's attack NLL increases, one row per attack: against the
+    unconstrained curve at matched clean NLL, against the damage-matched control at the same recovery step,
+    and the difference in differences (each one's excess over the curve at its own clean NLL)."""
+    f = summary["frontier"]
+
+    def pick(rows: list, other: str) -> list[dict]:
+        return [c for c in rows if c["arm_a"] == "monotonic" and c["arm_b"] == other
+                and c["metric"].endswith("abs_increase")]
+    return {"vs-curve": pick(f["matched"], f["matched"][0]["arm_b"]),
+            "vs-control": pick(summary["comparisons"], "flipped"),
+            "vs-control-nll": pick(f["excess_vs_control"], "flipped")}
+
+
 def answer(summary: dict) -> list[str]:
     """The first screen: at most five numbered lines, each comparison with its interval and verdict."""
     alpha = 1 - summary["confidence"]
     more, less = "monotonic more vulnerable", "monotonic less vulnerable"
-    f = summary["frontier"]
-    pick = lambda rows, b: [c for c in rows if c["arm_a"] == "monotonic" and c["arm_b"] == b  # noqa: E731
-                            and c["metric"].endswith("abs_increase")]
-    curve_rows, excess_rows = pick(f["matched"], f["matched"][0]["arm_b"]), pick(f["excess_vs_control"], "flipped")
-    same_step = "; ".join(_headline(c, alpha, less, more) for c in pick(summary["comparisons"], "flipped"))
+    headline = headline_comparisons(summary)
+    curve_rows, excess_rows = headline["vs-curve"], headline["vs-control-nll"]
+    same_step = "; ".join(_headline(c, alpha, less, more) for c in headline["vs-control"])
     excess = "; ".join(f"{_headline(c, alpha, less, more)} ({c['match']['target_excess']:+.3f} vs "
                        f"{c['match']['control_excess']:+.3f})" for c in excess_rows)
     shares = {arm: np.mean([t["nonnegative_share"]["final"] for t in summary["arms"][arm]["train"].values()])
@@ -207,21 +219,24 @@ def answer(summary: dict) -> list[str]:
             compact_table(summary), ""]
 
 
+def call(c: dict, alpha: float) -> str:
+    """less / more (monotonic's vulnerability, a resolved difference), equivalent, or not resolved."""
+    word = verdict(c["p_holm"], c["p_equivalence_holm"], alpha)
+    return word if word.startswith(("equivalent", "not")) else ("less" if c["difference"]["mean"] < 0 else "more")
+
+
 def control_changes(curve: list, excess: list, alpha: float) -> str:
     """A plain sentence for each attack whose verdict against the unconstrained curve does not survive the
     damage-matched control (monotonic's excess over that curve less the control's)."""
-    def call(c: dict) -> str:
-        word = verdict(c["p_holm"], c["p_equivalence_holm"], alpha)
-        return word if word.startswith(("equivalent", "not")) else ("less" if c["difference"]["mean"] < 0 else "more")
-    changed = [(_name(a["metric"].split(".")[0]), call(a), call(b)) for a in curve for b in excess
-               if a["metric"] == b["metric"] and call(a) != call(b)]
+    changed = [(_name(a["metric"].split(".")[0]), call(a, alpha), call(b, alpha)) for a in curve for b in excess
+               if a["metric"] == b["metric"] and call(a, alpha) != call(b, alpha)]
     return "".join(f" **The control changes the {attack} verdict:** line 2 says {_vulnerability(x)}, the "
                    f"damage-matched difference in differences says {_vulnerability(y)}." for attack, x, y in changed)
 
 
-def _vulnerability(call: str) -> str:
+def _vulnerability(word: str) -> str:
     return {"less": "less vulnerable", "more": "more vulnerable", "equivalent": "equivalent within the margin",
-            "not resolved": "not resolved"}[call]
+            "not resolved": "not resolved"}[word]
 
 
 def plateau_clause(summary: dict) -> str:
@@ -243,6 +258,32 @@ def compact_table(summary: dict) -> str:
                     + " | ".join(f"{_ci(e[a]['abs_increase'])} | {_ci(e[a + '_worst']['abs_increase'])}"
                                  for a in attacks) + " |")
     return "\n".join(rows)
+
+
+def metric_rows(summary: dict) -> dict[str, dict]:
+    """What `dvc metrics show` prints, one file a row (outputs/report/metrics/<row>.json), numbers and a verdict
+    word only: per arm its perplexity, each attack's mean NLL increase and worst case and its benchmark
+    accuracies; per headline comparison (headline_comparisons) and attack: delta (monotonic less the other),
+    its interval delta_lo..delta_up, the Holm p and the verdict. Rows share their keys: one column per key."""
+    alpha = 1 - summary["confidence"]
+    rows = {}
+    for arm in ARMS:
+        e = summary["arms"][arm]
+        row = {"ppl": e["perplexity"]["mean"]}
+        for attack in summary["attacks"]:
+            row[attack] = e[attack]["abs_increase"]["mean"]
+            row[f"{attack}_worst"] = e[attack + "_worst"]["abs_increase"]["mean"]
+        for task, b in summary["benchmarks"].items():
+            if arm in b["acc"]:
+                row[f"{task}_acc"] = b["acc"][arm]["mean"]
+        rows[f"arm-{arm}"] = row
+    for name, comparisons in headline_comparisons(summary).items():
+        for c in comparisons:
+            d = c["difference"]
+            rows[f"{c['metric'].split('.')[0]}-{name}"] = {
+                "delta": d["mean"], "delta_lo": d["low"], "delta_up": d["high"], "p_holm": c["p_holm"],
+                "verdict": _vulnerability(call(c, alpha)).replace(" within the margin", "")}
+    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for name, row in rows.items()}
 
 
 def saturation_clause(summary: dict) -> str:

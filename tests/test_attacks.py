@@ -542,3 +542,42 @@ def test_assess_stopped_by_the_stop_file_requeues_and_resumes_to_the_same_output
                      *(f"outputs/attacks/{arm}-s0/{name}.json" for name in ("uat", "hotflip", "controls", "diagnostics"))):
             assert (workspace_copy / path).read_bytes() == (reference / path).read_bytes(), path
     assert not list((workspace_copy / "outputs/checkpoints").glob("*/assess/*"))
+
+
+def test_a_uat_step_without_improvement_reuses_the_gradient_and_scores_only_untried_changes(smoke_setup,
+                                                                                           smoke_params):
+    """The trigger is unchanged after a step without improvement, and so is its gradient: the search takes no
+    new gradient pass and draws changes it has not yet scored against this trigger. Once the whole pool is
+    scored without improvement the restart ends (a local optimum over the pool). Before: the pool was redrawn
+    at random, so patience 2 re-scored the same changes when the pool held no more than a step's draw."""
+    uat = dataclasses.replace(smoke_params.attack.uat, trigger_length=2, topk=4, candidates_per_step=3,
+                              iterations=40, patience=40, restarts=1)
+    scorer = A.Scorer(smoke_setup.model, smoke_params.attack.continuation_tokens, 256, smoke_setup.candidates)
+    tokens, at = smoke_setup.opt.tokens[:4], smoke_params.attack.prompt_tokens
+    events = []                                          # ("gradient", trigger) and ("scored", proposals), in order
+    flip_scores, nll = scorer.flip_scores, scorer.nll
+
+    def spy_flip_scores(ids, positions):
+        events.append(("gradient", tuple(ids[0, at: at + uat.trigger_length].tolist())))
+        return flip_scores(ids, positions)
+
+    def spy_nll(ids, count=True):
+        events.append(("scored", [tuple(r) for r in ids[::len(tokens), at: at + uat.trigger_length].tolist()]))
+        return nll(ids, count)
+    scorer.flip_scores, scorer.nll = spy_flip_scores, spy_nll
+    found = A.uat_search(scorer, tokens, candidates=smoke_setup.candidates, uat=uat, at=at,
+                         gen=A.generator(0, "uat"), guided=True)
+    trace = found["restarts"][0]["trace"]
+    improvements = sum(b > a for a, b in zip(trace, trace[1:]))
+    gradients = [trigger for kind, trigger in events if kind == "gradient"]
+    assert len(gradients) == 1 + improvements            # one gradient per trigger the search stood on
+    segments, standing = {}, None                        # the changes scored while standing on each trigger
+    for kind, value in events:                           # the first event: the initial trigger's own loss
+        if kind == "gradient":
+            standing = segments.setdefault(value, [])
+        elif standing is not None:
+            standing.extend(value)
+    for trigger, proposals in segments.items():
+        assert all(sum(a != b for a, b in zip(p, trigger)) == 1 for p in proposals)
+        assert len(proposals) == len(set(proposals)) <= uat.trigger_length * uat.topk
+    assert len(trace) - 1 < uat.iterations               # the last trigger's pool ran out: the restart ended

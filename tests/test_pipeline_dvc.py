@@ -254,7 +254,9 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     assert "Data and pipelines are up to date" in again.stdout, again.stdout
     assert dvc(ws, "status").stdout.strip().endswith("Data and pipelines are up to date.")
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
-    assert "outputs/report/metrics.json" in json.dumps(shown)
+    assert "outputs/report/metrics/hotflip-vs-curve.json" in json.dumps(shown)
+    table = dvc(ws, "metrics", "show").stdout.splitlines()     # the report's rows only, no provenance
+    assert len(table) == 1 + len(list((ws / "outputs/report/metrics").iterdir())) and "provenance" not in table[0]
 
     exp_ws = tmp_path / "exp"      # experiments change the workspace: run them in a copy
     shutil.copytree(ws, exp_ws, symlinks=True)
@@ -262,7 +264,7 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     experiments = json.loads(dvc(exp_ws, "exp", "show", "--json").stdout)
     runs = [exp["revs"][0]["data"] for base in experiments for exp in (base.get("experiments") or [])]
     assert any(run["params"]["params.yaml"]["data"]["aggregate"]["confidence"] == 0.9
-               and "perplexity" in json.dumps(run["metrics"]) for run in runs), experiments
+               and '"ppl"' in json.dumps(run["metrics"]) for run in runs), experiments
 
 
 @pytest.mark.slow

@@ -1,6 +1,10 @@
 """pipeline/stats.py and the aggregate/report layers above it, on synthetic data with known truth."""
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import pytest
 from pipeline import params as params_mod
 from pipeline import report
 from pipeline.arms import ARM_NAMES, TRAINED_ARMS
+from pipeline.io import write_json
 from pipeline.stages import aggregate
 from pipeline.stats import (Clusters, Estimate, crossed_estimate, document_of, equivalence_p, holm,
                             paired_comparison, sign_flip_p_value, t_cdf, t_quantile, two_sided_p, verdict)
@@ -366,3 +371,38 @@ def test_bad_aggregate_params_fail_with_key_and_value(key, value):
     raw["aggregate"][key] = value
     with pytest.raises(params_mod.ParamsError, match=f"aggregate.{key}"):
         params_mod.validate(raw)
+
+
+def test_dvc_metrics_show_prints_the_headline_in_200_columns(tmp_path):
+    """The report's DVC metrics, one file a row with shared keys, rendered by the real `dvc metrics show` in a
+    200-column terminal: every arm and every headline comparison (estimate, interval, Holm p, verdict), numbers
+    and verdict words only (provenance stays in results.json)."""
+    seeds = [0, 1, 2]
+    summary = aggregate.summarize(_params(seeds), _loaded(seeds, np.random.default_rng(0)))
+    rows = report.metric_rows(summary)
+    assert set(rows) == {f"arm-{arm}" for arm in ARM_NAMES} | {f"{attack}-{name}" for attack in ("uat", "hotflip")
+                                                               for name in ("vs-curve", "vs-control", "vs-control-nll")}
+    for name, row in rows.items():
+        assert all(isinstance(v, (int, float)) for k, v in row.items() if k != "verdict"), name
+        assert row.get("verdict", "more vulnerable") in ("more vulnerable", "less vulnerable", "equivalent",
+                                                         "not resolved")
+    hotflip = next(c for c in summary["frontier"]["matched"] if c["arm_a"] == "monotonic"
+                   and c["metric"] == "hotflip.abs_increase")
+    assert rows["hotflip-vs-curve"]["delta"] == round(hotflip["difference"]["mean"], 4)
+    env = {**os.environ, "COLUMNS": "200", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  aggregate:\n    cmd: 'true'\n    metrics:\n"
+                                       "      - outputs/report/metrics:\n          cache: false\n")
+    for name, row in rows.items():
+        write_json(tmp_path / "outputs/report/metrics" / f"{name}.json", row)
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert max(len(line) for line in shown) <= 200, "\n".join(shown)
+    assert shown[0].split() == ["Path", "delta", "delta_lo", "delta_up", "hotflip", "hotflip_worst", "p_holm",
+                                "pipeline_lastword_acc", "ppl", "uat", "uat_worst", "verdict"]
+    assert len(shown) == 1 + len(rows) and any(line.startswith("outputs/report/metrics/hotflip-vs-curve.json")
+                                               for line in shown)
+    as_json = json.loads(subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=tmp_path,
+                                        env=env, capture_output=True, text=True, check=True).stdout)
+    assert "provenance" not in json.dumps(as_json)

@@ -431,17 +431,6 @@ def summarize(params, loaded: dict) -> dict:
                                            for k in ("eval", *ATTACKS, "controls") if k in runs[a][s]})}
 
 
-def flat_metrics(summary: dict) -> dict:
-    """A small, flat view for `dvc metrics show` / `dvc exp show`."""
-    out = {}
-    for arm, e in summary["arms"].items():
-        out[arm] = {"perplexity": round(e["perplexity"]["mean"], 4)}
-        for attack in ATTACKS:
-            out[arm][f"{attack}_abs_increase"] = round(e[attack]["abs_increase"]["mean"], 4)
-            out[arm][f"{attack}_success_abs"] = round(e[attack]["success_abs"]["mean"], 4)
-    return out
-
-
 def run(params, args) -> int:
     loaded = load_runs(params)
     summary = summarize(params, loaded)
@@ -452,7 +441,8 @@ def run(params, args) -> int:
     with staged_dir(paths.REPORT_DIR) as out:
         write_json(out / "results.json", {"summary": summary, "runs": per_run, "transfer": loaded["transfer"],
                                           "benchmarks": loaded["benchmarks"], "provenance": prov})
-        write_json(out / "metrics.json", {**flat_metrics(summary), "provenance": prov})
+        for name, row in report.metric_rows(summary).items():
+            write_json(out / "metrics" / f"{name}.json", row)
         plot_files = report.plots(loaded, summary, out / "plots", params)
         text = report.markdown(summary, params, prov, [p.relative_to(out).as_posix() for p in plot_files])
         atomic_write_text(out / "report.md", text)
