@@ -263,6 +263,8 @@ class AggregateParams:
     plateau_threshold_nats: float = positive()   # ... by less than this drop in validation loss
     # an attack has saturated when its last doubling of forwards added at most this share of its final increase
     saturation_tolerance: float = _spec("a number in (0, 1)", lambda v: 0 < v < 1)
+    # reference-curve points closer than this in mean clean NLL are pooled into one (pipeline/frontier.py)
+    curve_min_gap_nats: float = nonneg()
 
 
 @dataclass(frozen=True)

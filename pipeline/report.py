@@ -126,7 +126,8 @@ def matched_paragraph(summary: dict) -> list[str]:
                      f"difference {_stats(c, conf)}: " + judgement(c, alpha, less, more))
     return [f"**Robustness at matched clean NLL, against the unconstrained curve.** The unconstrained reference curve runs through "
             f"{', '.join(f['curve'])} (clean NLL and attack NLL increase on the attack-evaluation examples, "
-            "piecewise linear between them); the monotonic model is compared with that curve at its own clean NLL, "
+            f"piecewise linear between them; points within {f['min_gap_nats']:g} nats of clean NLL pooled into one, "
+            "named a+b); the monotonic model is compared with that curve at its own clean NLL, "
             "so the constraint's effect is not confounded with its perplexity cost: " + "; ".join(parts) + ". "
             "The interval includes the uncertainty of the matching point (delta method over the crossed design: "
             "documents and seeds, every checkpoint attacked with every seed). The step-matched "

@@ -244,7 +244,7 @@ def matched_comparisons(design: Design, agg, curve_labels: list[str],
     for label in targets:
         for attack in ATTACKS:
             target = curve_point(design, label, attack)
-            d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels])
+            d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels], agg.curve_min_gap_nats)
             clusters = design.values(Metric(attack, "clean_nll"), label)[1]
             comparison = paired_comparison(label, MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
                                            clusters, agg.confidence, agg.equivalence_margin_nats, agg.power,
@@ -273,8 +273,8 @@ def excess_comparisons(design: Design, agg, curve_labels: list[str],
         control = damage_matched(label)
         for attack in ATTACKS:
             curve = [curve_point(design, c, attack) for c in curve_labels]
-            d_target, m_target = matched(curve_point(design, label, attack), curve)
-            d_control, m_control = matched(curve_point(design, control, attack), curve)
+            d_target, m_target = matched(curve_point(design, label, attack), curve, agg.curve_min_gap_nats)
+            d_control, m_control = matched(curve_point(design, control, attack), curve, agg.curve_min_gap_nats)
             clusters = design.values(Metric(attack, "clean_nll"), label)[1]
             comparison = paired_comparison(label, control, f"{attack}.abs_increase", d_target, d_control, clusters,
                                            agg.confidence, agg.equivalence_margin_nats, agg.power, design.rng)
@@ -414,6 +414,7 @@ def summarize(params, loaded: dict) -> dict:
             "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
             "frontier": {"curve": curve_labels, "control_curve": family_labels["control"],
+                         "min_gap_nats": agg.curve_min_gap_nats,
                          "points": frontier_points(design, family_labels, agg.confidence),
                          "matched": matched_rows[:n_matched], "excess_vs_control": matched_rows[n_matched:]},
             "controls": [c.to_dict() for c in family[n_arm + n_matched + n_control:]],
