@@ -74,8 +74,9 @@ def smoke_on_device(cpu: bool) -> dict:
     stage = {name: r["provenance"]["stage"] for name, r in records.items()}
     devices = {name: r.get("model_device") for name, r in records.items()   # None: a model step that recorded none
                if stage[name] not in MODEL_FREE_STAGES}
-    # the precision in each output's provenance (train's is train.precision, in its metrics)
-    precisions = {name: records[name]["provenance"].get("precision") for name in devices if stage[name] != "train"}
+    # the precision in each output's provenance (the trainer's is train.precision: train's metrics, select_lr's params)
+    precisions = {name: records[name]["provenance"].get("precision") for name in devices
+                  if stage[name] not in ("train", "select_lr")}
     expected = {name: "fp32" if cpu or stage[name] in FP32_STAGES else "bf16" for name in precisions}
     want = "cpu" if cpu else "cuda"
     gpus = {r["device"] for r in records.values() if r["device"].startswith("cuda")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import arms, device
 from .models import load_causal_lm, read_meta
-from .monotonic import load_parametrized, verify
+from .monotonic import constrained_parameters, load_parametrized, verify
 
 
 def load_arm_model(params, name: str, seed: int | None, parametrized: bool = False, scoring: bool = False):
@@ -32,3 +32,14 @@ def load_arm_model(params, name: str, seed: int | None, parametrized: bool = Fal
         verify(model, variant)
     model = device.place(model)
     return (device.for_scoring(model, params.eval.precision) if scoring else model), meta
+
+
+def load_start_model(params, arm: arms.Arm, seed: int):
+    """The arm's starting point: (model, its trainable V tensors if constrained, source dir). An unconstrained
+    arm made from a constrained one starts from its materialized W as plain weights."""
+    start = arms.get(arm.start)
+    model, _ = load_arm_model(params, start.name, seed, parametrized=arm.constrained)
+    constrained = constrained_parameters(model) if arm.constrained else []
+    if arm.constrained and not constrained:
+        raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")
+    return model, constrained, start.model_dir(seed)

@@ -187,6 +187,16 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class LrSelectParams:
+    """Equal tuning effort: every trained arm tries the same number of learning rates for the same short
+    budget and keeps the one with the lowest validation loss (stages/select_lr.py)."""
+    multipliers: list = anything()              # x the arm's train.lr, for an unconstrained arm
+    constrained_multipliers: list = anything()  # train.constrained_lr_multiplier values, for the constrained arm
+    steps: int = at_least(1)                    # each trial trains this many steps from the arm's start
+    seed: int = seed_spec()                     # the trials' data order
+
+
+@dataclass(frozen=True)
 class EvalParams:
     context_length: int = at_least(8)
     stride: int = at_least(1)
@@ -284,6 +294,7 @@ class Params:
     pretrain: PretrainParams = anything()
     monotonic: MonotonicParams = anything()
     train: TrainParams = anything()
+    lr_select: LrSelectParams = anything()
     eval: EvalParams = anything()
     attack: AttackParams = anything()
     benchmarks: BenchmarksParams = anything()
@@ -473,10 +484,23 @@ def _check_training(p: Params) -> None:
                 raise ParamsError(f"train.arm_overrides.{arm}.{key}", override[key],
                                   f"a train key ({', '.join(sorted(train_keys))})")
         p.train_for_arm(arm)   # every overridden value passes the same checks as the section's own
-    for arm in TRAINED_ARMS:     # the plateau check reads the validations: at least one must run
-        t = p.train_for_arm(arm)
-        if t.eval_interval > t.max_steps:
-            raise ParamsError("train.eval_interval", t.eval_interval, f"at most train.max_steps ({t.max_steps} for arm {arm}): no validation would run")
+    ls = p.lr_select
+    for key in ("multipliers", "constrained_multipliers"):
+        grid = getattr(ls, key)
+        if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in grid) \
+                or len(set(grid)) != len(grid):
+            raise ParamsError(f"lr_select.{key}", grid, "a non-empty list of distinct numbers > 0")
+    if len(ls.multipliers) != len(ls.constrained_multipliers):
+        raise ParamsError("lr_select.constrained_multipliers", ls.constrained_multipliers,
+                          f"as many values as lr_select.multipliers ({len(ls.multipliers)}): the same tuning effort "
+                          "for every arm")
+    shortest = min(p.train_for_arm(arm).max_steps for arm in TRAINED_ARMS)
+    if ls.steps > shortest:
+        raise ParamsError("lr_select.steps", ls.steps, f"at most train.max_steps ({shortest})")
+    t = p.train          # the plateau check reads the validations along recovery, not only the last one
+    if t.eval_interval > t.max_steps:
+        raise ParamsError("train.eval_interval", t.eval_interval, f"at most train.max_steps ({t.max_steps}): "
+                          "only the final validation would run")
 
 
 def _check_data_files(d: DataParams) -> None:

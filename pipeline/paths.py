@@ -11,6 +11,7 @@ DATA_DIR = OUT / "data"
 MODELS_DIR = OUT / "models"             # one directory per untrained arm: pipeline.arms.Arm.model_dir
 PRETRAIN_STEPS_DIR = MODELS_DIR / "pretrain_steps"   # step<N>/: the frontier's unconstrained checkpoints
 METRICS_DIR = OUT / "metrics"
+LR_SELECTION = OUT / "lr_select" / "selection.json"   # each trained arm's learning-rate trials and choice
 REPORT_DIR = OUT / "report"
 
 

@@ -383,6 +383,19 @@ def train_stage(c: Context, arm: str) -> Estimate:
                          + (", W = softplus(V) materialized each forward" if constrained else ""))
 
 
+def select_lr_stage(c: Context) -> Estimate:
+    """Every trained arm's grid, each trial lr_select.steps steps of its training (one job, not resumable: a trial
+    is short and restarts whole)."""
+    ls = c.params.lr_select
+    trials = len(ls.multipliers)
+    runs = [(train_stage(c, arm), c.params.train_for_arm(arm).max_steps) for arm in arms.TRAINED_ARMS]
+    hours_ = sum(e.hours * trials * ls.steps / steps for e, steps in runs)
+    worst = max((e for e, _ in runs), key=lambda e: e.device_gib)
+    return Estimate("select-lr", 1, worst.device_gib, worst.host_gib, hours_, 0.0, parts=worst.parts, dvc="select-lr",
+                    fix=worst.fix, note=f"{trials} trials x {ls.steps} steps for each of {len(runs)} arms, one "
+                                        f"after another; memory of the largest ({worst.stage})")
+
+
 def train_fix(c: Context, t, constrained: bool) -> str:
     """The first change that fits: gradient checkpointing, then also halving the micro-batch (global batch kept)."""
     seq, usable = c.params.data.seq_len, usable_gib(c)
@@ -554,7 +567,7 @@ def aggregate_stage(c: Context) -> Estimate:
 
 
 def estimates(c: Context) -> list[Estimate]:
-    return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c),
+    return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c), select_lr_stage(c),
             *(train_stage(c, arm) for arm in arms.TRAINED_ARMS), *assess_stages(c), benchmarks_stage(c, True),
             benchmarks_stage(c, False), transfer_stage(c), aggregate_stage(c)]
 

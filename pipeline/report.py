@@ -1,6 +1,7 @@
 """The Markdown report and PNG plots. Every sentence is computed from the numbers it states."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +217,7 @@ def answer(summary: dict) -> list[str]:
                 ": line 3 contrasts a constrained model with a mostly non-negative unconstrained one." if
                 shares["flipped"] > 0.75 else ".") + plateau_clause(summary),
             "5. Compact table (step-matched, every arm; the full one and every test follow)."
-            + saturation_clause(summary), "",
+            + lr_clause(summary) + saturation_clause(summary), "",
             compact_table(summary), ""]
 
 
@@ -437,6 +438,34 @@ def optimizer_differences(summary: dict) -> list[str]:
     return out
 
 
+def lr_selections(summary: dict) -> dict[str, dict]:
+    """Each trained arm's select_lr record (one per run, the same for every seed)."""
+    return {arm: next(iter(summary["arms"][arm]["train"].values()))["lr_selection"] for arm in TRAINED_ARMS}
+
+
+def lr_clause(summary: dict) -> str:
+    chosen = lr_selections(summary)
+    steps = next(iter(chosen.values()))["steps"]
+    return (" Learning rates by equal tuning effort (each arm's best of as many trials of " + f"{steps} steps): "
+            + ", ".join(f"{arm} {c['selected_lr']:.2g}" + (" for V" if c["knob"] != "lr" else "")
+                        for arm, c in chosen.items()) + ".")
+
+
+def lr_table(summary: dict) -> list[str]:
+    """Every trained arm's learning-rate trials: the grid, each trial's validation perplexity, the choice."""
+    rows = ["| arm | grid (x) | learning rates tried | validation perplexity after the trial | selected |",
+            "|---|---|---|---|---|"]
+    for arm, c in lr_selections(summary).items():
+        what = "train.lr" if c["knob"] == "lr" else "the lr of V (train.constrained_lr_multiplier)"
+        rows.append(f"| {arm} | {what} x {', '.join(f'{m:g}' for m in c['multipliers'])} | "
+                    f"{', '.join(f'{lr:.2g}' for lr in c['lr'])} | "
+                    f"{', '.join(f'{math.exp(v):.2f}' for v in c['validation_loss'])} | {c['selected_lr']:.2g} |")
+    return ["## Learning rates (equal tuning effort)", "",
+            "Under W = softplus(V) a step on V moves W by about lr x W, so one shared lr is not one budget: each "
+            "trained arm tried as many learning rates, each for the same short run from its own start, and trained "
+            "at the one with the lowest validation loss (stages/select_lr.py).", "", *rows, ""]
+
+
 def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
     th = summary["thresholds"]
     lines = [f"# Monotonic ({summary['variant']}, init {summary['init']}) vs baseline: robustness and perplexity",
@@ -469,6 +498,7 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
               "and outside the family of tests: the frontier's checkpoints run neither controls nor transfer, so no "
               "matched-NLL comparison of the worst case exists yet.", "",
               *saturation_table(summary),
+              *lr_table(summary),
               "## Power", "", *power_table(summary),
               "## Zero-shot benchmarks", "", *benchmark_table(summary["benchmarks"], round(100 * summary["confidence"]))]
     for attack in summary["attacks"]:

@@ -40,11 +40,11 @@ def smoke_params():
 
 @pytest.fixture(scope="session")
 def smoke_workspace(tmp_path_factory) -> Path:
-    """A directory holding params.yaml (smoke profile) and outputs/ from data, pretrain, monotonic_init.
-    Read-only for tests: copy it (see `workspace_copy`) before running stages that write."""
+    """A directory holding params.yaml (smoke profile) and outputs/ from data, pretrain, monotonic_init and
+    select_lr. Read-only for tests: copy it (see `workspace_copy`) before running stages that write."""
     ws = tmp_path_factory.mktemp("smoke")
     shutil.copy(SMOKE_PARAMS, ws / "params.yaml")
-    for stage in ("data", "pretrain", "monotonic_init"):
+    for stage in ("data", "pretrain", "monotonic_init", "select_lr"):
         assert run_stage(ws, stage) == 0, stage
     return ws
 

@@ -18,6 +18,7 @@ SEED = ["--seed", "0"]
 MODEL_STAGES = [
     pytest.param(["pretrain"], POLICY_MISMATCH, id="pretrain"),          # from scratch: the trainer places it
     pytest.param(["train", "--arm", "baseline", *SEED], POLICY_MISMATCH, id="train"),
+    pytest.param(["select_lr"], POLICY_MISMATCH, id="select_lr"),
     pytest.param(["evaluate", "--arm", "monotonic_init", *SEED], None, id="evaluate"),
     *[pytest.param([step, "--arm", "pretrained", *SEED], None, id=step)
       for step in ("uat", "hotflip", "controls", "assess", "benchmarks")],

@@ -12,7 +12,7 @@ from conftest import REPO, pipeline_env
 
 # the steps whose run records name their model's device (assess records evaluate, uat, hotflip, controls and
 # diagnostics; with --frontier, for each checkpoint too)
-MODEL_STAGES = {"pretrain", "monotonic_init", "train", "evaluate", "uat", "hotflip", "controls", "diagnostics",
+MODEL_STAGES = {"pretrain", "monotonic_init", "select_lr", "train", "evaluate", "uat", "hotflip", "controls", "diagnostics",
                 "transfer", "benchmarks"}
 
 
@@ -25,7 +25,8 @@ def test_gpu_check_on_cpu_finds_every_model_step_on_the_cpu(tmp_path):
     smoke = json.loads(out.read_text())["smoke"]
     assert {name.split("-")[0] for name in smoke["model_devices"]} == MODEL_STAGES
     assert set(smoke["model_devices"].values()) == {"cpu"} and smoke["all_on_expected_device"]
-    # every output but train's (train.precision: its metrics) records the precision; on the CPU, fp32
-    assert {name.split("-")[0] for name in smoke["precisions"]} == MODEL_STAGES - {"train"}
+    # every output but the trainer's (train.precision: in train's metrics, select_lr's params) records the
+    # precision; on the CPU, fp32
+    assert {name.split("-")[0] for name in smoke["precisions"]} == MODEL_STAGES - {"train", "select_lr"}
     assert set(smoke["precisions"].values()) == {"fp32"} and smoke["precisions_as_expected"]
     assert smoke["trained_to_the_end"] and smoke["run_records_name_the_gpu"]

@@ -117,10 +117,7 @@ BAD_CASES = [
     ("frontier-step-at-the-end-of-pretraining", lambda r: set_key(r, "frontier.steps", [150, 450]), "frontier.steps",
      [150, 450], "before the end of pretraining"),
     ("validation-interval-beyond-the-budget", lambda r: set_key(r, "train.eval_interval", 81), "train.eval_interval",
-     81, "at most train.max_steps (80"),
-    ("validation-interval-beyond-an-arms-budget",
-     lambda r: set_key(r, "train.arm_overrides", {"flipped": {"max_steps": 50, "eval_interval": 60}}),
-     "train.eval_interval", 60, "at most train.max_steps (50 for arm flipped)"),
+     81, "at most train.max_steps (80)"),
     ("harness-task-without-a-cache", lambda r: set_key(r, "benchmarks.tasks", ["pipeline_lastword", "piqa"]),
      "benchmarks.hf_cache_dir", None, "when benchmarks.tasks names a harness task"),
 ]

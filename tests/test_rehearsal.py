@@ -30,7 +30,7 @@ def test_rehearsal_stages_run_offline_from_the_fixture(scratch, tmp_path, monkey
     shutil.copy(rehearsal.REHEARSAL_PARAMS, ws / "params.yaml")
     shutil.copy(tmp_path / "refs.lock.yaml", ws / "refs.lock.yaml")       # what fetch wrote (the scratch fixture)
     lock = refs.read(ws / "refs.lock.yaml")
-    for argv in (["data"], ["pretrain"], ["monotonic_init"], ["train", "--arm", "baseline", "--seed", "0"],
+    for argv in (["data"], ["pretrain"], ["monotonic_init"], ["select_lr"], ["train", "--arm", "baseline", "--seed", "0"],
                  ["assess", "--arm", "baseline", "--frontier", "--seed", "0"], ["assess", "--frontier", "--seed", "0"],
                  ["benchmarks", "--arm", "pretrained", "--seed", "0"]):
         assert run_stage(ws, *argv) == 0, argv

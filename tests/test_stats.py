@@ -234,7 +234,11 @@ def _loaded(seeds, rng, steps=(15, 30)):
                                          "tokens_seen": 1000, "update_norm_total": {"W": 1.0},
                                          "nonnegative_share": {"start": 1.0, "final": 0.9 if arm == "flipped" else 0.5},
                                          "train": {"lr": 1e-3, "weight_decay": 0.1, "constrained_weight_decay": 0.0,
-                                                   "constrained_lr_multiplier": 1.0, "arm_overrides": {}}}
+                                                   "constrained_lr_multiplier": 1.0, "arm_overrides": {}},
+                                         "lr_selection": {"knob": "constrained_lr_multiplier" if arm == "monotonic"
+                                                          else "lr", "multipliers": [0.5, 1.0], "lr": [5e-4, 1e-3],
+                                                          "validation_loss": [4.0, 3.9], "selected": 1.0,
+                                                          "selected_lr": 1e-3, "steps": 4}}
     # worst case: each arm's own attack rows raised by 0.2 (as if a transferred attack were stronger everywhere)
     worst = {s: {a: {arm: {"examples": [r | {"abs_increase": r["abs_increase"] + 0.2}
                                         for r in runs[arm][s][a]["examples"]]} for arm in ARM_NAMES}
@@ -279,6 +283,11 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     text = report.markdown(summary, params, {"params_hash": "h", "packages": {"torch": "t", "transformers": "t"}},
                            [])
     assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
+    answer = text.split("## Details")[0]     # every arm's learning rate and the trials behind it
+    assert "Learning rates by equal tuning effort (each arm's best of as many trials of 4 steps): baseline 0.001, " \
+           "monotonic 0.001 for V, flipped 0.001." in answer
+    assert "| monotonic | the lr of V (train.constrained_lr_multiplier) x 0.5, 1 | 0.0005, 0.001 | 54.60, 49.40 | 0.001 |" \
+        in text
     assert f"Family: all {len(family)} paired tests" in text
     assert "Optimizer differences between the trained arms" in text and "weight decay 0 on the constrained V" in text
     assert "learning rate" not in text.split("Optimizer differences")[1].split("\n")[0]      # same lr for V and W

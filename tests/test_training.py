@@ -26,12 +26,15 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLI
 
 
 def edit_params(ws: Path, **train) -> None:
-    """Set train keys; a shortened run drops the recovery-step exports (frontier.recovery_steps) it ends before."""
+    """Set train keys; a shortened run drops the recovery-step exports (frontier.recovery_steps) it ends before
+    and shortens the lr trials and the validation interval to fit."""
     raw = yaml.safe_load((ws / "params.yaml").read_text())
     raw["train"].update(train)
     shortest = min([raw["train"]["max_steps"], *(o.get("max_steps", raw["train"]["max_steps"])
                                                  for o in raw["train"]["arm_overrides"].values())])
     raw["frontier"]["recovery_steps"] = [s for s in raw["frontier"]["recovery_steps"] if s < shortest]
+    raw["lr_select"]["steps"] = min(raw["lr_select"]["steps"], shortest)   # select_lr's record stays valid
+    raw["train"]["eval_interval"] = min(raw["train"]["eval_interval"], raw["train"]["max_steps"])
     (ws / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
@@ -80,8 +83,9 @@ def run_until(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         proc.send_signal(signal.SIGSTOP)
 
 
-# Both arms trained once, uninterrupted, with a V learning-rate multiplier and decay that differ from W's.
-TRAIN = {"constrained_lr_multiplier": 10.0, "constrained_weight_decay": 0.01}
+# Both arms trained once, uninterrupted, with a V weight decay that differs from W's (V's learning-rate multiplier:
+# select_lr's choice).
+TRAIN = {"constrained_weight_decay": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +107,13 @@ def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
     metrics = {arm: json.loads((trained / f"outputs/train_logs/{arm}-s0/metrics.json").read_text())
                for arm in ("baseline", "monotonic")}
     b, m = metrics["baseline"], metrics["monotonic"]
-    for key in ("steps", "tokens_seen", "data_order_sha256", "train", "validation_windows"):
+    for key in ("steps", "tokens_seen", "data_order_sha256", "validation_windows"):
         assert b[key] == m[key], key
+    knobs = ("lr", "constrained_lr_multiplier")     # each arm's own, chosen by select_lr on the same grid size
+    assert {k: v for k, v in b["train"].items() if k not in knobs} == {k: v for k, v in m["train"].items()
+                                                                       if k not in knobs}
+    assert b["train"]["lr"] == pytest.approx(tp.lr * b["lr_selection"]["selected"])
+    assert (m["train"]["lr"], m["train"]["constrained_lr_multiplier"]) == (tp.lr, m["lr_selection"]["selected"])
     assert b["steps"] == tp.max_steps and b["tokens_seen"] == tp.max_steps * tp.batch_size * smoke_params.data.seq_len
     assert b["overrides"] == {} and b["budgets_equal"] and "provenance" in b
     assert set(m["update_norm_total"]) == {"decay", "no_decay", "constrained", "constrained_w"}
@@ -132,7 +141,7 @@ def test_both_arms_equal_budget_outputs_and_v_moves(trained, smoke_params):
     assert json.loads((root / "best/best.json").read_text())["step"] == m["best_step"]
     groups = {g["name"]: g for g in json.loads((root / "step-0000012/optimizer.json").read_text())["param_groups"]}
     assert groups["constrained"]["weight_decay"] == 0.01 and groups["decay"]["weight_decay"] == tp.weight_decay
-    assert groups["constrained"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
+    assert groups["constrained"]["lr"] == pytest.approx(m["lr_selection"]["selected"] * groups["decay"]["lr"])
 
 
 def variant_weights(model_dir: Path, variant: str = "mlp_both") -> dict:
@@ -178,7 +187,7 @@ def test_the_damage_control_starts_from_monotonic_inits_weights_and_trains_them_
 
 def test_the_damage_control_is_exactly_monotonic_init_at_step_zero(smoke_workspace, smoke_params):
     from pipeline import arms
-    from pipeline.stages.train import load_start_model
+    from pipeline.loading import load_start_model
 
     cwd = os.getcwd()
     os.chdir(smoke_workspace)

@@ -1,9 +1,10 @@
 """Stage `train`: recovery-train one arm for one seed.
 
 baseline starts from the pretrained model, monotonic from monotonic_init (V = the softplus parameter,
-its own optimizer group), flipped from monotonic_init's materialized W with no constraint. All get params.train_for_arm(arm): identical budget, data order (seeded by
---seed), optimizer and schedule unless train.arm_overrides says otherwise, which is recorded in
-metrics.json and flagged loudly. Resumes automatically from paths.checkpoint_dir(arm, seed); exits with
+its own optimizer group), flipped from monotonic_init's materialized W with no constraint. All get
+params.train_for_arm(arm) with the learning rate select_lr chose for the arm (paths.LR_SELECTION): identical
+budget, data order (seeded by --seed), optimizer and schedule unless train.arm_overrides says otherwise,
+which is recorded in metrics.json and flagged loudly. Resumes automatically from paths.checkpoint_dir(arm, seed); exits with
 REQUEUE_EXIT_CODE (75) when it stops early with resumable state. The final outputs appear only once
 training is complete, the models in paths.train_dir(arm, seed):
   model/        plain HF checkpoint (monotonic: materialized W + V, re-verified W >= 0)
@@ -26,28 +27,16 @@ from pathlib import Path
 
 from .. import arms
 from .. import data as D
-from .. import launch
+from .. import launch, lr_select
 from ..checkpoints import sha256
-from ..io import staged_dir, write_csv, write_json
-from ..loading import load_arm_model
+from ..io import read_json, staged_dir, write_csv, write_json
+from ..loading import load_start_model
 from ..models import load_causal_lm, save_causal_lm
-from ..monotonic import (MONOTONICITY_SCOPE, constrained_parameters, load_parametrized, nonnegative_share,
-                         save_parametrized, verify)
-from ..paths import DATA_DIR, checkpoint_dir, run_name, train_dir, train_log_dir
+from ..monotonic import MONOTONICITY_SCOPE, load_parametrized, nonnegative_share, save_parametrized, verify
+from ..paths import DATA_DIR, LR_SELECTION, checkpoint_dir, run_name, train_dir, train_log_dir
 from ..provenance import provenance, record_run
 from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, epochs, seed_everything,
                         split_log, train, update_norms_from)
-
-
-def load_start_model(params, arm: arms.Arm, seed: int):
-    """The arm's starting point: (model, its trainable V tensors if constrained, source dir). An unconstrained
-    arm made from a constrained one starts from its materialized W as plain weights."""
-    start = arms.get(arm.start)
-    model, _ = load_arm_model(params, start.name, seed, parametrized=arm.constrained)
-    constrained = constrained_parameters(model) if arm.constrained else []
-    if arm.constrained and not constrained:
-        raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")
-    return model, constrained, start.model_dir(seed)
 
 
 def export_model(model, out: Path, arm: arms.Arm, variant: str | None, tokenizer, meta: dict) -> dict | None:
@@ -100,14 +89,15 @@ def warn_overrides(arm_overrides: dict) -> None:
 def run(params, args) -> int:
     arm, seed = arms.get(args.arm), args.seed
     name = arm.name
-    tp = params.train_for_arm(name)
     if params.train.arm_overrides:
         warn_overrides(params.train.arm_overrides)
     variant = params.monotonic.variant if arm.constrained else None
     processes = launch.requested_processes()
     if (processes > 1 or launch.nodes() > 1) and not launch.under_launcher():
-        accumulation_per_process(tp.grad_accum, processes * launch.nodes())   # before any worker starts
+        accumulation_per_process(params.train_for_arm(name).grad_accum, processes * launch.nodes())   # before any worker starts
         return launch.relaunch(sys.argv[1:], processes)
+    selection = read_json(LR_SELECTION)["arms"][name]
+    tp = lr_select.selected(params, arm, selection)
 
     seq_len = params.data.seq_len
     train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
@@ -166,7 +156,7 @@ def run(params, args) -> int:
             "param_groups": {g: len(names) for g, names in result.groups.items()},
             "overrides": dict(params.train.arm_overrides.get(name, {})),
             "budgets_equal": not params.train.arm_overrides,
-            "train": dataclasses.asdict(tp), "precision_autocast": result.precision,
+            "train": dataclasses.asdict(tp), "lr_selection": selection, "precision_autocast": result.precision,
             "data_order_sha256": data_order_sha256(train_data, seed, state.step * result.global_batch),
             "trained_from": str(source), "fingerprint": result.fingerprint,
             "checkpoint_dir": str(result.checkpoint_root),
