@@ -15,7 +15,9 @@ scored by the true loss, and the best is kept if it raises the loss. A search ru
 in a row bring no improvement, or its hard step cap. UAT's trigger, and so its gradient, is unchanged after a
 step without improvement: it takes no new gradient and draws only changes not yet scored; a trigger whose
 whole pool scored without improvement ends the restart. HotFlip may revisit positions: at most `flips`
-positions differ from the original at any time (at the edit budget only changed positions are editable).
+positions differ from the original at any time: at the edit budget only changed positions are refined, and
+after a step without improvement a change at a new position is tried too, reverting one changed position (an
+edit moves).
 Every gradient step also records the rank correlation between the first-order scores of the candidates
 it scored and their true loss changes (a gradient-masking diagnostic).
 
@@ -399,11 +401,15 @@ def _hotflip_step(s: dict, scorer: Scorer, original, prompt_tokens: int, candida
     active = torch.nonzero(s["stale"] < hotflip.patience).flatten()
     cur = s["tokens"][active]
     changed = cur[:, :prompt_tokens] != original[active, :prompt_tokens]
-    allowed = changed | (changed.sum(dim=1, keepdim=True) < hotflip.flips)
+    # at the edit budget only changed positions are refined; after a step without improvement every position is
+    # open again, a change at a new one moving an edit (_within_budget)
+    stuck = s["stale"][active].unsqueeze(1) > 0
+    allowed = changed | (changed.sum(dim=1, keepdim=True) < hotflip.flips) | stuck
     pos, tok, valid, predicted = _hotflip_candidates(cur, allowed, scorer, candidates, hotflip, gen, guided)
     rows, cols = torch.nonzero(valid, as_tuple=True)
     seqs = cur[rows].clone()
     seqs[torch.arange(len(rows)), pos[rows, cols]] = tok[rows, cols]
+    _within_budget(seqs, original[active[rows]], changed[rows], pos[rows, cols], prompt_tokens, hotflip.flips, gen)
     losses = torch.full(valid.shape, -torch.inf, dtype=torch.float64)
     losses[rows, cols] = scorer.nll(seqs)
     current = s["current"][active]
@@ -413,12 +419,26 @@ def _hotflip_step(s: dict, scorer: Scorer, original, prompt_tokens: int, candida
         s["correlations"].append(float(np.mean(rho)) if rho else None)
     best, top = losses.max(dim=1)
     improve = best > current
+    index = torch.full(valid.shape, -1, dtype=torch.long)
+    index[rows, cols] = torch.arange(len(rows))
     for j in torch.nonzero(improve).flatten().tolist():
         i = int(active[j])
-        s["tokens"][i, pos[j, top[j]]] = tok[j, top[j]]
+        s["tokens"][i] = seqs[index[j, top[j]]]
         s["current"][i] = best[j]
     s["stale"][active] = torch.where(improve, 0, s["stale"][active] + 1)
     s["step"] += 1
+
+
+def _within_budget(seqs, original, changed, positions, prompt_tokens: int, flips: int, gen) -> None:
+    """A candidate that changes a new position of an example already at its edit budget reverts one of the
+    example's changed positions (drawn at random): the search can move an edit, not only refine it, and at most
+    `flips` positions differ from the original. In place; draws nothing while no example is at the budget."""
+    moves = (changed.sum(dim=1) >= flips) & ~changed.gather(1, positions.unsqueeze(1)).squeeze(1)
+    if not bool(moves.any()):
+        return
+    revert = torch.multinomial(changed[moves].float(), 1, generator=gen).squeeze(1)
+    rows = torch.nonzero(moves).flatten()
+    seqs[rows, revert] = original[rows, revert]
 
 
 def diff_flips(original: torch.Tensor, attacked: torch.Tensor) -> list[list[list[int]]]:

@@ -581,3 +581,40 @@ def test_a_uat_step_without_improvement_reuses_the_gradient_and_scores_only_untr
         assert all(sum(a != b for a, b in zip(p, trigger)) == 1 for p in proposals)
         assert len(proposals) == len(set(proposals)) <= uat.trigger_length * uat.topk
     assert len(trace) - 1 < uat.iterations               # the last trigger's pool ran out: the restart ended
+
+
+def test_a_single_flip_search_can_move_its_edit_to_another_position(smoke_setup, smoke_params):
+    """At the edit budget (one flip) the search refines its changed position; after a step without improvement it
+    also tries changes at other positions, each reverting the old edit, so every scored sequence stays within one
+    flip of the original. Before: once a step scored only refinements of one position, every later step did too."""
+    h = dataclasses.replace(smoke_params.attack.hotflip, flips=1, steps=8, patience=8)
+    p = smoke_params.attack.prompt_tokens
+    scorer = A.Scorer(smoke_setup.model, smoke_params.attack.continuation_tokens, 256, smoke_setup.candidates)
+    tokens = smoke_setup.eval.tokens[:6]
+    clean = scorer.nll(tokens, count=False)
+    steps, nll = [], scorer.nll                           # per step: example -> positions edited in its candidates
+
+    def spy_nll(ids, count=True):
+        edited = {}
+        for row in ids:
+            example = next(i for i in range(len(tokens)) if torch.equal(row[p:], tokens[i, p:]))
+            differs = torch.nonzero(row[:p] != tokens[example, :p]).flatten().tolist()
+            assert len(differs) <= 1                      # within the edit budget, moves included
+            edited.setdefault(example, set()).update(differs)
+        steps.append(edited)
+        return nll(ids, count)
+    scorer.nll = spy_nll
+    found = A.hotflip_search(scorer, tokens, clean, prompt_tokens=p, candidates=smoke_setup.candidates, hotflip=h,
+                             gen=A.generator(0, "hotflip"), guided=True)
+    assert all(len(f) <= 1 for f in found["flips"])
+    moved = [i for i in range(len(tokens)) for a, b in zip(steps, steps[1:])
+             if len(a.get(i, ())) == 1 and b.get(i, set()) - a[i]]      # refining one position, then elsewhere
+    assert moved
+
+
+def test_a_move_at_the_edit_budget_reverts_one_changed_position():
+    original = torch.tensor([[1, 2, 3, 4, 9], [1, 2, 3, 4, 9]])
+    seqs = torch.tensor([[7, 2, 8, 4, 9], [7, 2, 3, 4, 9]])    # row 0: a move to 2 at budget; row 1: under it
+    changed = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    A._within_budget(seqs, original, changed, torch.tensor([2, 0]), 4, 1, torch.Generator().manual_seed(0))
+    assert seqs.tolist() == [[1, 2, 8, 4, 9], [7, 2, 3, 4, 9]]
