@@ -443,12 +443,19 @@ def lr_selections(summary: dict) -> dict[str, dict]:
     return {arm: next(iter(summary["arms"][arm]["train"].values()))["lr_selection"] for arm in TRAINED_ARMS}
 
 
+def at_edge(c: dict) -> bool:
+    """The selection is the grid's smallest or largest value: the best lr may lie beyond the grid."""
+    return c["selected"] in (c["multipliers"][0], c["multipliers"][-1])
+
+
 def lr_clause(summary: dict) -> str:
     chosen = lr_selections(summary)
     steps = next(iter(chosen.values()))["steps"]
+    edge = [arm for arm, c in chosen.items() if at_edge(c)]
     return (" Learning rates by equal tuning effort (each arm's best of as many trials of " + f"{steps} steps): "
             + ", ".join(f"{arm} {c['selected_lr']:.2g}" + (" for V" if c["knob"] != "lr" else "")
-                        for arm, c in chosen.items()) + ".")
+                        for arm, c in chosen.items()) + "."
+            + (f" **At the edge of its grid: {', '.join(edge)}** (a better lr may lie beyond it)." if edge else ""))
 
 
 def lr_table(summary: dict) -> list[str]:
@@ -459,7 +466,8 @@ def lr_table(summary: dict) -> list[str]:
         what = "train.lr" if c["knob"] == "lr" else "the lr of V (train.constrained_lr_multiplier)"
         rows.append(f"| {arm} | {what} x {', '.join(f'{m:g}' for m in c['multipliers'])} | "
                     f"{', '.join(f'{lr:.2g}' for lr in c['lr'])} | "
-                    f"{', '.join(f'{math.exp(v):.2f}' for v in c['validation_loss'])} | {c['selected_lr']:.2g} |")
+                    f"{', '.join(f'{math.exp(v):.2f}' for v in c['validation_loss'])} | {c['selected_lr']:.2g}"
+                    + (" (grid edge)" if at_edge(c) else "") + " |")
     return ["## Learning rates (equal tuning effort)", "",
             "Under W = softplus(V) a step on V moves W by about lr x W, so one shared lr is not one budget: each "
             "trained arm tried as many learning rates, each for the same short run from its own start, and trained "

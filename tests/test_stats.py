@@ -285,9 +285,9 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     assert "different: monotonic is more vulnerable" in text and "What a seed varies" in text and "## Power" in text
     answer = text.split("## Details")[0]     # every arm's learning rate and the trials behind it
     assert "Learning rates by equal tuning effort (each arm's best of as many trials of 4 steps): baseline 0.001, " \
-           "monotonic 0.001 for V, flipped 0.001." in answer
-    assert "| monotonic | the lr of V (train.constrained_lr_multiplier) x 0.5, 1 | 0.0005, 0.001 | 54.60, 49.40 | 0.001 |" \
-        in text
+           "monotonic 0.001 for V, flipped 0.001. **At the edge of its grid: baseline, monotonic, flipped**" in answer
+    assert "| monotonic | the lr of V (train.constrained_lr_multiplier) x 0.5, 1 | 0.0005, 0.001 | 54.60, 49.40 | " \
+           "0.001 (grid edge) |" in text
     assert f"Family: all {len(family)} paired tests" in text
     assert "Optimizer differences between the trained arms" in text and "weight decay 0 on the constrained V" in text
     assert "learning rate" not in text.split("Optimizer differences")[1].split("\n")[0]      # same lr for V and W
