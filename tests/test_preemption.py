@@ -81,7 +81,7 @@ def test_usr1_through_apptainer_and_dvc_checkpoints_requeues_and_is_bit_identica
     for name in ("direct", "cluster"):
         ws = smoke_checkout(tmp_path / name)
         set_param(ws, "train", "max_steps", 60)
-        set_param(ws, "train", "eval_interval", 1000)
+        set_param(ws, "train", "eval_interval", 60)     # one validation, at the end
         git_commit_all(ws)
         runs[name] = ws
     resources = tmp_path / "resources.ini"

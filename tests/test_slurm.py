@@ -426,7 +426,7 @@ def test_trainer_interrupted_by_usr1_is_requeued_and_bit_identical(smoke_runs, t
     direct, cluster, env = smoke_runs["direct"], smoke_runs["cluster"], smoke_runs["env"]
     for ws in (direct, cluster):
         set_param(ws, "train", "max_steps", 60)
-        set_param(ws, "train", "eval_interval", 1000)
+        set_param(ws, "train", "eval_interval", 60)     # one validation, at the end
     with open(tmp_path / "direct.log", "w") as log:
         direct_run = subprocess.Popen([*DVC, "repro", "train-baseline@0"], cwd=direct, env=env, stdout=log,
                                       stderr=subprocess.STDOUT)
