@@ -154,6 +154,29 @@ def test_pretrain_declares_the_train_keys_it_inherits():
     assert inherited and inherited <= declared, sorted(inherited - declared)
 
 
+def test_select_lr_declares_the_train_keys_its_trials_use():
+    """A trial is the arm's training with its length, validation, checkpoints and stops set by lr_select: every other
+    train key (logging and the epoch check aside) can change its result, so select-lr depends on each."""
+    import dataclasses
+
+    from pipeline import arms, lr_select
+    from pipeline.params import TrainParams
+
+    p = params_mod.load(REPO / "params.yaml")
+    odd = dataclasses.replace(p.train, max_steps_per_run=5, wall_clock_limit_s=9, keep_checkpoints=7,
+                              checkpoint_interval=3, eval_interval=11)
+    p = dataclasses.replace(p, train=odd)
+    base, trial = p.train_for_arm("baseline"), lr_select.trial(p, arms.get("baseline"), 1.0)
+    set_by_trial = {f.name for f in dataclasses.fields(TrainParams) if getattr(trial, f.name) != getattr(base, f.name)}
+    used = {f"train.{f.name}" for f in dataclasses.fields(TrainParams)
+            if f.name not in set_by_trial | {"log_interval", "beyond_one_epoch"}}
+    declared = {k for k in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["select-lr"]["params"]
+                if isinstance(k, str)}
+    assert set_by_trial == {"max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints",
+                            "max_steps_per_run", "wall_clock_limit_s"}
+    assert used <= declared and "train.max_steps" not in declared, sorted(used - declared)
+
+
 def _keys(tree: dict, prefix="") -> set[str]:
     out = set()
     for k, v in tree.items():

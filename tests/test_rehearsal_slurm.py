@@ -179,8 +179,8 @@ def test_a_variation_reruns_training_and_downstream_only_and_becomes_an_experime
     variation = next(r for r in rows if r["Experiment"] == "lr2e-5")
     lr = next(k for k in ("train.lr", "params.yaml:train.lr") if k in base)   # qualified when a metric has the name
     assert variation[lr] == "2e-05" and base[lr] == "1e-05", rows
-    loss = next(k for k in base if k.endswith("validation_loss") and base[k])
-    assert variation[loss] and variation[loss] != base[loss], (loss, variation)
+    ppl = next(k for k in base if k.endswith("arm-baseline.json:ppl") and base[k])    # the report's metric rows
+    assert variation[ppl] and variation[ppl] != base[ppl], (ppl, variation)
     assert yaml.safe_load((cluster / "params.yaml").read_text())["train"]["lr"] == 1e-5   # untouched
 
 
