@@ -37,7 +37,7 @@ from pipeline import attacks as A  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.evaluation import token_nll  # noqa: E402
 from pipeline.provenance import device_description  # noqa: E402
-from pipeline.stages import attack as S  # noqa: E402
+from pipeline import assessment as S  # noqa: E402
 
 
 def raw_forward_rate(model, tokens: torch.Tensor, batch_size: int, sequences: int) -> float:

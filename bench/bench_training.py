@@ -31,15 +31,14 @@ from pipeline import data as D  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.models import load_causal_lm  # noqa: E402
 from pipeline.monotonic import constrained_parameters, load_parametrized  # noqa: E402
-from pipeline.arms import ARMS  # noqa: E402
-from pipeline.paths import DATA_DIR  # noqa: E402
+from pipeline.paths import DATA_DIR, model_dir  # noqa: E402
 from pipeline.provenance import device_description  # noqa: E402
 from pipeline.training import lm_loss, lr_at, train  # noqa: E402
 
 
 def hand_loop_step_seconds(tp, packed, steps: int, seed: int) -> list[float]:
     """The minimal loop: same model, batches, optimizer and clipping; no logging, no checks."""
-    model = load_causal_lm(ARMS["pretrained"].model_dir())
+    model = load_causal_lm(model_dir("pretrained"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, betas=(tp.adam_beta1, tp.adam_beta2),
                             weight_decay=tp.weight_decay)
@@ -60,9 +59,9 @@ def hand_loop_step_seconds(tp, packed, steps: int, seed: int) -> list[float]:
 
 def trainer_step_seconds(tp, packed, val, arm: str, seed: int) -> list[float]:
     if arm == "baseline":
-        model, constrained = load_causal_lm(ARMS["pretrained"].model_dir()), []
+        model, constrained = load_causal_lm(model_dir("pretrained")), []
     else:
-        model, _ = load_parametrized(ARMS["monotonic_init"].model_dir())
+        model, _ = load_parametrized(model_dir("monotonic_init"))
         constrained = constrained_parameters(model)
     result = train(model, tp, packed, val, seed=seed, constrained=constrained, desc=f"bench {arm}")
     tokens = tp.batch_size * tp.grad_accum * packed.seq_len

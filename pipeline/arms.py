@@ -1,12 +1,9 @@
-"""The one table of arms: where each arm's model lives, whether it is constrained (softplus W) and whether
-it is trained, and which arm it starts from. Paths, training, evaluation, attacks, the CLI and the report
-read it; nothing else encodes what an arm is. Torch-free at import (the report and aggregate use it)."""
+"""The one table of arms: whether each arm is constrained (softplus W) and whether it is trained, and which arm
+it starts from (where its model lives: pipeline/paths.py, model_dir). Paths, training, evaluation, attacks, the
+CLI and the report read it; nothing else encodes what an arm is. Torch-free at import (the report and aggregate use it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-from . import paths
 
 
 @dataclass(frozen=True)
@@ -19,18 +16,6 @@ class Arm:
     description: str
     checkpoint_of: str | None = None    # a checkpoint of this arm's training (pretraining for pretrained) ...
     step: int | None = None             # ... at this step: a point of the matched-NLL frontier
-
-    def model_dir(self, seed: int | None = None) -> Path:
-        """The HF checkpoint of this arm for a seed (one directory for every seed if the arm is untrained)."""
-        if self.checkpoint_of == "pretrained":
-            return paths.PRETRAIN_STEPS_DIR / f"step{self.step}"
-        if not self.trained:
-            return paths.MODELS_DIR / self.name
-        if seed is None:
-            raise ValueError(f"arm {self.name!r} is trained per seed: its model directory needs a seed")
-        if self.checkpoint_of is not None:
-            return paths.train_dir(self.checkpoint_of, seed) / "steps" / f"step{self.step}"
-        return paths.train_dir(self.name, seed) / "model"
 
 
 ARM_TABLE = (

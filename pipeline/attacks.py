@@ -1,7 +1,7 @@
 """Adversarial token attacks on a causal LM, as pure algorithms: the examples, a shared token-gradient core,
 UAT (Wallace et al. 2019) and HotFlip (Ebrahimi et al. 2018) as GCG-style searches (Zou et al. 2023), their
 equal-budget controls, exhaustive oracles for tiny models, and result summaries. Setup, I/O and method
-dispatch live in pipeline/stages/attack.py.
+dispatch live in pipeline/assessment.py.
 
 Example: a window of prompt_tokens + continuation_tokens tokens cut from one document of a split. Loss is
 the mean NLL of the continuation tokens only (each predicted from everything before it): never a trigger

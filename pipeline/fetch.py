@@ -59,10 +59,10 @@ def task_needs(b, task_refs: list) -> list[Need]:
     """The harness tasks' datasets, as their lm-eval definitions name them (path and config)."""
     if not task_refs:
         return []
-    from . import benchmarks as B
+    from . import benchmarks
 
-    hub_dir, prepared = B.task_caches(b)
-    configs = {r.key: B.harness_task_config(r.key) for r in task_refs}
+    hub_dir, prepared = benchmarks.task_caches(b)
+    configs = {r.key: benchmarks.harness_task_config(r.key) for r in task_refs}
     return [Need(r, configs[r.key]["dataset_path"], hub_dir, patterns=("*",),
                  task={"name": configs[r.key].get("dataset_name"), "prepared": str(prepared)}) for r in task_refs]
 

@@ -3,6 +3,7 @@ and placed on the device policy's device."""
 from __future__ import annotations
 
 from . import arms, device
+from .paths import model_dir as model_dir_of
 from .models import load_causal_lm, read_meta
 from .monotonic import constrained_parameters, load_parametrized, verify
 
@@ -14,7 +15,7 @@ def load_arm_model(params, name: str, seed: int | None, parametrized: bool = Fal
     scoring=True: a frozen model for evaluation and attacks, held in eval.precision (device.for_scoring).
     Returns (model, meta)."""
     arm = arms.get(name)
-    model_dir = arm.model_dir(seed)
+    model_dir = model_dir_of(arm, seed)
     if not model_dir.exists():
         raise FileNotFoundError(f"no model for arm {name!r} seed {seed} at {model_dir}: run its stage first")
     meta = read_meta(model_dir)
@@ -41,5 +42,5 @@ def load_start_model(params, arm: arms.Arm, seed: int):
     model, _ = load_arm_model(params, start.name, seed, parametrized=arm.constrained)
     constrained = constrained_parameters(model) if arm.constrained else []
     if arm.constrained and not constrained:
-        raise RuntimeError(f"{start.model_dir(seed)}: no softplus-parametrized tensors to train")
-    return model, constrained, start.model_dir(seed)
+        raise RuntimeError(f"{model_dir_of(start, seed)}: no softplus-parametrized tensors to train")
+    return model, constrained, model_dir_of(start, seed)

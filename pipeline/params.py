@@ -228,6 +228,8 @@ class HotFlipParams:
 
 ATTACKS = ("uat", "hotflip")            # the gradient attacks (attack.uat, attack.hotflip)
 CONTROLS = ("random", "greedy")         # their controls at the same forward budget
+STEPS = (*ATTACKS, "controls")         # what assess runs on an arm
+CHECKPOINT_STEPS = ATTACKS              # on a frontier checkpoint: what the matched comparison reads
 
 
 @dataclass(frozen=True)

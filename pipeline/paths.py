@@ -1,14 +1,16 @@
 """Where every stage writes, relative to the repository root; dvc.yaml declares the same paths.
 Outputs are namespaced by what produced them (arm, seed) and carry the variant in their metadata,
 which consumers check against params, so a changed variant can never reuse stale results.
-Which directory holds an arm's model is pipeline/arms.py's (Arm.model_dir)."""
+An arm's model directory: model_dir."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from .arms import Arm, get
+
 OUT = Path("outputs")
 DATA_DIR = OUT / "data"
-MODELS_DIR = OUT / "models"             # one directory per untrained arm: pipeline.arms.Arm.model_dir
+MODELS_DIR = OUT / "models"             # one directory per untrained arm: model_dir
 PRETRAIN_STEPS_DIR = MODELS_DIR / "pretrain_steps"   # step<N>/: the frontier's unconstrained checkpoints
 METRICS_DIR = OUT / "metrics"
 LR_SELECTION = OUT / "lr_select" / "selection.json"   # each trained arm's learning-rate trials and choice
@@ -22,6 +24,20 @@ def run_name(arm: str, seed: int) -> str:
 def train_dir(arm: str, seed: int) -> Path:
     """A trained arm's models: model/ and steps/step<N>/ (what the model stages read)."""
     return OUT / "train" / run_name(arm, seed)
+
+
+def model_dir(arm: Arm | str, seed: int | None = None) -> Path:
+    """The HF checkpoint of an arm for a seed (one directory for every seed if the arm is untrained)."""
+    arm = get(arm) if isinstance(arm, str) else arm
+    if arm.checkpoint_of == "pretrained":
+        return PRETRAIN_STEPS_DIR / f"step{arm.step}"
+    if not arm.trained:
+        return MODELS_DIR / arm.name
+    if seed is None:
+        raise ValueError(f"arm {arm.name!r} is trained per seed: its model directory needs a seed")
+    if arm.checkpoint_of is not None:
+        return train_dir(arm.checkpoint_of, seed) / "steps" / f"step{arm.step}"
+    return train_dir(arm.name, seed) / "model"
 
 
 def train_log_dir(arm: str, seed: int) -> Path:
@@ -49,8 +65,6 @@ def recovery_dir(arm: str, seed: int) -> Path:
 
 
 def _measured(kind: str, label: str, seed: int) -> Path:
-    from .arms import get   # arms reads this module's directories: imported when first needed
-
     arm = get(label)
     if arm.checkpoint_of is None:
         return OUT / kind / run_name(label, seed)

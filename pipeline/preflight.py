@@ -79,7 +79,7 @@ class Shape:
 
 
 @dataclass
-class Estimate:
+class StageEstimate:
     stage: str
     jobs: int                               # how many such jobs dvc.yaml runs
     device_gib: float                       # peak on the device (0 for CPU-only stages)
@@ -299,18 +299,18 @@ def _gib(parts: dict) -> dict:
     return {k: round(v / GIB, 3) for k, v in parts.items()}
 
 
-def data_stage(c: Context) -> Estimate:
+def data_stage(c: Context) -> StageEstimate:
     p = c.params
     docs = sum(split_tokens(p, s)[0] for s in p.data.fractions)
     tokens = sum(split_tokens(p, s)[1] for s in p.data.fractions)
     width = 2 if p.tokenizer.vocab_size < 2 ** 16 else 4
     text = 4 * tokens                                           # ~4 bytes of text per token
-    return Estimate("data", 1, 0.0, HOST_BASE_GIB + 3 * text / GIB, tokens / 2e5 / 3600,
+    return StageEstimate("data", 1, 0.0, HOST_BASE_GIB + 3 * text / GIB, tokens / 2e5 / 3600,
                     (width * tokens + text) / GIB, gpu=False,
                     note=f"{docs} documents, {tokens / 1e6:.1f}M tokens; CPU, assumed 200k tokens/s tokenizing")
 
 
-def pretrain_stage(c: Context) -> Estimate:
+def pretrain_stage(c: Context) -> StageEstimate:
     p, s = c.params, c.shape
     evaluation = eval_flops(s, p, "validation")
     frontier = len(p.frontier.steps)
@@ -321,13 +321,13 @@ def pretrain_stage(c: Context) -> Estimate:
         seqs = p.pretrain.steps * p.pretrain.batch_size
         flops = 3 * seqs * forward_flops(s, p.data.seq_len, p.data.seq_len)
         peak = mem["peak"] * GIB
-        return Estimate("pretrain", 1, peak / GIB, c.host(peak), hours(flops, c.tflops(bf16), c.mfu)
+        return StageEstimate("pretrain", 1, peak / GIB, c.host(peak), hours(flops, c.tflops(bf16), c.mfu)
                         + c.eval_hours(evaluation), scratch, parts=_rounded(mem),
                         note=f"{_activations_note(mem)}; trains the scratch model, saving {frontier} checkpoints "
                              "(frontier.steps), then validation NLL",
                         fix=f"lower pretrain.batch_size (now {p.pretrain.batch_size})")
     peak = 4 * s.params + eval_memory(s, p)
-    return Estimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params),
+    return StageEstimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params),
                     c.eval_hours(evaluation) + (1 + frontier) * load_hours(s), scratch,
                     parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
                     note=f"loads the checkpoint and saves {frontier} of frontier.steps; validation NLL in "
@@ -345,12 +345,12 @@ def _activations_note(mem: dict) -> str:
             f"{mem['activations_with_checkpointing']:.2f} GiB with gradient checkpointing")
 
 
-def monotonic_init_stage(c: Context) -> Estimate:
+def monotonic_init_stage(c: Context) -> StageEstimate:
     p, s = c.params, c.shape
     # the pretrained model, the converted one and the equivalent conversion held at once, plus an export
     parts = {"weights": 3 * 4 * s.params, "export_copy": 4 * s.params, "evaluation": eval_memory(s, p)}
     peak = sum(parts.values())
-    return Estimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
+    return StageEstimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
                     c.eval_hours(3 * eval_flops(s, p, "validation")), (4 * s.params + 4 * s.constrained) / GIB,
                     parts=_gib(parts),
                     note=f"softplus init, plain export + V, validation NLL of pretrained, converted and the equivalent "
@@ -358,7 +358,7 @@ def monotonic_init_stage(c: Context) -> Estimate:
                     fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
-def train_stage(c: Context, arm: str) -> Estimate:
+def train_stage(c: Context, arm: str) -> StageEstimate:
     p, s = c.params, c.shape
     t = p.train_for_arm(arm)
     seq, constrained, bf16 = p.data.seq_len, arms.get(arm).constrained, c.bf16(t.precision)
@@ -373,7 +373,7 @@ def train_stage(c: Context, arm: str) -> Estimate:
     scratch = (t.keep_checkpoints + 1) * state + 2 * model_out + exports    # checkpoints (+1 written), best, final
     peak = mem["peak"] * GIB
     step_s = per_seq * global_batch / (c.tflops(bf16) * 1e12 * c.mfu) if c.tflops(bf16) else 0.0
-    return Estimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
+    return StageEstimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
                     hours(flops, c.tflops(bf16), c.mfu), scratch / GIB, parts=_rounded(mem), resumable=True,
                     dvc=f"train-{arm}",
                     fix=train_fix(c, t, constrained),
@@ -383,7 +383,7 @@ def train_stage(c: Context, arm: str) -> Estimate:
                          + (", W = softplus(V) materialized each forward" if constrained else ""))
 
 
-def select_lr_stage(c: Context) -> Estimate:
+def select_lr_stage(c: Context) -> StageEstimate:
     """Every trained arm's grid, each trial lr_select.steps steps of its training (one job, not resumable: a trial
     is short and restarts whole)."""
     ls = c.params.lr_select
@@ -391,7 +391,7 @@ def select_lr_stage(c: Context) -> Estimate:
     runs = [(train_stage(c, arm), c.params.train_for_arm(arm).max_steps) for arm in arms.TRAINED_ARMS]
     hours_ = sum(e.hours * trials * ls.steps / steps for e, steps in runs)
     worst = max((e for e, _ in runs), key=lambda e: e.device_gib)
-    return Estimate("select-lr", 1, worst.device_gib, worst.host_gib, hours_, 0.0, parts=worst.parts, dvc="select-lr",
+    return StageEstimate("select-lr", 1, worst.device_gib, worst.host_gib, hours_, 0.0, parts=worst.parts, dvc="select-lr",
                     fix=worst.fix, note=f"{trials} trials x {ls.steps} steps for each of {len(runs)} arms, one "
                                         f"after another; memory of the largest ({worst.stage})")
 
@@ -422,12 +422,12 @@ def load_hours(s: Shape) -> float:
 
 
 def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
-    """FLOPs of what `assess` does to one model with these attack steps (pipeline/stages/attack.py: STEPS for an
+    """FLOPs of what `assess` does to one model with these attack steps (pipeline/assessment.py: STEPS for an
     arm, CHECKPOINT_STEPS for a frontier checkpoint): test NLL, gradient UAT and HotFlip, and with "controls"
     their greedy and random controls, every method at the hard forward cap that pipeline/attacks.py gives it
     (backward passes for the gradient searches); and their peak transient device bytes."""
     from .attacks import hotflip_forward_cap, uat_forward_cap
-    from .stages.attack import CONTROLS
+    from .params import CONTROLS
 
     p, s, a = c.params, c.shape, c.params.attack
     u, h = a.uat, a.hotflip
@@ -477,16 +477,16 @@ def attack_batch_fit(c: Context) -> dict[str, int] | None:
     return fit
 
 
-def assess_stage(c: Context, name: str, models: list[str], what: str) -> Estimate:
+def assess_stage(c: Context, name: str, models: list[str], what: str) -> StageEstimate:
     """One `assess` job per seed on these models (arms.get names), one after another as pipeline/stages/assess.py
     runs them: each loaded, then attacked with STEPS, or CHECKPOINT_STEPS if it is a frontier checkpoint."""
-    from .stages.attack import CHECKPOINT_STEPS, STEPS
+    from .params import CHECKPOINT_STEPS, STEPS
 
     p, s = c.params, c.shape
     work = [attack_work(c, CHECKPOINT_STEPS if arms.get(m).checkpoint_of else STEPS) for m in models]
     transient = max((t for _, t in work), default=0)
     weights = scoring_weight_bytes(c) if models else 0
-    return Estimate(name, len(p.seeds), (weights + transient) / GIB, c.host(weights + transient, weights),
+    return StageEstimate(name, len(p.seeds), (weights + transient) / GIB, c.host(weights + transient, weights),
                     sum(c.eval_hours(flops) + load_hours(s) for flops, _ in work), 0.0,
                     parts=_gib({"weights": weights, "largest_batch": transient}),
                     note=f"{what}; {numerics(c.eval_bf16)} (eval.precision)",
@@ -494,7 +494,7 @@ def assess_stage(c: Context, name: str, models: list[str], what: str) -> Estimat
                         f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
 
 
-def assess_stages(c: Context) -> list[Estimate]:
+def assess_stages(c: Context) -> list[StageEstimate]:
     """dvc.yaml's assess jobs: each trained arm with its recovery checkpoints (`assess --arm A --frontier`), each
     reference arm alone (`assess-ref`), and pretraining's checkpoints (`assess-frontier`, `assess --frontier`)."""
     f = c.params.frontier
@@ -511,14 +511,14 @@ def assess_stages(c: Context) -> list[Estimate]:
                                                               f"{f.steps}): test NLL, UAT, HotFlip")]
 
 
-def transfer_stage(c: Context) -> Estimate:
+def transfer_stage(c: Context) -> StageEstimate:
     p, s, a = c.params, c.shape, c.params.attack
     seq = a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens
     n = len(arms.ARM_NAMES)
     flops = n * (1 + 2 * n) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
     transient = inference_bytes(s, a.batch_size, seq, a.continuation_tokens + 1)
     peak = 4 * s.params + transient
-    return Estimate("transfer", len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
+    return StageEstimate("transfer", len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
                     c.eval_hours(flops) + n * load_hours(s), 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
                     note=f"every arm's triggers and flips on every arm ({n} model loads at ~1 GB/s); "
@@ -544,7 +544,7 @@ def benchmark_requests(b, context: int) -> list[tuple[int, int]]:
     return out
 
 
-def benchmarks_stage(c: Context, ref: bool) -> Estimate:
+def benchmarks_stage(c: Context, ref: bool) -> StageEstimate:
     """lm-eval on the reference arms (one job) or the trained arms (per seed), one after the other: one fp32
     forward per request, of the task's request length (HARNESS_TASKS)."""
     p, s, b = c.params, c.shape, c.params.benchmarks
@@ -554,7 +554,7 @@ def benchmarks_stage(c: Context, ref: bool) -> Estimate:
     transient = inference_bytes(s, b.batch_size, seq, seq)
     peak = 4 * s.params + transient
     work = n * sum(hours(count * forward_flops(s, tokens, tokens), c.tflops(False), c.mfu) for count, tokens in requests)
-    return Estimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
+    return StageEstimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
                     c.host(peak, 4 * s.params), work, 0.0,
                     parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
                     note=f"{n} arms x {sum(k for k, _ in requests)} requests of <= {seq} tokens ({len(b.tasks)} tasks: "
@@ -562,11 +562,11 @@ def benchmarks_stage(c: Context, ref: bool) -> Estimate:
                     fix=f"lower benchmarks.batch_size (now {b.batch_size})")
 
 
-def aggregate_stage(c: Context) -> Estimate:
-    return Estimate("aggregate", 1, 0.0, HOST_BASE_GIB, 0.01, 0.0, gpu=False, note="bootstrap statistics; CPU")
+def aggregate_stage(c: Context) -> StageEstimate:
+    return StageEstimate("aggregate", 1, 0.0, HOST_BASE_GIB, 0.01, 0.0, gpu=False, note="bootstrap statistics; CPU")
 
 
-def estimates(c: Context) -> list[Estimate]:
+def estimates(c: Context) -> list[StageEstimate]:
     return [data_stage(c), pretrain_stage(c), monotonic_init_stage(c), select_lr_stage(c),
             *(train_stage(c, arm) for arm in arms.TRAINED_ARMS), *assess_stages(c), benchmarks_stage(c, True),
             benchmarks_stage(c, False), transfer_stage(c), aggregate_stage(c)]
@@ -585,7 +585,7 @@ def read_resources(path: Path = RESOURCES) -> configparser.ConfigParser:
     return ini
 
 
-def problems(c: Context, e: Estimate, ini) -> list[str]:
+def problems(c: Context, e: StageEstimate, ini) -> list[str]:
     """Why a stage will not run as requested, each with the setting to change."""
     req = resource_section(ini, e.dvc_stage)
     sect = req.name
@@ -615,7 +615,7 @@ def default_device(params) -> str:
     return "a100-80gb" if params.model.source == "hf" else "cpu"
 
 
-def table(c: Context, rows: list[Estimate], ini) -> str:
+def table(c: Context, rows: list[StageEstimate], ini) -> str:
     fits_head = f"fits {c.device_key}" if c.cuda else "fits"
     lines = [f"| stage | jobs | device peak GiB / GPUs | host GiB / mem | hours per job / time | scratch GiB, all jobs "
              f"| {fits_head} |",
@@ -633,7 +633,7 @@ def table(c: Context, rows: list[Estimate], ini) -> str:
     return "\n".join(lines)
 
 
-def breakdown(rows: list[Estimate]) -> str:
+def breakdown(rows: list[StageEstimate]) -> str:
     """One line per stage: its parts in GiB (MiB for models under 1 GiB) and its note."""
     out = []
     for e in rows:

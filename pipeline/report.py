@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arms import ARM_NAMES as ARMS
+from .arms import ARM_NAMES
 from .arms import ARM_TABLE, TRAINED_ARMS, get
 from .params import MONOTONICITY_SCOPE
 from .stats import verdict
@@ -32,7 +32,7 @@ def main_table(summary: dict) -> str:
                                                  for a in attacks)
             + "".join(f" | {c} ({_name(a)} budget) +NLL" for a in attacks for c in controls) + " |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for arm in ARMS:
+    for arm in ARM_NAMES:
         e = summary["arms"][arm]
         cells = [_ci(e["perplexity"], "{:.2f}")]
         for a in attacks:
@@ -254,7 +254,7 @@ def compact_table(summary: dict) -> str:
     attacks = summary["attacks"]
     rows = ["| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL | worst case ({_name(a)}) +NLL" for a in attacks)
             + " |", "|---" * (2 * len(attacks) + 2) + "|"]
-    for arm in ARMS:
+    for arm in ARM_NAMES:
         e = summary["arms"][arm]
         rows.append(f"| {arm} | {_ci(e['perplexity'], '{:.2f}')} | "
                     + " | ".join(f"{_ci(e[a]['abs_increase'])} | {_ci(e[a + '_worst']['abs_increase'])}"
@@ -269,7 +269,7 @@ def metric_rows(summary: dict) -> dict[str, dict]:
     its interval delta_lo..delta_up, the Holm p and the verdict. Rows share their keys: one column per key."""
     alpha = 1 - summary["confidence"]
     rows = {}
-    for arm in ARMS:
+    for arm in ARM_NAMES:
         e = summary["arms"][arm]
         row = {"ppl": e["perplexity"]["mean"]}
         for attack in summary["attacks"]:
@@ -294,7 +294,7 @@ def saturation_clause(summary: dict) -> str:
     sat = summary["saturation"]
     flagged = [(label, name) for label, by in sat["models"].items() for name, v in by.items() if v["flagged"]]
     total = sum(len(by) for by in sat["models"].values())
-    shares = {a: [sat["models"][arm][a]["last_doubling_share"] for arm in ARMS] for a in summary["attacks"]}
+    shares = {a: [sat["models"][arm][a]["last_doubling_share"] for arm in ARM_NAMES] for a in summary["attacks"]}
     ranges = ", ".join(f"{_name(a)} {100 * min(v):.0f}-{100 * max(v):.0f}%" for a, v in shares.items())
     if not flagged:
         return (f" Every attack saturated: its last doubling of forwards added <= {100 * sat['tolerance']:.0f}% "
@@ -404,11 +404,11 @@ def power_table(summary: dict) -> list[str]:
 
 def benchmark_table(benchmarks: dict, conf: int) -> list[str]:
     """Zero-shot accuracy per task and arm, and monotonic - baseline (items crossed with seeds)."""
-    head = "| task | items | " + " | ".join(ARMS) + " | monotonic - baseline |"
-    rows = [head, "|" + "---|" * (len(ARMS) + 3)]
+    head = "| task | items | " + " | ".join(ARM_NAMES) + " | monotonic - baseline |"
+    rows = [head, "|" + "---|" * (len(ARM_NAMES) + 3)]
     for task, b in benchmarks.items():
         d = b["monotonic_vs_baseline"]["difference"]
-        rows.append(f"| {task} | {b['items']} | " + " | ".join(_pct(b["acc"][arm]) for arm in ARMS)
+        rows.append(f"| {task} | {b['items']} | " + " | ".join(_pct(b["acc"][arm]) for arm in ARM_NAMES)
                     + f" | {100 * d['mean']:+.1f} pts [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
     return ["Accuracy through lm-evaluation-harness (its task definitions and scoring; `pipeline_lastword`: the "
             "LAMBADA-style last word of test-split passages, defined here in the harness's format), mean over seeds "
@@ -417,9 +417,9 @@ def benchmark_table(benchmarks: dict, conf: int) -> list[str]:
 
 
 def transfer_table(matrix: dict) -> str:
-    rows = ["| trigger/flips from \\ applied to | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
-    for src in ARMS:
-        rows.append(f"| {src} | " + " | ".join(f"{matrix[src][dst]:.3f}" for dst in ARMS) + " |")
+    rows = ["| trigger/flips from \\ applied to | " + " | ".join(ARM_NAMES) + " |", "|---" * (len(ARM_NAMES) + 1) + "|"]
+    for src in ARM_NAMES:
+        rows.append(f"| {src} | " + " | ".join(f"{matrix[src][dst]:.3f}" for dst in ARM_NAMES) + " |")
     return "\n".join(rows)
 
 
@@ -532,7 +532,7 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, files = loaded["runs"], []
-    colors = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
+    colors = dict(zip(ARM_NAMES, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm in TRAINED_ARMS:
@@ -550,7 +550,7 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
     attacks = summary["attacks"]
     fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
-        for arm in ARMS:
+        for arm in ARM_NAMES:
             for seed in summary["seeds"]:
                 ppl = summary["arms"][arm]["perplexity_per_seed"][seed]
                 rate = runs[arm][seed][attack]["summary"]["success_rate_abs"]
@@ -563,10 +563,10 @@ def plots(loaded: dict, summary: dict, out_dir: Path, params) -> list[Path]:
     fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         data = [np.concatenate([[r["abs_increase"] for r in runs[arm][s][attack]["examples"]]
-                                for s in summary["seeds"]]) for arm in ARMS]
+                                for s in summary["seeds"]]) for arm in ARM_NAMES]
         ax.violinplot(data, showmedians=True)
         ax.axhline(params.attack.success_threshold_nats, color="k", ls="--", lw=0.8, label="success threshold")
-        ax.set_xticks(range(1, len(ARMS) + 1), ARMS, rotation=15)
+        ax.set_xticks(range(1, len(ARM_NAMES) + 1), ARM_NAMES, rotation=15)
         ax.set(ylabel="NLL increase (nats/token)", title=f"{_name(attack)}: per-example NLL increase")
         ax.legend()
     files.append(_save(fig, out_dir / "nll_increase_distributions.png"))

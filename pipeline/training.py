@@ -510,7 +510,7 @@ def update_norms(before: dict[str, list[torch.Tensor]], params: dict[str, list[t
     return norms
 
 
-def validate(run: Run, val_data, val_ids: np.ndarray) -> float:
+def run_validation(run: Run, val_data, val_ids: np.ndarray) -> float:
     """Mean validation NLL per token over the fixed windows, split across processes and summed."""
     acc, tp = run.accelerator, run.tp
     run.raw_model.eval()
@@ -624,7 +624,7 @@ def train(model, tp: TrainParams, train_data, val_data, *, seed: int, constraine
             if after_step is not None and run.main:
                 after_step(state.step, run.raw_model, run.root)
             if state.step % tp.eval_interval == 0 or state.step == tp.max_steps:
-                record_validation(run, validate(run, val_data, val_ids), export_best, bar)
+                record_validation(run, run_validation(run, val_data, val_ids), export_best, bar)
             if run.root is None:
                 continue
             reason = stop_reason(run, stops)

@@ -338,12 +338,46 @@ def submit(args) -> int:
     resources = configparser.ConfigParser(interpolation=None)
     if not resources.read(args.resources):
         fail(f"cannot read the resources file {args.resources}")
-
-    dag = load_dag(workspace, args.mode, image)
     state = Path(args.state_dir).resolve() if args.state_dir else state_dir_for(workspace)
-    experiment, origin = "", workspace
+    origin = workspace
+    workspace, dag, experiment = prepare_workspace(args, workspace, image, state)
+    chosen = select(dag["stages"], args.stage, args.seed, args.force)
+    if not chosen:
+        print(f"every selected stage is up to date in {workspace} (use --force to run them again)")
+        return 0
+    check_chosen(args, chosen, resources)
+    run_dir = make_run_dir(args, state, workspace, dag)
+    env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
+           "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
+           "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
+           "PIPELINE_REQUEUE_EXIT_CODE": REQUEUE_EXIT_CODE,
+           "PIPELINE_DVC_REMOTE": args.remote or "",
+           "PIPELINE_EXPERIMENT": experiment}
+    if any("," in str(v) for v in env.values()):
+        fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
+    jobs = Jobs(args, resources, run_dir, env, {"workspace": str(workspace), "run_dir": str(run_dir),
+                                                "mode": args.mode, "jobs": []})
+    for stage in chosen:
+        jobs.submit(stage["name"], [stage["name"]], [jobs.ids[u] for u in stage["upstream"] if u in jobs.ids],
+                    stage["seed"])
+    names = [s["name"] for s in chosen]
+    gather = jobs.submit("gather", ["--gather", *names], list(jobs.ids.values()), None)
+    print_submitted(args, dag, jobs.ids, names, gather, workspace, run_dir)
+    if experiment:
+        print(f"  then records the experiment '{experiment}' in {origin}: dvc exp show")
+    if not args.dry_run:
+        print(f"status: python slurm/submit.py status {run_dir}")
+    elif experiment:
+        shutil.rmtree(workspace)   # a dry run leaves no variation behind
+    return 0
+
+
+def prepare_workspace(args, workspace: Path, image: Path, state: Path) -> tuple[Path, dict, str]:
+    """The workspace the jobs run in (a variation's copy under `state` with -S), its DAG and the experiment name."""
+    dag = load_dag(workspace, args.mode, image)
     if not args.dry_run:
         link_outputs(workspace)      # before a variation copies the workspace's config.local
+    experiment = ""
     if args.set:
         if args.mode == "container" and not has_dvc():
             fail("-S needs DVC in this Python (the project's environment) to change and validate params.yaml")
@@ -355,67 +389,67 @@ def submit(args) -> int:
     if os.environ.get("SCRATCH") and Path(dag["cache_dir"]).is_relative_to(workspace):
         print(f"note: the DVC cache {dag['cache_dir']} is inside the workspace; to put it on scratch:\n"
               f"  dvc cache dir --local \"$SCRATCH/dvc-cache\"")
-    chosen = select(dag["stages"], args.stage, args.seed, args.force)
-    if not chosen:
-        print(f"every selected stage is up to date in {workspace} (use --force to run them again)")
-        return 0
+    return workspace, dag, experiment
+
+
+def check_chosen(args, chosen: list[dict], resources) -> None:
     blocked = [f"{s['name']}: {s['restore_blocker']}" for s in chosen if s["restore_blocker"]]
     if blocked:
         fail("these stages cannot be restored from DVC's run-cache, so their results could not reach dvc.lock:\n  "
              + "\n  ".join(blocked))
     if args.mode == "container":
         check_one_node(resources, args.resources, [s["name"] for s in chosen] + ["gather"], args.sbatch)
-
     for stage in chosen:
         if stage["uncached_out"]:
             print(f"warning: {stage['name']}: output {stage['uncached_out']} has cache: false, so DVC's run-cache "
                   "skips this stage and the gather job runs it again (make the output cached to avoid that)")
+
+
+def make_run_dir(args, state: Path, workspace: Path, dag: dict) -> Path:
+    """A new run directory with the workspace snapshot and copies of the tools the jobs use (dry run: a name)."""
     runs = state / "runs"
     if args.dry_run:
-        run_dir = runs / "NEW-RUN"
-    else:
-        runs.mkdir(parents=True, exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=runs))
-    env = {"PIPELINE_RUN_DIR": run_dir, "PIPELINE_WORKSPACE": workspace, "PIPELINE_CACHE_DIR": dag["cache_dir"],
-           "PIPELINE_CHECKPOINT_DIR": state / "checkpoints",
-           "PIPELINE_MODE": args.mode, "PIPELINE_IMAGE": image if args.mode == "container" else "",
-           "PIPELINE_REQUEUE_EXIT_CODE": REQUEUE_EXIT_CODE,
-           "PIPELINE_DVC_REMOTE": args.remote or "",
-           "PIPELINE_EXPERIMENT": experiment}
-    if any("," in str(v) for v in env.values()):
-        fail(f"paths passed to the jobs must not contain commas (sbatch --export): {env}")
-    meta = {"workspace": str(workspace), "run_dir": str(run_dir), "mode": args.mode, "jobs": []}
-    if not args.dry_run:
-        (run_dir / "logs").mkdir()
-        make_snapshot(workspace, run_dir, dag, state / "checkpoints")
-        for tool in (WRAPPER, Path(__file__).resolve()):   # the jobs use these copies, whatever happens to slurm/
-            shutil.copy2(tool, run_dir / tool.name)
-    wrapper = run_dir / WRAPPER.name
+        return runs / "NEW-RUN"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=runs))
+    (run_dir / "logs").mkdir()
+    make_snapshot(workspace, run_dir, dag, state / "checkpoints")
+    for tool in (WRAPPER, Path(__file__).resolve()):   # the jobs use these copies, whatever happens to slurm/
+        shutil.copy2(tool, run_dir / tool.name)
+    return run_dir
 
-    job_ids: dict[str, str] = {}
 
-    def sbatch(name: str, argv: list[str], after: list[str], seed) -> str:
-        log = run_dir / "logs" / (re.sub(r"[^A-Za-z0-9._@-]", "_", name) + ".log")
-        exports = ",".join(f"{k}={v}" for k, v in {**env, "PIPELINE_SEED": "none" if seed is None else seed}.items())
+class Jobs:
+    """sbatch of the generic wrapper, one job per stage; job ids recorded in <run_dir>/jobs.json as they come."""
+
+    def __init__(self, args, resources, run_dir: Path, env: dict, meta: dict):
+        self.args, self.resources, self.run_dir, self.env, self.meta = args, resources, run_dir, env, meta
+        self.ids: dict[str, str] = {}
+
+    def submit(self, name: str, argv: list[str], after: list[str], seed) -> str:
+        log = self.run_dir / "logs" / (re.sub(r"[^A-Za-z0-9._@-]", "_", name) + ".log")
+        env = {**self.env, "PIPELINE_SEED": "none" if seed is None else seed}
+        exports = ",".join(f"{k}={v}" for k, v in env.items())
         cmd = ["sbatch", "--parsable", f"--job-name={JOB_PREFIX}{name}", f"--output={log}", "--open-mode=append",
-               f"--chdir={run_dir}", f"--export=ALL,{exports}", *sbatch_options(resources, name), *args.sbatch]
+               f"--chdir={self.run_dir}", f"--export=ALL,{exports}", *sbatch_options(self.resources, name),
+               *self.args.sbatch]
         if after:
             cmd += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
-        cmd += [str(wrapper), *argv]
-        if args.dry_run:
+        cmd += [str(self.run_dir / WRAPPER.name), *argv]
+        if self.args.dry_run:
             print(shlex.join(cmd))
-            return f"<{name}>"
-        job_id = run(cmd).strip().split(";")[0]
-        meta["jobs"].append({"stage": name, "job_id": job_id, "log": str(log), "after": after})
-        write_json(run_dir / "jobs.json", meta)
+            job_id = f"<{name}>"
+        else:
+            job_id = run(cmd).strip().split(";")[0]
+            self.meta["jobs"].append({"stage": name, "job_id": job_id, "log": str(log), "after": after})
+            write_json(self.run_dir / "jobs.json", self.meta)
+        if name != "gather":
+            self.ids[name] = job_id
         return job_id
 
-    for stage in chosen:
-        after = [job_ids[u] for u in stage["upstream"] if u in job_ids]
-        job_ids[stage["name"]] = sbatch(stage["name"], [stage["name"]], after, stage["seed"])
-    names = [s["name"] for s in chosen]
-    gather = sbatch("gather", ["--gather", *names], list(job_ids.values()), None)
 
+def print_submitted(args, dag: dict, job_ids: dict, names: list[str], gather: str, workspace: Path,
+                    run_dir: Path) -> None:
     width = max(len(n) for n in names)
     print(f"{'(dry run) ' if args.dry_run else ''}submitted {len(names)} stages + gather from {workspace} "
           f"({args.mode} mode); run directory {run_dir}")
@@ -423,13 +457,6 @@ def submit(args) -> int:
         after = [u for u in dag_upstream(dag, name) if u in job_ids]
         print(f"  {name:<{width}}  {job_ids[name]:>8}" + (f"  after {', '.join(after)}" if after else ""))
     print(f"  {'gather':<{width}}  {gather:>8}  after all, writes dvc.lock in {workspace}")
-    if experiment:
-        print(f"  then records the experiment '{experiment}' in {origin}: dvc exp show")
-    if not args.dry_run:
-        print(f"status: python slurm/submit.py status {run_dir}")
-    elif experiment:
-        shutil.rmtree(workspace)   # a dry run leaves no variation behind
-    return 0
 
 
 def dag_upstream(dag: dict, name: str) -> list[str]:

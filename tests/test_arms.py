@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import arms
+from pipeline import arms, paths
 from pipeline.__main__ import build_parser
 
 
@@ -24,10 +24,10 @@ def test_table_is_consistent_with_the_protocol():
 
 
 def test_model_directories_follow_trained_or_not():
-    assert arms.get("pretrained").model_dir() == arms.get("pretrained").model_dir(7) == Path("outputs/models/pretrained")
-    assert arms.get("monotonic").model_dir(3) == Path("outputs/train/monotonic-s3/model")
+    assert paths.model_dir("pretrained") == paths.model_dir("pretrained", 7) == Path("outputs/models/pretrained")
+    assert paths.model_dir("monotonic", 3) == Path("outputs/train/monotonic-s3/model")
     with pytest.raises(ValueError, match="needs a seed"):
-        arms.get("baseline").model_dir()
+        paths.model_dir("baseline")
     with pytest.raises(ValueError, match="unknown arm"):
         arms.get("ensemble")
 
@@ -45,11 +45,11 @@ def test_checkpoints_along_training_inherit_their_arm_and_live_beside_it():
 
     step = arms.get("pretrained-step150")
     assert (step.constrained, step.trained, step.checkpoint_of, step.step) == (False, False, "pretrained", 150)
-    assert step.model_dir() == step.model_dir(2) == Path("outputs/models/pretrain_steps/step150")
+    assert paths.model_dir(step) == paths.model_dir(step, 2) == Path("outputs/models/pretrain_steps/step150")
     assert paths.attack_dir("pretrained-step150", 2) == Path("outputs/frontier/s2/pretrained-step150/attacks")
     mid = arms.get("monotonic-step40")
     assert (mid.constrained, mid.trained, mid.start) == (True, True, "monotonic_init")
-    assert mid.model_dir(1) == Path("outputs/train/monotonic-s1/steps/step40")
+    assert paths.model_dir(mid, 1) == Path("outputs/train/monotonic-s1/steps/step40")
     assert paths.eval_dir("monotonic-step40", 1) == Path("outputs/recovery/monotonic-s1/monotonic-step40/eval")
     assert paths.eval_dir("pretrained", 2) == Path("outputs/eval/pretrained-s2")
     for bad in ("pretrained-stepX", "monotonic_init-step3"):

@@ -17,7 +17,7 @@ from conftest import run_stage
 from pipeline import attacks as A
 from pipeline import data as D
 from pipeline.models import save_causal_lm, tiny_gpt_neox
-from pipeline.stages import attack as S
+from pipeline import assessment as S
 
 ARMS_HERE = ("pretrained", "monotonic_init")
 

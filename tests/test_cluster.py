@@ -52,3 +52,17 @@ def test_a_stage_takes_the_longest_covering_section(tmp_path):
     ini.read(tmp_path / "r.ini")
     assert [resource_section(ini, s)["time"] for s in ("assess@baseline-0", "assess-ref@0-pretrained",
                                                        "assess-frontier@0", "data")] == ["2", "3", "2", "1"]
+
+
+def test_resources_ini_has_a_section_for_every_stage_of_dvc_yaml_and_none_for_a_stage_that_is_gone():
+    """dvc.yaml is the stage list: resources.ini, like preflight (tests/test_preflight.py) and the CLI
+    (tests/test_pipeline_dvc.py), is checked against it."""
+    import yaml
+
+    resources = configparser.ConfigParser(interpolation=None)
+    resources.read(REPO / "slurm" / "resources.ini")
+    stages = [*yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"], "gather"]
+    unsized = [s for s in stages if resource_section(resources, s).name == resources.default_section]
+    assert not unsized, f"dvc.yaml stages without a resources.ini section: {unsized}"
+    unused = [k for k in resources.sections() if not any(resource_section(resources, s).name == k for s in stages)]
+    assert not unused, f"resources.ini sections no dvc.yaml stage uses: {unused}"

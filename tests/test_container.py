@@ -288,7 +288,7 @@ def host_run(ws: Path, *argv: str) -> str:
 
 @rehearsal
 def test_apptainer_exec_commands_run_inside_the_rehearsal_image_as_on_the_host(rehearsal_image, tmp_path):
-    """README's `apptainer exec --bind ... IMAGE python -m pipeline check-params` and `... IMAGE dvc repro
+    """docs/cluster.md's `apptainer exec --bind ... IMAGE python -m pipeline check-params` and `... IMAGE dvc repro
     STAGE`, inside the image (workspace and scratch bound, --cleanenv, the image's %environment): the same
     params verdict as the host, and the smoke profile's first stages (data, pretrain) write the host's
     outputs and dvc.lock byte for byte. The stand-in's Python is the host's CPython (rehearse.STANDIN_PYTHON):

@@ -10,7 +10,7 @@ import torch
 from conftest import run_stage
 from pipeline import attacks as A
 from pipeline import device
-from pipeline.stages.attack import load_setup
+from pipeline.assessment import load_setup
 
 
 POLICY_MISMATCH = "device policy"     # the trainer's error when accelerate's device is not the policy's

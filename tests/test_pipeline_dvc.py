@@ -208,7 +208,7 @@ def test_a_stage_naming_arms_depends_on_each_ones_model_and_declares_each_ones_o
     """A stage run for a list of arms reads each arm's model and writes a directory per arm: an arm missing from
     deps lets SLURM start the stage before that arm's training ends, and one missing from outs is written
     undeclared (neither cached nor locked)."""
-    from pipeline import arms
+    from pipeline import arms, paths
 
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         command = stage["cmd"].split()
@@ -218,7 +218,7 @@ def test_a_stage_naming_arms_depends_on_each_ones_model_and_declares_each_ones_o
         named = [a for a in command[start:start + len(arms.ARM_NAMES)] if a in arms.ARM_NAMES]
         for arm in named:
             model = (f"outputs/train/{arm}-s${{item.seed}}/model" if arms.get(arm).trained
-                     else str(arms.get(arm).model_dir()))
+                     else str(paths.model_dir(arm)))
             if command[3] != "train":    # training writes the model it names
                 assert model in stage["deps"], f"stage {name} runs arm {arm} but does not depend on {model}"
             assert any(f"/{arm}" in str(out) for out in stage.get("outs", [])), f"stage {name} declares no output of arm {arm}"
@@ -319,4 +319,4 @@ def test_aggregate_depends_on_what_it_reads_and_on_no_model():
     models = {str(paths.MODELS_DIR), str(paths.train_dir("baseline", 0).parent)}
     assert outputs and not set(outputs) & models, outputs
     assert str(paths.train_log_dir("baseline", 0).parent) in outputs
-    assert all(not str(arms.get(a).model_dir(0)).startswith(tuple(outputs)) for a in arms.ARM_NAMES)
+    assert all(not str(paths.model_dir(a, 0)).startswith(tuple(outputs)) for a in arms.ARM_NAMES)

@@ -267,7 +267,7 @@ def _params(seeds):
 def test_aggregate_summary_and_report_on_a_crossed_design():
     seeds = [0, 1, 2]
     params = _params(seeds)
-    summary = aggregate.summarize(params, _loaded(seeds, np.random.default_rng(0)))
+    summary = aggregate.build_summary(params, _loaded(seeds, np.random.default_rng(0)))
     matched, along = summary["frontier"]["matched"], summary["frontier"]["excess_vs_control"]
     family = summary["comparisons"] + matched + along + summary["controls"]
     # 6 arm pairs x (test NLL, 2 attacks, clean NLL once per example set); 2 targets x 2 attacks against each
@@ -354,7 +354,7 @@ def test_aggregate_refuses_examples_that_differ_between_seeds():
     loaded = _loaded(seeds, np.random.default_rng(0))
     loaded["runs"]["monotonic"][1]["uat"]["examples"][0]["id"] = "attack_eval:99:0"
     with pytest.raises(ValueError, match="must cross the same examples"):
-        aggregate.summarize(_params(seeds), loaded)
+        aggregate.build_summary(_params(seeds), loaded)
 
 
 def test_every_arm_and_seed_resamples_the_same_documents():
@@ -387,7 +387,7 @@ def test_dvc_metrics_show_prints_the_headline_in_200_columns(tmp_path):
     200-column terminal: every arm and every headline comparison (estimate, interval, Holm p, verdict), numbers
     and verdict words only (provenance stays in results.json)."""
     seeds = [0, 1, 2]
-    summary = aggregate.summarize(_params(seeds), _loaded(seeds, np.random.default_rng(0)))
+    summary = aggregate.build_summary(_params(seeds), _loaded(seeds, np.random.default_rng(0)))
     rows = report.metric_rows(summary)
     assert set(rows) == {f"arm-{arm}" for arm in ARM_NAMES} | {f"{attack}-{name}" for attack in ("uat", "hotflip")
                                                                for name in ("vs-curve", "vs-control", "vs-control-nll")}

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths, report
-from ..arms import ARM_NAMES as ARMS
-from ..arms import ARMS as ARMS_BY_NAME
-from ..arms import TRAINED_ARMS, checkpoints_of, get
+from ..arms import ARM_NAMES, ARMS, TRAINED_ARMS, checkpoints_of, get
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
 from ..params import ATTACKS, CONTROLS
@@ -44,7 +42,7 @@ def checkpoint_labels(params) -> list[str]:
     return [label for labels in families(params.frontier).values() for label in labels if get(label).checkpoint_of]
 
 
-def _measured(arm: str, seed: int, controls: bool = True) -> dict:
+def _arm_measurements(arm: str, seed: int, controls: bool = True) -> dict:
     attack_dir = paths.attack_dir(arm, seed)
     names = (*ATTACKS, "controls") if controls else ATTACKS
     return {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
@@ -55,12 +53,12 @@ def _measured(arm: str, seed: int, controls: bool = True) -> dict:
 def load_runs(params) -> dict:
     """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "train"?}; transfer[seed]. The
     frontier's checkpoints (<arm>-step<N>) are runs too."""
-    runs = {arm: {} for arm in (*ARMS, *checkpoint_labels(params))}
+    runs = {arm: {} for arm in (*ARM_NAMES, *checkpoint_labels(params))}
     for seed in params.seeds:
         for label in checkpoint_labels(params):
-            runs[label][seed] = _measured(label, seed, controls=False)      # checkpoints: no controls
-        for arm in ARMS:
-            run = _measured(arm, seed)
+            runs[label][seed] = _arm_measurements(label, seed, controls=False)      # checkpoints: no controls
+        for arm in ARM_NAMES:
+            run = _arm_measurements(arm, seed)
             if arm in TRAINED_ARMS:
                 tdir = paths.train_log_dir(arm, seed)
                 run["train"] = _require(tdir / "metrics.json")
@@ -69,12 +67,12 @@ def load_runs(params) -> dict:
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
     for seed, matrix in transfer.items():
-        for arm in ARMS:
+        for arm in ARM_NAMES:
             runs[arm][seed]["worst_case"] = {attack: matrix["worst_case"][attack][arm] for attack in ATTACKS}
     conversion = _require(paths.METRICS_DIR / "monotonic_init.json")
-    benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS_BY_NAME[arm].trained
+    benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS[arm].trained
                                                            else arm) / "metrics.json")["tasks"]
-                        for seed in params.seeds} for arm in ARMS}
+                        for seed in params.seeds} for arm in ARM_NAMES}
     return {"runs": runs, "transfer": transfer, "benchmarks": benchmarks, "conversion": conversion}
 
 
@@ -165,7 +163,7 @@ def clip_rate(est: Estimate) -> Estimate:
 
 def arm_estimates(design: Design, confidence: float) -> list[ArmEstimate]:
     out = []
-    for arm in ARMS:
+    for arm in ARM_NAMES:
         for metric in ARM_METRICS:
             values, clusters, weights = design.values(metric, arm)
             est = crossed_estimate(values, clusters, confidence, weights)
@@ -189,7 +187,7 @@ def compared_metrics(design: Design) -> list[Metric]:
     out, seen = [], set()
     for m in COMPARED_METRICS:
         if m.field == "clean_nll":
-            ids = design.values(m, ARMS[0])[1].ids
+            ids = design.values(m, ARM_NAMES[0])[1].ids
             if ids in seen:
                 continue
             seen.add(ids)
@@ -206,7 +204,7 @@ def control_comparisons(design: Design, agg) -> list[PairedComparison]:
     """Each gradient attack against its random-substitution control at the same budget, per arm."""
     return [_paired(design, agg, (arm, Metric(attack, "abs_increase")),
                     (arm, Metric(attack, "abs_increase", "random")), (arm, f"{arm} random"),
-                    f"{attack}.abs_increase") for arm in ARMS for attack in ATTACKS]
+                    f"{attack}.abs_increase") for arm in ARM_NAMES for attack in ATTACKS]
 
 
 def with_holm(family: list[PairedComparison]) -> list[PairedComparison]:
@@ -224,9 +222,9 @@ def families(frontier) -> dict[str, list[str]]:
     """The models of each family (pipeline.arms.Arm.family) along training, each arm after its checkpoints:
     the unconstrained family is the reference curve; the control's curve starts at the model it starts from
     (monotonic_init: the same weights, its step 0)."""
-    out = {family: [label for arm in ARMS_BY_NAME.values() if arm.family == family
+    out = {family: [label for arm in ARMS.values() if arm.family == family
                     for label in (*checkpoints_of(arm.name, frontier), arm.name)] for family in FAMILIES}
-    starts = [arm.start for arm in ARMS_BY_NAME.values() if arm.family == "control"]
+    starts = [arm.start for arm in ARMS.values() if arm.family == "control"]
     out["control"] = [*dict.fromkeys(starts), *out["control"]]
     return out
 
@@ -256,7 +254,7 @@ def matched_comparisons(design: Design, agg, curve_labels: list[str],
 def damage_matched(label: str) -> str:
     """The control's model at the same recovery step as a recovered monotonic model (flipped-step40 for
     monotonic-step40)."""
-    control = next(arm.name for arm in ARMS_BY_NAME.values() if arm.family == "control")
+    control = next(arm.name for arm in ARMS.values() if arm.family == "control")
     step = get(label).step
     return control if step is None else f"{control}-step{step}"
 
@@ -346,7 +344,7 @@ def recovery_plateau(runs: dict, seeds, agg) -> dict:
 def transfer_cells(loaded: dict, seeds) -> list[TransferCell]:
     return [TransferCell(attack, src, dst, tuple(loaded["transfer"][s][attack]["abs_increase"][src][dst]
                                                  for s in seeds))
-            for attack in ATTACKS for src in ARMS for dst in ARMS]
+            for attack in ATTACKS for src in ARM_NAMES for dst in ARM_NAMES]
 
 
 def benchmark_summary(loaded: dict, seeds, agg, rng: np.random.Generator) -> dict:
@@ -354,9 +352,9 @@ def benchmark_summary(loaded: dict, seeds, agg, rng: np.random.Generator) -> dic
     every seed) and monotonic - baseline paired by item and seed, each item its own cluster."""
     bench = loaded["benchmarks"]
     out = {}
-    for task in bench[ARMS[0]][seeds[0]]:
-        acc = {arm: np.array([[item["acc"] for item in bench[arm][s][task]["items"]] for s in seeds]) for arm in ARMS}
-        ids = [f"{task}:{item['doc_id']}" for item in bench[ARMS[0]][seeds[0]][task]["items"]]
+    for task in bench[ARM_NAMES[0]][seeds[0]]:
+        acc = {arm: np.array([[item["acc"] for item in bench[arm][s][task]["items"]] for s in seeds]) for arm in ARM_NAMES}
+        ids = [f"{task}:{item['doc_id']}" for item in bench[ARM_NAMES[0]][seeds[0]][task]["items"]]
         clusters = Clusters.draw(ids, ids, agg.bootstrap_samples, rng)
         diff = paired_comparison("monotonic", "baseline", f"{task}.acc", acc["monotonic"], acc["baseline"], clusters,
                                  agg.confidence, agg.equivalence_margin_nats, agg.power, rng)
@@ -385,12 +383,12 @@ def _arm_entry(arm: str, estimates: list[ArmEstimate], runs: dict, seeds) -> dic
             entry.setdefault(group, {})[field] = e.to_dict()
     for attack in ATTACKS:
         entry[attack]["per_seed"] = {s: runs[arm][s][attack]["summary"] for s in seeds}
-    if ARMS_BY_NAME[arm].trained:
+    if ARMS[arm].trained:
         entry["train"] = {s: {k: v for k, v in runs[arm][s]["train"].items() if k != "provenance"} for s in seeds}
     return entry
 
 
-def summarize(params, loaded: dict) -> dict:
+def build_summary(params, loaded: dict) -> dict:
     agg = params.aggregate
     runs, seeds = loaded["runs"], params.seeds
     design = Design(loaded, seeds, agg.bootstrap_samples, np.random.default_rng(agg.seed))
@@ -410,7 +408,7 @@ def summarize(params, loaded: dict) -> dict:
     for cell in transfer_cells(loaded, seeds):
         transfer.setdefault(cell.attack, {}).setdefault(cell.source, {})[cell.target] = cell.mean
     overrides = {arm: {s: runs[arm][s]["train"].get("overrides") or {} for s in seeds} for arm in TRAINED_ARMS}
-    return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARMS},
+    return {"arms": {arm: _arm_entry(arm, estimates, runs, seeds) for arm in ARM_NAMES},
             "benchmarks": benchmark_summary(loaded, seeds, agg, design.rng),
             "comparisons": [c.to_dict() for c in family[:n_arm]],
             "frontier": {"curve": curve_labels, "control_curve": family_labels["control"],
@@ -434,7 +432,7 @@ def summarize(params, loaded: dict) -> dict:
 
 def run(params, args) -> int:
     loaded = load_runs(params)
-    summary = summarize(params, loaded)
+    summary = build_summary(params, loaded)
     t0 = time.time()
     prov = provenance(params, "aggregate", seed=params.aggregate.seed)
     per_run = {arm: {seed: {k: v for k, v in run.items() if k not in ("train_log", "val_log", "worst_case")}

@@ -1,5 +1,5 @@
 """Stage `assess`: everything measured on the arms of one seed, in one process that loads each model once:
-`evaluate` (test perplexity), then the attacks (`uat`, `hotflip`, `controls`; pipeline/stages/attack.py).
+`evaluate` (test perplexity), then the attacks (`uat`, `hotflip`, `controls`; pipeline/assessment.py).
 `--frontier` adds the frontier's checkpoints: alone, pretraining's (frontier.steps, written under
 outputs/frontier/s<seed>/); with trained arms, their recovery checkpoints (frontier.recovery_steps, written
 under outputs/recovery/<arm>-s<seed>/). A checkpoint gets `evaluate`, `uat` and `hotflip`, what the matched-NLL
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ..arms import checkpoints_of, get
 from ..loading import load_arm_model
-from ..params import ParamsError
+from ..params import CHECKPOINT_STEPS, STEPS, ParamsError
 from ..paths import DATA_DIR, attack_dir, eval_dir, frontier_dir, recovery_dir
-from . import attack, evaluate
+from .. import assessment
 
 RECORD = "assessed"     # an arm's record in its attack cache: evaluate's inputs and the outputs as written
 
@@ -44,9 +44,9 @@ def record(params, arm: str, seed: int, steps) -> dict:
     """What an arm's finished assessment depends on beyond its attack fingerprint (evaluate's params, test
     split and code), and the sha256 of every output as it stands."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(params.eval), sort_keys=True).encode())
-    code = Path(attack.__file__).parent
-    attack.hash_files(h, [DATA_DIR / "tokens/test.bin", DATA_DIR / "tokens/test.offsets.npy",
-                          DATA_DIR / "docs/test.jsonl", code / "evaluate.py", code.parent / "evaluation.py"])
+    code = Path(assessment.__file__).parent
+    assessment.hash_files(h, [DATA_DIR / "tokens/test.bin", DATA_DIR / "tokens/test.offsets.npy",
+                              DATA_DIR / "docs/test.jsonl", code / "assessment.py", code / "evaluation.py"])
     files = {}
     for path in outputs(arm, seed, steps):
         files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
@@ -65,16 +65,16 @@ def run(params, args) -> int:
     caches = []
     for arm in arms:
         model, meta = load_arm_model(params, arm, args.seed, scoring=True)
-        setup = attack.load_setup(params, arm, args.seed, loaded=(model, meta))
-        cache = attack.cache_for(params, setup, arm, args.seed)
+        setup = assessment.load_setup(params, arm, args.seed, loaded=(model, meta))
+        cache = assessment.cache_for(params, setup, arm, args.seed)
         caches.append(cache)
-        steps = attack.CHECKPOINT_STEPS if checkpoint_of(arm) else attack.STEPS
+        steps = CHECKPOINT_STEPS if checkpoint_of(arm) else STEPS
         done = cache.result(RECORD)
         if done is not None and done == record(params, arm, args.seed, steps):
             print(f"assess {arm} s{args.seed}: finished by an earlier attempt, outputs unchanged; skipped")
             continue
-        evaluate.evaluate(params, arm, args.seed, model, meta)
-        code = attack.run_stopping(params, setup, arm, args.seed, steps, cache)
+        assessment.evaluate(params, arm, args.seed, model, meta)
+        code = assessment.run_stopping(params, setup, arm, args.seed, steps, cache)
         if code:
             return code
         cache.put(RECORD, record(params, arm, args.seed, steps))

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import benchmarks as B
+from .. import benchmarks
 from .. import refs
 from ..arms import ARMS
 from ..data import load_tokenizer
@@ -28,30 +28,30 @@ def prepare_tasks(params, task_dir: Path):
     """(task manager, task specs, {task: dataset commit}): the local task's YAML over the data stage's items;
     each harness task's dataset at refs.lock.yaml's commit, verified in benchmarks.hf_cache_dir before any compute."""
     b = params.benchmarks
-    if B.LOCAL_TASK in b.tasks:
-        items = DATA_DIR / "benchmarks" / B.ITEMS_FILE
+    if benchmarks.LOCAL_TASK in b.tasks:
+        items = DATA_DIR / "benchmarks" / benchmarks.ITEMS_FILE
         if not items.is_file():
             raise InputError(f"{items} is missing: run the data stage first (dvc repro data)")
-        (task_dir / f"{B.LOCAL_TASK}.yaml").write_text(B.local_task_yaml(items))
-    manager = B.task_manager(b.tasks, task_dir)
+        (task_dir / f"{benchmarks.LOCAL_TASK}.yaml").write_text(benchmarks.local_task_yaml(items))
+    manager = benchmarks.task_manager(b.tasks, task_dir)
     lock = refs.read()
-    entries = {t: refs.find(params, "tasks", t, lock) for t in b.tasks if t != B.LOCAL_TASK}
-    snapshots = {t: B.task_snapshot(e, b) for t, e in entries.items()}
-    prepared = B.task_caches(b)[1] if entries else None
-    return manager, B.task_specs(b.tasks, snapshots, prepared, manager), {t: e["commit"] for t, e in entries.items()}
+    entries = {t: refs.find(params, "tasks", t, lock) for t in b.tasks if t != benchmarks.LOCAL_TASK}
+    snapshots = {t: benchmarks.task_snapshot(e, b) for t, e in entries.items()}
+    prepared = benchmarks.task_caches(b)[1] if entries else None
+    return manager, benchmarks.task_specs(b.tasks, snapshots, prepared, manager), {t: e["commit"] for t, e in entries.items()}
 
 
 def benchmark_arm(params, arm: str, seed: int, manager, specs: list, commits: dict) -> dict:
     b = params.benchmarks
     t0 = time.time()
     model, meta = load_arm_model(params, arm, seed)
-    results = B.run_harness(model, load_tokenizer(DATA_DIR / "tokenizer"), specs, manager,
+    results = benchmarks.run_harness(model, load_tokenizer(DATA_DIR / "tokenizer"), specs, manager,
                             num_fewshot=b.num_fewshot, limit=b.limit, batch_size=b.batch_size,
                             bootstrap_iters=b.bootstrap_iters, seed=seed)
-    stable, volatile = B.stable_results(results)
+    stable, volatile = benchmarks.stable_results(results)
     prov = provenance(params, "benchmarks", seed=seed, arm=arm, precision=PRECISION,
                       task_versions=stable.get("versions", {}), task_datasets=commits)
-    metrics = {"arm": arm, "seed": seed, "tasks": B.flat_metrics(stable), "model_meta": meta, "provenance": prov}
+    metrics = {"arm": arm, "seed": seed, "tasks": benchmarks.flat_metrics(stable), "model_meta": meta, "provenance": prov}
     label = run_name(arm, seed) if ARMS[arm].trained else arm
     with staged_dir(benchmark_dir(label)) as out:
         write_json(out / "results.json", {**stable, "provenance": prov})

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from .. import benchmarks as B
-from .. import data as D
+from .. import benchmarks
+from .. import data
 from .. import hub, refs
 from ..params import SPLITS
 from ..io import staged_dir, write_json
@@ -30,28 +30,28 @@ def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
     measured (for the run record)."""
     p = params.data
     tokenizer_dir, files = inputs
-    splits = D.load_splits(p, {name: path for name, (path, _) in files.items()})
+    splits = data.load_splits(p, {name: path for name, (path, _) in files.items()})
     for split, split_docs in splits.items():
-        D.write_docs(out_dir / "docs" / f"{split}.jsonl", split_docs)
+        data.write_docs(out_dir / "docs" / f"{split}.jsonl", split_docs)
 
     if tokenizer_dir is None:
-        tokenizer = D.train_bpe_tokenizer([d.text for d in splits["train"]], params.tokenizer.vocab_size)
+        tokenizer = data.train_bpe_tokenizer([d.text for d in splits["train"]], params.tokenizer.vocab_size)
     else:
-        tokenizer = D.load_tokenizer(tokenizer_dir)
+        tokenizer = data.load_tokenizer(tokenizer_dir)
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     # the local benchmark task's items (LAMBADA-style) from the test split, fitting the evaluation context
-    items = B.lastword_items([d.text for d in splits["test"]], tokenizer, params.eval.context_length,
+    items = benchmarks.lastword_items([d.text for d in splits["test"]], tokenizer, params.eval.context_length,
                              params.benchmarks.local_items)
-    B.write_items(out_dir / "benchmarks" / B.ITEMS_FILE, items)
+    benchmarks.write_items(out_dir / "benchmarks" / benchmarks.ITEMS_FILE, items)
 
-    dtype = D.token_dtype(len(tokenizer))
-    processes, t0 = D.available_cpus(), time.time()
+    dtype = data.token_dtype(len(tokenizer))
+    processes, t0 = data.available_cpus(), time.time()
     summary = {}
     for split in SPLITS:
-        flat, offsets = D.tokenize_split(tokenizer, splits[split], dtype, processes)
-        D.write_tokens(out_dir, split, flat, offsets)
+        flat, offsets = data.tokenize_split(tokenizer, splits[split], dtype, processes)
+        data.write_tokens(out_dir, split, flat, offsets)
         summary[split] = {"documents": len(splits[split]), "characters": sum(len(d.text) for d in splits[split]),
-                          "tokens": int(len(flat)), "sha256": D.split_hash(splits[split])}
+                          "tokens": int(len(flat)), "sha256": data.split_hash(splits[split])}
     seconds = time.time() - t0
     documents = sum(len(v) for v in splits.values())
     manifest = {
@@ -61,7 +61,7 @@ def build(params, out_dir, inputs: tuple) -> tuple[dict, dict]:
         "token_dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "special_token_ids": sorted(set(tokenizer.all_special_ids)),
-        "benchmark_items": {B.LOCAL_TASK: len(items)},
+        "benchmark_items": {benchmarks.LOCAL_TASK: len(items)},
         "provenance": provenance(params, "data"),
     }
     write_json(out_dir / "manifest.json", manifest)

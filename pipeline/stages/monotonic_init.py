@@ -10,28 +10,27 @@ import time
 
 import torch
 
-from .. import arms
-from .. import data as D
+from .. import data
 from ..device import resolve_precision
 from ..evaluation import document_nll, perplexity
 from ..io import staged_dir, write_json
 from ..loading import load_arm_model
 from ..monotonic import (MonotonicityError, apply_monotonic, equivalence_error, export_plain, load_parametrized,
                          save_parametrized)
-from ..paths import DATA_DIR, METRICS_DIR
+from ..paths import DATA_DIR, METRICS_DIR, model_dir
 from ..provenance import provenance, record_run
 
 EQUIVALENCE_WINDOWS = 8     # validation windows of eval.context_length tokens for the logit comparison
 
 
-def validation_perplexity(model, params, validation: D.TokenSplit) -> float:
+def validation_perplexity(model, params, validation: data.TokenSplit) -> float:
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
                               params.eval.batch_size, desc="validation", precision=params.eval.precision)
     return perplexity(nll, count)
 
 
-def equivalence(params, pretrained, validation: D.TokenSplit) -> dict:
+def equivalence(params, pretrained, validation: data.TokenSplit) -> dict:
     """The `equivalent` conversion of the pretrained model against the model itself (or why none exists)."""
     m = params.monotonic
     converted = copy.deepcopy(pretrained)
@@ -53,16 +52,16 @@ def run(params, args) -> int:
     pretrained, _ = load_arm_model(params, "pretrained", None)
     model = copy.deepcopy(pretrained)
     report = apply_monotonic(model, m.variant, m.init, m.eps)
-    tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
+    tokenizer = data.load_tokenizer(DATA_DIR / "tokenizer")
     prov = provenance(params, "monotonic_init", seed=None,
                       precision=resolve_precision(params.eval.precision, next(model.parameters()).device))
     spec = {"variant": m.variant, "init": m.init, "eps": m.eps}
-    with staged_dir(arms.get("monotonic_init").model_dir()) as out:
+    with staged_dir(model_dir("monotonic_init")) as out:
         save_parametrized(model, tokenizer, out, m.variant,
                           {"arm": "monotonic_init", **spec, "provenance": prov})
         load_parametrized(out, expected_variant=m.variant)   # re-verify what was written
 
-    validation = D.TokenSplit(DATA_DIR, "validation")
+    validation = data.TokenSplit(DATA_DIR, "validation")
     metrics = {"validation_perplexity": validation_perplexity(model, params, validation),
                "pretrained_validation_perplexity": validation_perplexity(pretrained, params, validation), **spec,
                "equivalent": equivalence(params, pretrained, validation),

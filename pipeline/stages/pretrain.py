@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .. import data as D
+from .. import data
 from .. import hub, refs
 from ..evaluation import document_nll, perplexity, unigram_perplexity
 from ..io import staged_dir, write_csv, write_json
 from ..models import count_parameters, load_causal_lm, save_causal_lm, tiny_gpt_neox
-from ..arms import ARMS, at_step
+from ..arms import at_step
 from .. import device
-from ..paths import DATA_DIR, METRICS_DIR, PRETRAIN_STEPS_DIR
+from ..paths import DATA_DIR, METRICS_DIR, PRETRAIN_STEPS_DIR, model_dir
 from ..params import TrainParams
 from ..provenance import provenance, record_run
 from ..training import seed_everything, split_log, train
@@ -64,7 +64,7 @@ def run(params, args) -> int:
     model_entry = refs.find(params, "model", lock=lock) if hf else None
     step_entries = {s: refs.find(params, "frontier", refs.frontier_ref(s), lock) for s in params.frontier.steps} if hf else {}
     checkpoint = hub.model_dir(params.model, model_entry["commit"]) if hf else None
-    tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
+    tokenizer = data.load_tokenizer(DATA_DIR / "tokenizer")
     log, log_columns = [], ["step", "loss", "lr"]
     prov = provenance(params, "pretrain", seed=params.pretrain.seed)
     with staged_dir(PRETRAIN_STEPS_DIR) as steps_dir:
@@ -74,8 +74,8 @@ def run(params, args) -> int:
             p = params.pretrain
             origin = {"source": "scratch", "steps": p.steps,
                       "train_tokens": p.steps * p.batch_size * params.data.seq_len}
-            result = train(model, pretrain_params(params), D.PackedSequences(DATA_DIR, "train", params.data.seq_len),
-                           D.PackedSequences(DATA_DIR, "validation", params.data.seq_len), seed=p.seed,
+            result = train(model, pretrain_params(params), data.PackedSequences(DATA_DIR, "train", params.data.seq_len),
+                           data.PackedSequences(DATA_DIR, "validation", params.data.seq_len), seed=p.seed,
                            desc="pretrain",
                            after_step=step_saver(set(params.frontier.steps), tokenizer, steps_dir, origin, prov))
             model, log, log_columns = result.model, result.state.log, result.log_columns
@@ -86,7 +86,7 @@ def run(params, args) -> int:
                       "revision": model_entry["commit"],
                       "local_path": params.model.hf_local_path}
 
-    validation = D.TokenSplit(DATA_DIR, "validation")
+    validation = data.TokenSplit(DATA_DIR, "validation")
     docs = [validation.document(i) for i in range(len(validation))]
     nll, count = document_nll(model, docs, validation.eos_id, params.eval.context_length, params.eval.stride,
                               params.eval.batch_size, desc="validation", precision=params.eval.precision)
@@ -95,10 +95,10 @@ def run(params, args) -> int:
     metrics = {"validation_perplexity": perplexity(nll, count), "validation_tokens": int(count.sum()),
                "parameters": count_parameters(model), **origin}
     if params.tokenizer.source == "train_bpe":
-        train_split = D.TokenSplit(DATA_DIR, "train")
+        train_split = data.TokenSplit(DATA_DIR, "train")
         metrics["unigram_validation_perplexity"] = unigram_perplexity(train_split.tokens, docs, validation.eos_id,
                                                                       len(tokenizer))
-    with staged_dir(ARMS["pretrained"].model_dir()) as out:
+    with staged_dir(model_dir("pretrained")) as out:
         save_causal_lm(model, tokenizer, out, {"arm": "pretrained", "variant": None, **origin, "provenance": prov})
     write_json(METRICS_DIR / "pretrain.json", {**metrics, "provenance": eval_prov})
     log_columns, log, timing = split_log(log_columns, log)

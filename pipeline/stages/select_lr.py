@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from .. import arms
-from .. import data as D
+from .. import data
 from .. import lr_select
 from ..io import write_json
 from ..loading import load_start_model
@@ -35,8 +35,8 @@ def trials(params, arm: arms.Arm, train_data, val_data) -> tuple[dict, object]:
 
 def run(params, args) -> int:
     seq_len = params.data.seq_len
-    train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
-    val_data = D.PackedSequences(DATA_DIR, "validation", seq_len)
+    train_data = data.PackedSequences(DATA_DIR, "train", seq_len)
+    val_data = data.PackedSequences(DATA_DIR, "validation", seq_len)
     prov = provenance(params, "select_lr", seed=params.lr_select.seed)
     chosen = {}
     for name in arms.TRAINED_ARMS:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .. import arms
-from .. import data as D
+from .. import data
 from .. import launch, lr_select
 from ..checkpoints import sha256
 from ..io import read_json, staged_dir, write_csv, write_json
@@ -100,12 +100,12 @@ def run(params, args) -> int:
     tp = lr_select.selected(params, arm, selection)
 
     seq_len = params.data.seq_len
-    train_data = D.PackedSequences(DATA_DIR, "train", seq_len)
+    train_data = data.PackedSequences(DATA_DIR, "train", seq_len)
     passes = epochs(tp, train_data, f"train {name} s{seed}")     # before any model is loaded
     seed_everything(seed)
     model, constrained, source = load_start_model(params, arm, seed)
-    tokenizer = D.load_tokenizer(DATA_DIR / "tokenizer")
-    val_data = D.PackedSequences(DATA_DIR, "validation", seq_len)
+    tokenizer = data.load_tokenizer(DATA_DIR / "tokenizer")
+    val_data = data.PackedSequences(DATA_DIR, "validation", seq_len)
     upstream = {k: v for k, v in params.to_dict().items() if k in ("data", "tokenizer", "model", "pretrain", "monotonic")}
     identity = {"arm": name, "seed": seed, "start": str(source), "upstream": upstream,
                 "recovery_exports": params.frontier.recovery_steps}
@@ -133,34 +133,45 @@ def run(params, args) -> int:
     if still:
         raise RuntimeError(f"train {name} s{seed}: groups {sorted(still)} ended at distance {still} from the start "
                            f"model, below train.min_update_norm={tp.min_update_norm}: nothing was trained")
-    tokens_seen = state.step * result.global_batch * seq_len
-    final = state.val_log[-1]
-    log_columns, log, timing = split_log(result.log_columns, state.log)
     with staged_dir(train_dir(name, seed)) as out:
         verify_report = export_model(result.model, out / "model", arm, variant, tokenizer, {**meta, "checkpoint": "final"})
         (out / "steps").mkdir()
         copy_step_exports(result.checkpoint_root, params.frontier.recovery_steps, out / "steps")
     shares = nonnegative_shares(params, reference, result.model, result.checkpoint_root / "steps")
+    trained = {"tp": tp, "passes": passes, "source": source, "selection": selection, "train_data": train_data,
+               "verify_report": verify_report, "shares": shares, "total_update": total_update}
+    write_logs(params, arm, seed, result, trained, prov)
+    return 0
+
+
+def write_logs(params, arm: arms.Arm, seed: int, result, trained: dict, prov: dict) -> None:
+    """metrics.json, log.csv and val_log.csv into paths.train_log_dir; how it ran into the run record."""
+    name, state, seq_len = arm.name, result.state, params.data.seq_len
+    tokens_seen = state.step * result.global_batch * seq_len
+    final = state.val_log[-1]
+    log_columns, log, timing = split_log(result.log_columns, state.log)
     with staged_dir(train_log_dir(name, seed)) as out:
         write_csv(out / "log.csv", log_columns, log)
         write_csv(out / "val_log.csv", ["step", "val_loss", "val_ppl"], state.val_log)
         metrics = {
-            "arm": name, "seed": seed, "variant": variant,
+            "arm": name, "seed": seed, "variant": params.monotonic.variant if arm.constrained else None,
             "validation_loss": final["val_loss"], "validation_perplexity": math.exp(final["val_loss"]),
             "validation_windows": result.val_windows, "validation_tokens": result.val_windows * seq_len,
             "best_validation_loss": state.best_val_loss, "best_step": state.best_step,
-            "steps": state.step, "tokens_seen": tokens_seen, "epochs": passes, "sequences_seen": state.step * result.global_batch,
-            "global_batch_sequences": result.global_batch,
-            "update_norm_total": total_update, "update_norm_path": state.update_norm_sum,
-            "nonnegative_share": shares,
+            "steps": state.step, "tokens_seen": tokens_seen, "epochs": trained["passes"],
+            "sequences_seen": state.step * result.global_batch, "global_batch_sequences": result.global_batch,
+            "update_norm_total": trained["total_update"], "update_norm_path": state.update_norm_sum,
+            "nonnegative_share": trained["shares"],
             "param_groups": {g: len(names) for g, names in result.groups.items()},
             "overrides": dict(params.train.arm_overrides.get(name, {})),
             "budgets_equal": not params.train.arm_overrides,
-            "train": dataclasses.asdict(tp), "lr_selection": selection, "precision_autocast": result.precision,
-            "data_order_sha256": data_order_sha256(train_data, seed, state.step * result.global_batch),
-            "trained_from": str(source), "fingerprint": result.fingerprint,
+            "train": dataclasses.asdict(trained["tp"]), "lr_selection": trained["selection"],
+            "precision_autocast": result.precision,
+            "data_order_sha256": data_order_sha256(trained["train_data"], seed, state.step * result.global_batch),
+            "trained_from": str(trained["source"]), "fingerprint": result.fingerprint,
             "checkpoint_dir": str(result.checkpoint_root),
-            "monotonic_verify": verify_report, "monotonicity_scope": MONOTONICITY_SCOPE if variant else None,
+            "monotonic_verify": trained["verify_report"],
+            "monotonicity_scope": MONOTONICITY_SCOPE if arm.constrained else None,
             "files": {f: sha256(out / f) for f in ("log.csv", "val_log.csv")},
             "provenance": prov,
         }
@@ -169,7 +180,6 @@ def run(params, args) -> int:
     record_run(f"train-{run_name(name, seed)}", prov, result.model, seconds=round(state.wall_seconds, 2),
                step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing,
                processes=result.num_processes)     # how it ran, not what it made: outside the hashed metrics
-    moved = ", ".join(f"{g} {n:.3g}" for g, n in total_update.items())
+    moved = ", ".join(f"{g} {n:.3g}" for g, n in trained["total_update"].items())
     print(f"train {name} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} "
           f"steps ({tokens_seen} tokens, {tokens_per_s:.0f} tokens/s); total update norm: {moved}")
-    return 0

@@ -14,7 +14,7 @@ from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, record_run
 from ..params import ATTACKS, CONTROLS
-from .attack import load_setup
+from ..assessment import load_setup
 
 METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel")
 
