@@ -228,8 +228,7 @@ class HotFlipParams:
 
 ATTACKS = ("uat", "hotflip")            # the gradient attacks (attack.uat, attack.hotflip)
 CONTROLS = ("random", "greedy")         # their controls at the same forward budget
-STEPS = (*ATTACKS, "controls")         # what assess runs on an arm
-CHECKPOINT_STEPS = ATTACKS              # on a frontier checkpoint: what the matched comparison reads
+STEPS = (*ATTACKS, "controls")         # what assess runs on every model: arms and the frontier's checkpoints
 
 
 @dataclass(frozen=True)

@@ -306,8 +306,8 @@ def data_stage(c: Context) -> StageEstimate:
     width = 2 if p.tokenizer.vocab_size < 2 ** 16 else 4
     text = 4 * tokens                                           # ~4 bytes of text per token
     return StageEstimate("data", 1, 0.0, HOST_BASE_GIB + 3 * text / GIB, tokens / 2e5 / 3600,
-                    (width * tokens + text) / GIB, gpu=False,
-                    note=f"{docs} documents, {tokens / 1e6:.1f}M tokens; CPU, assumed 200k tokens/s tokenizing")
+                         (width * tokens + text) / GIB, gpu=False,
+                         note=f"{docs} documents, {tokens / 1e6:.1f}M tokens; CPU, assumed 200k tokens/s tokenizing")
 
 
 def pretrain_stage(c: Context) -> StageEstimate:
@@ -322,17 +322,17 @@ def pretrain_stage(c: Context) -> StageEstimate:
         flops = 3 * seqs * forward_flops(s, p.data.seq_len, p.data.seq_len)
         peak = mem["peak"] * GIB
         return StageEstimate("pretrain", 1, peak / GIB, c.host(peak), hours(flops, c.tflops(bf16), c.mfu)
-                        + c.eval_hours(evaluation), scratch, parts=_rounded(mem),
-                        note=f"{_activations_note(mem)}; trains the scratch model, saving {frontier} checkpoints "
+                             + c.eval_hours(evaluation), scratch, parts=_rounded(mem),
+                             note=f"{_activations_note(mem)}; trains the scratch model, saving {frontier} checkpoints "
                              "(frontier.steps), then validation NLL",
-                        fix=f"lower pretrain.batch_size (now {p.pretrain.batch_size})")
+                             fix=f"lower pretrain.batch_size (now {p.pretrain.batch_size})")
     peak = 4 * s.params + eval_memory(s, p)
     return StageEstimate("pretrain", 1, peak / GIB, c.host(peak, 4 * s.params),
-                    c.eval_hours(evaluation) + (1 + frontier) * load_hours(s), scratch,
-                    parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
-                    note=f"loads the checkpoint and saves {frontier} of frontier.steps; validation NLL in "
+                         c.eval_hours(evaluation) + (1 + frontier) * load_hours(s), scratch,
+                         parts=_gib({"weights": 4 * s.params, "evaluation": eval_memory(s, p)}),
+                         note=f"loads the checkpoint and saves {frontier} of frontier.steps; validation NLL in "
                          f"{numerics(c.eval_bf16)} (eval.precision)",
-                    fix=f"lower eval.batch_size (now {p.eval.batch_size})")
+                         fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
 def _rounded(mem: dict) -> dict:
@@ -351,11 +351,11 @@ def monotonic_init_stage(c: Context) -> StageEstimate:
     parts = {"weights": 3 * 4 * s.params, "export_copy": 4 * s.params, "evaluation": eval_memory(s, p)}
     peak = sum(parts.values())
     return StageEstimate("monotonic_init", 1, peak / GIB, c.host(peak, 4 * s.params),
-                    c.eval_hours(3 * eval_flops(s, p, "validation")), (4 * s.params + 4 * s.constrained) / GIB,
-                    parts=_gib(parts),
-                    note=f"softplus init, plain export + V, validation NLL of pretrained, converted and the equivalent "
+                         c.eval_hours(3 * eval_flops(s, p, "validation")), (4 * s.params + 4 * s.constrained) / GIB,
+                         parts=_gib(parts),
+                         note=f"softplus init, plain export + V, validation NLL of pretrained, converted and the equivalent "
                          f"conversion in {numerics(c.eval_bf16)} (eval.precision)",
-                    fix=f"lower eval.batch_size (now {p.eval.batch_size})")
+                         fix=f"lower eval.batch_size (now {p.eval.batch_size})")
 
 
 def train_stage(c: Context, arm: str) -> StageEstimate:
@@ -374,10 +374,10 @@ def train_stage(c: Context, arm: str) -> StageEstimate:
     peak = mem["peak"] * GIB
     step_s = per_seq * global_batch / (c.tflops(bf16) * 1e12 * c.mfu) if c.tflops(bf16) else 0.0
     return StageEstimate(f"train ({arm})", len(p.seeds), mem["peak"], c.host(peak, state),
-                    hours(flops, c.tflops(bf16), c.mfu), scratch / GIB, parts=_rounded(mem), resumable=True,
-                    dvc=f"train-{arm}",
-                    fix=train_fix(c, t, constrained),
-                    note=f"{_activations_note(mem)}; {numerics(bf16)}, micro-batch "
+                         hours(flops, c.tflops(bf16), c.mfu), scratch / GIB, parts=_rounded(mem), resumable=True,
+                         dvc=f"train-{arm}",
+                         fix=train_fix(c, t, constrained),
+                         note=f"{_activations_note(mem)}; {numerics(bf16)}, micro-batch "
                          f"{t.batch_size}x{seq} tokens, global batch {global_batch}, {t.max_steps} steps of "
                          f"~{step_s:.2f} s"
                          + (", W = softplus(V) materialized each forward" if constrained else ""))
@@ -392,7 +392,7 @@ def select_lr_stage(c: Context) -> StageEstimate:
     hours_ = sum(e.hours * trials * ls.steps / steps for e, steps in runs)
     worst = max((e for e, _ in runs), key=lambda e: e.device_gib)
     return StageEstimate("select-lr", 1, worst.device_gib, worst.host_gib, hours_, 0.0, parts=worst.parts, dvc="select-lr",
-                    fix=worst.fix, note=f"{trials} trials x {ls.steps} steps for each of {len(runs)} arms, one "
+                         fix=worst.fix, note=f"{trials} trials x {ls.steps} steps for each of {len(runs)} arms, one "
                                         f"after another; memory of the largest ({worst.stage})")
 
 
@@ -423,7 +423,7 @@ def load_hours(s: Shape) -> float:
 
 def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
     """FLOPs of what `assess` does to one model with these attack steps (pipeline/assessment.py: STEPS for an
-    arm, CHECKPOINT_STEPS for a frontier checkpoint): test NLL, gradient UAT and HotFlip, and with "controls"
+    arm or frontier checkpoint): test NLL, gradient UAT and HotFlip, and with "controls"
     their greedy and random controls, every method at the hard forward cap that pipeline/attacks.py gives it
     (backward passes for the gradient searches); and their peak transient device bytes."""
     from .attacks import hotflip_forward_cap, uat_forward_cap
@@ -479,19 +479,19 @@ def attack_batch_fit(c: Context) -> dict[str, int] | None:
 
 def assess_stage(c: Context, name: str, models: list[str], what: str) -> StageEstimate:
     """One `assess` job per seed on these models (arms.get names), one after another as pipeline/stages/assess.py
-    runs them: each loaded, then attacked with STEPS, or CHECKPOINT_STEPS if it is a frontier checkpoint."""
-    from .params import CHECKPOINT_STEPS, STEPS
+    runs them: each loaded, then attacked with STEPS (arms and frontier checkpoints alike)."""
+    from .params import STEPS
 
     p, s = c.params, c.shape
-    work = [attack_work(c, CHECKPOINT_STEPS if arms.get(m).checkpoint_of else STEPS) for m in models]
+    work = [attack_work(c, STEPS) for _ in models]
     transient = max((t for _, t in work), default=0)
     weights = scoring_weight_bytes(c) if models else 0
     return StageEstimate(name, len(p.seeds), (weights + transient) / GIB, c.host(weights + transient, weights),
-                    sum(c.eval_hours(flops) + load_hours(s) for flops, _ in work), 0.0,
-                    parts=_gib({"weights": weights, "largest_batch": transient}),
-                    note=f"{what}; {numerics(c.eval_bf16)} (eval.precision)",
-                    fix=f"lower attack.batch_size (now {p.attack.batch_size}), attack.uat.batch_size (now "
-                        f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
+                         sum(c.eval_hours(flops) + load_hours(s) for flops, _ in work), 0.0,
+                         parts=_gib({"weights": weights, "largest_batch": transient}),
+                         note=f"{what}; {numerics(c.eval_bf16)} (eval.precision)",
+                         fix=f"lower attack.batch_size (now {p.attack.batch_size}), attack.uat.batch_size (now "
+                             f"{p.attack.uat.batch_size}) or eval.batch_size (now {p.eval.batch_size})")
 
 
 def assess_stages(c: Context) -> list[StageEstimate]:
@@ -504,26 +504,27 @@ def assess_stages(c: Context) -> list[StageEstimate]:
         steps = arms.checkpoints_of(arm, f)
         rows.append(assess_stage(c, f"assess ({arm})", [arm, *steps],
                                  f"{arm}: {arm_work}; its {len(steps)} recovery checkpoints (frontier.recovery_steps "
-                                 f"{f.recovery_steps}): test NLL, UAT, HotFlip"))
+                                 f"{f.recovery_steps}): the same"))
     rows += [assess_stage(c, f"assess-ref ({arm})", [arm], f"{arm}: {arm_work}") for arm in REF_ARMS]
     steps = arms.checkpoints_of("pretrained", f)
     return rows + [assess_stage(c, "assess-frontier", steps, f"{len(steps)} pretraining checkpoints (frontier.steps "
-                                                              f"{f.steps}): test NLL, UAT, HotFlip")]
+                                                              f"{f.steps}): {arm_work}")]
 
 
 def transfer_stage(c: Context) -> StageEstimate:
     p, s, a = c.params, c.shape, c.params.attack
     seq = a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens
     n = len(arms.ARM_NAMES)
-    flops = n * (1 + 2 * n) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
+    targets = n + sum(len(arms.checkpoints_of(arm, p.frontier)) for arm in arms.ARM_NAMES)
+    flops = targets * (1 + 2 * n) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
     transient = inference_bytes(s, a.batch_size, seq, a.continuation_tokens + 1)
     peak = 4 * s.params + transient
     return StageEstimate("transfer", len(p.seeds), peak / GIB, c.host(peak, 4 * s.params),
-                    c.eval_hours(flops) + n * load_hours(s), 0.0,
-                    parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"every arm's triggers and flips on every arm ({n} model loads at ~1 GB/s); "
-                         f"{numerics(c.eval_bf16)} (eval.precision)",
-                    fix=f"lower attack.batch_size (now {a.batch_size})")
+                         c.eval_hours(flops) + targets * load_hours(s), 0.0,
+                         parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
+                         note=f"every arm's triggers and flips on every arm and frontier checkpoint ({targets} model "
+                              f"loads at ~1 GB/s); {numerics(c.eval_bf16)} (eval.precision)",
+                         fix=f"lower attack.batch_size (now {a.batch_size})")
 
 
 # lm-eval task -> (requests, tokens per request, generous): evaluation-split items x choices; the Pythia paper's
@@ -555,11 +556,11 @@ def benchmarks_stage(c: Context, ref: bool) -> StageEstimate:
     peak = 4 * s.params + transient
     work = n * sum(hours(count * forward_flops(s, tokens, tokens), c.tflops(False), c.mfu) for count, tokens in requests)
     return StageEstimate("benchmarks-ref" if ref else "benchmarks", 1 if ref else len(p.seeds), peak / GIB,
-                    c.host(peak, 4 * s.params), work, 0.0,
-                    parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
-                    note=f"{n} arms x {sum(k for k, _ in requests)} requests of <= {seq} tokens ({len(b.tasks)} tasks: "
+                         c.host(peak, 4 * s.params), work, 0.0,
+                         parts=_gib({"weights": 4 * s.params, "largest_batch": transient}),
+                         note=f"{n} arms x {sum(k for k, _ in requests)} requests of <= {seq} tokens ({len(b.tasks)} tasks: "
                          "the sizes of HARNESS_TASKS, else 20000 of eval.context_length); fp32",
-                    fix=f"lower benchmarks.batch_size (now {b.batch_size})")
+                         fix=f"lower benchmarks.batch_size (now {b.batch_size})")
 
 
 def aggregate_stage(c: Context) -> StageEstimate:

@@ -23,7 +23,9 @@ def _pct(e: dict) -> str:
 
 
 def _name(attack: str) -> str:
-    return ATTACK_NAMES.get(attack, attack)
+    """"uat" -> "UAT"; "hotflip_worst" (an increase of aggregate.INCREASES) -> "worst case (HotFlip)"."""
+    base, _, kind = attack.partition("_")
+    return f"worst case ({_name(base)})" if kind == "worst" else ATTACK_NAMES.get(attack, attack)
 
 
 def main_table(summary: dict) -> str:
@@ -311,6 +313,24 @@ def _attack_run_name(name: str) -> str:
     return f"{control} ({_name(attack)} budget)" if control else _name(attack)
 
 
+def gradient_free_table(summary: dict) -> list[str]:
+    """Gradient vs gradient-free at every model a headline comparison reads: each family's curve, checkpoints
+    included (mean NLL increase over examples and seeds at the gradient attack's forward cap)."""
+    attacks, f = summary["attacks"], summary["frontier"]
+    methods_ = (("abs_increase", "gradient"), ("greedy_abs_increase", "greedy"), ("random_abs_increase", "random"),
+                ("worst_abs_increase", "worst"))
+    rows = ["| model | family | " + " | ".join(f"{_name(a)} {name}" for a in attacks for _, name in methods_) + " |",
+            "|---" * (2 + len(attacks) * len(methods_)) + "|"]
+    for point in f["points"]:
+        rows.append(f"| {point['label']} | {point['family']} | "
+                    + " | ".join(f"{point[a][key]['mean']:.3f}" for a in attacks for key, _ in methods_) + " |")
+    return ["## Gradient vs gradient-free along every curve", "",
+            "NLL increase (nats/token, mean over examples and seeds) of each gradient attack, its greedy and random "
+            "controls at the same forward cap, and the per-example worst case, for every model of the "
+            "unconstrained, monotonic and control curves. A gradient attack below its controls on one family only "
+            "would be gradient masking, not robustness.", "", *rows, ""]
+
+
 def saturation_table(summary: dict) -> list[str]:
     sat = summary["saturation"]
     names = list(dict.fromkeys(name for by in sat["models"].values() for name in by))
@@ -322,7 +342,7 @@ def saturation_table(summary: dict) -> list[str]:
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return ["## Saturation", "", "Share of each attack's final NLL increase gained in its last doubling of "
             f"forwards (budget curve, mean over seeds; `!`: above aggregate.saturation_tolerance = "
-            f"{sat['tolerance']:g}, not saturated). Checkpoints run no controls.", "", *rows, ""]
+            f"{sat['tolerance']:g}, not saturated).", "", *rows, ""]
 
 
 def recovery_warning(summary: dict) -> list[str]:
@@ -372,9 +392,9 @@ def methods(summary: dict) -> list[str]:
         "applies this to the per-example differences (seed s of one arm with seed s of the other); its p-value is "
         "the t test with the interval's effective df, so p < 0.05 exactly when the interval excludes 0.",
         seed_sentence(summary["seeds"]),
-        f"Family: all {summary['family_size']} paired tests of this report (the matched-NLL comparisons above, arm "
-        "comparisons on test NLL, attack NLL increase and clean NLL of the attacked examples, and every gradient "
-        "attack against its random control). "
+        f"Family: all {summary['family_size']} paired tests of this report (the matched-NLL comparisons above, each "
+        "gradient attack's and each worst case's, arm comparisons on test NLL, attack NLL increase and clean NLL of "
+        "the attacked examples, and every gradient attack against its random control). "
         "Holm's step-down correction controls the family-wise error at "
         f"{100 - conf}%; both raw and Holm-adjusted p-values are shown. Equivalence: two one-sided tests (TOST) "
         f"against the margin +/-{m:g} nats/token declared in params (aggregate.equivalence_margin_nats), Holm over "
@@ -501,10 +521,11 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
               "## Paired comparisons", "", *comparison_sentences(summary), "",
               "## Gradient-guided attacks against the random-substitution control (same budget)", "",
               *control_sentences(summary), "",
-              "Worst case (compact table): per example, the highest attacked NLL over the gradient attack, its greedy "
-              "and random controls and every other arm's transferred attack (outputs/transfer/). It is descriptive "
-              "and outside the family of tests: the frontier's checkpoints run neither controls nor transfer, so no "
-              "matched-NLL comparison of the worst case exists yet.", "",
+              "Worst case: per example, the highest attacked NLL over the gradient attack, its greedy and random "
+              "controls and every arm's transferred attack (outputs/transfer/; another arm's for an arm). The "
+              "frontier's checkpoints face the same attacks, so the worst case is compared like each attack: between "
+              "arms, at matched clean NLL and against the damage-matched control, each its own row in the family.",
+              "", *gradient_free_table(summary),
               *saturation_table(summary),
               *lr_table(summary),
               "## Power", "", *power_table(summary),
@@ -599,7 +620,7 @@ def frontier_plot(frontier: dict, attacks, path: Path) -> Path:
                                 textcoords="offset points", xytext=(4, 4))
             if field == "abs_increase":
                 m = next(c["match"] for c in frontier["matched"]
-                         if c["arm_a"] == "monotonic" and c["metric"] == f"{attack}.abs_increase")
+                         if c["arm_a"] == "monotonic" and c["metric"] == f"{attack}.abs_increase")   # the gradient attack
                 ax.scatter([m["target_clean"]], [m["curve_increase"]], marker="x", s=80, color="k",
                            label="curve at monotonic's clean NLL", zorder=5)
             ax.set(xlabel="clean NLL on the attack examples (nats/token)",

@@ -262,14 +262,17 @@ def test_smoke_pipeline_end_to_end_in_a_fresh_clone(smoke_dvc_repro, tmp_path):
     assert frontier["curve"] == [*steps, "pretrained", *recovery["baseline"], "baseline"]
     assert [(c["arm_a"], c["metric"]) for c in frontier["matched"]] == [
         (target, f"{attack}.abs_increase") for target in (*recovery["monotonic"], "monotonic")
-        for attack in ("uat", "hotflip")]
+        for attack in ("uat", "hotflip", "uat_worst", "hotflip_worst")]
     seed = smoke.seeds[0]
     assert (ws / f"outputs/recovery/monotonic-s{seed}/{recovery['monotonic'][0]}/attacks/uat.json").is_file()
     for step in smoke.frontier.steps:     # saved by pretrain as it passed the step, measured per seed
         assert json.loads((ws / f"outputs/models/pretrain_steps/step{step}/pipeline_meta.json").read_text())["arm"] \
             == f"pretrained-step{step}"
         attacks = ws / f"outputs/frontier/s{smoke.seeds[0]}/pretrained-step{step}/attacks"
-        assert (attacks / "hotflip.json").is_file() and not (attacks / "controls.json").exists()   # arms only
+        assert (attacks / "hotflip.json").is_file() and (attacks / "controls.json").is_file()   # as an arm's
+        worst = json.loads((ws / f"outputs/transfer/s{seed}/transfer.json").read_text())["worst_case"]["hotflip"]
+        faced = worst[f"pretrained-step{step}"]["methods"]      # its own attacks and every arm's transferred one
+        assert set(faced) == {"gradient", "random", "greedy", *(f"transfer_from_{arm}" for arm in ARM_NAMES)}
     for plot in ("training_curves.png", "perplexity_vs_success.png", "nll_increase_distributions.png", "frontier.png"):
         assert (ws / "outputs/report/plots" / plot).stat().st_size > 1000
 

@@ -124,15 +124,15 @@ def test_slurm_request_is_checked(capsys, tmp_path):
             "raise mem to") in out
 
 
-def test_assess_counts_the_frontier_checkpoints_without_controls(tmp_path):
-    """assess --arm A --frontier: the arm with its controls plus each recovery checkpoint (UAT, HotFlip, no
-    controls); assess-ref: one reference arm; assess-frontier: each pretraining checkpoint."""
+def test_assess_counts_every_frontier_checkpoint_like_an_arm(tmp_path):
+    """assess --arm A --frontier: the arm plus each recovery checkpoint, each with the attacks and their greedy and
+    random controls; assess-ref: one reference arm; assess-frontier: each pretraining checkpoint, the same work."""
     pinned = edited_profile(tmp_path, "cluster", "frontier", steps=[1000, 2000])
     params = P.load(pinned)
     rows = rows_of(pinned)
     arm, ref = rows["assess (baseline)"], rows["assess-ref (pretrained)"]
     checkpoint = rows["assess-frontier"].hours / len(params.frontier.steps)
-    assert 0 < checkpoint < ref.hours / 2                       # no greedy and random controls
+    assert checkpoint == pytest.approx(ref.hours)               # controls on every checkpoint too
     assert arm.hours == pytest.approx(ref.hours + len(params.frontier.recovery_steps) * checkpoint)
     assert rows["assess (monotonic)"].hours == arm.hours and arm.jobs == ref.jobs == len(params.seeds)
 
@@ -150,7 +150,9 @@ def test_evaluation_attacks_and_transfer_are_timed_at_eval_precision(capsys, tmp
     fp32 = rows_of(fp32_path)
     device = preflight.DEVICES["a100-80gb"]
     load = preflight.load_hours(preflight.model_shape(P.load(fp32_path)))       # not a matter of precision
-    for stage, loads in (("assess-ref (pretrained)", 1), ("transfer", len(arms.ARM_NAMES)), ("monotonic_init", 0)):
+    params = P.load(fp32_path)
+    targets = sum(1 + len(arms.checkpoints_of(arm, params.frontier)) for arm in arms.ARM_NAMES)   # transfer's
+    for stage, loads in (("assess-ref (pretrained)", 1), ("transfer", targets), ("monotonic_init", 0)):
         compute = bf16[stage].hours - loads * load
         assert fp32[stage].hours - loads * load == pytest.approx(compute * device.bf16_tflops / device.fp32_tflops)
     assert fp32["train (baseline)"].hours == bf16["train (baseline)"].hours             # train.precision's

@@ -239,13 +239,13 @@ def _loaded(seeds, rng, steps=(15, 30)):
                                                           else "lr", "multipliers": [0.5, 1.0], "lr": [5e-4, 1e-3],
                                                           "validation_loss": [4.0, 3.9], "selected": 1.0,
                                                           "selected_lr": 1e-3, "steps": 4}}
-    # worst case: each arm's own attack rows raised by 0.2 (as if a transferred attack were stronger everywhere)
-    worst = {s: {a: {arm: {"examples": [r | {"abs_increase": r["abs_increase"] + 0.2}
-                                        for r in runs[arm][s][a]["examples"]]} for arm in ARM_NAMES}
+    # worst case: each model's own attack rows raised by 0.2 (as if a transferred attack were stronger everywhere)
+    worst = {s: {a: {label: {"examples": [r | {"abs_increase": r["abs_increase"] + 0.2}
+                                          for r in runs[label][s][a]["examples"]]} for label in runs}
                  for a in ("uat", "hotflip")} for s in seeds}
     for s in seeds:
-        for arm in ARM_NAMES:      # as load_runs places transfer's worst case beside each arm's own attacks
-            runs[arm][s]["worst_case"] = {a: worst[s][a][arm] for a in ("uat", "hotflip")}
+        for label in runs:      # as load_runs places transfer's worst case beside each model's own attacks
+            runs[label][s]["worst_case"] = {a: worst[s][a][label] for a in ("uat", "hotflip")}
     transfer = {s: {a: {"abs_increase": {x: {y: 0.1 for y in ARM_NAMES} for x in ARM_NAMES}}
                     for a in ("uat", "hotflip")} | {"worst_case": worst[s]} for s in seeds}
     right = rng.random(40) < 0.4                             # benchmark items: monotonic gets 10 of them wrong
@@ -270,9 +270,9 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     summary = aggregate.build_summary(params, _loaded(seeds, np.random.default_rng(0)))
     matched, along = summary["frontier"]["matched"], summary["frontier"]["excess_vs_control"]
     family = summary["comparisons"] + matched + along + summary["controls"]
-    # 6 arm pairs x (test NLL, 2 attacks, clean NLL once per example set); 2 targets x 2 attacks against each
-    # curve; 5 arms x 2 attacks against their random control
-    assert summary["family_size"] == len(family) == 6 * (1 + 2 + 1) + 2 * 2 + 2 * 2 + 5 * 2
+    # 6 arm pairs x (test NLL, 2 attacks, clean NLL once per example set); 2 targets x 2 attacks and their 2 worst
+    # cases against the curve and against the control; 5 arms x 2 attacks against their random control
+    assert summary["family_size"] == len(family) == 6 * (1 + 2 + 1) + 2 * 4 + 2 * 4 + 5 * 2
     assert all(c["p_holm"] >= c["p_value"] for c in family)
     nll = summary["arms"]["baseline"]["test_nll_per_token"]
     assert nll["mean"] == pytest.approx(4.21) and nll["n_documents"] == 5 and nll["se_seeds"] == 0
@@ -332,6 +332,18 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
         e = summary["arms"][arm]
         assert e["hotflip_worst"]["abs_increase"]["mean"] == pytest.approx(e["hotflip"]["abs_increase"]["mean"] + 0.2)
     assert "| worst case (HotFlip) +NLL |" in "\n".join(answer)
+    # ... and of every checkpoint, so it is compared along the curves too: + 0.2 everywhere cancels in each difference
+    for rows in (matched, along):
+        for c in rows:
+            if c["metric"].endswith("_worst.abs_increase"):
+                gradient = c["metric"].replace("_worst", "")
+                twin = next(g for g in rows if (g["arm_a"], g["arm_b"], g["metric"]) == (c["arm_a"], c["arm_b"], gradient))
+                assert c["difference"]["mean"] == pytest.approx(twin["difference"]["mean"])
+    assert {c["metric"] for c in matched} == {"uat.abs_increase", "hotflip.abs_increase", "uat_worst.abs_increase",
+                                              "hotflip_worst.abs_increase"}
+    assert "worst case (HotFlip) -" in answer[1] or "worst case (HotFlip) +" in answer[1]
+    gradient_free = text.split("## Gradient vs gradient-free along every curve")[1].split("##")[0]
+    assert "| pretrained-step15 | unconstrained |" in gradient_free and "| flipped-step5 | control |" in gradient_free
     # saturation: only monotonic's HotFlip was starved (half its increase came in the last doubling)
     sat = summary["saturation"]["models"]
     assert sat["monotonic"]["hotflip"]["last_doubling_share"] == pytest.approx(0.5)
@@ -390,7 +402,8 @@ def test_dvc_metrics_show_prints_the_headline_in_200_columns(tmp_path):
     summary = aggregate.build_summary(_params(seeds), _loaded(seeds, np.random.default_rng(0)))
     rows = report.metric_rows(summary)
     assert set(rows) == {f"arm-{arm}" for arm in ARM_NAMES} | {f"{attack}-{name}" for attack in ("uat", "hotflip")
-                                                               for name in ("vs-curve", "vs-control", "vs-control-nll")}
+                                                               for name in ("vs-curve", "vs-control", "vs-control-nll")} \
+        | {f"{attack}_worst-{name}" for attack in ("uat", "hotflip") for name in ("vs-curve", "vs-control-nll")}
     for name, row in rows.items():
         assert all(isinstance(v, (int, float)) for k, v in row.items() if k != "verdict"), name
         assert row.get("verdict", "more vulnerable") in ("more vulnerable", "less vulnerable", "equivalent",

@@ -42,9 +42,9 @@ def checkpoint_labels(params) -> list[str]:
     return [label for labels in families(params.frontier).values() for label in labels if get(label).checkpoint_of]
 
 
-def _arm_measurements(arm: str, seed: int, controls: bool = True) -> dict:
+def _arm_measurements(arm: str, seed: int) -> dict:
     attack_dir = paths.attack_dir(arm, seed)
-    names = (*ATTACKS, "controls") if controls else ATTACKS
+    names = (*ATTACKS, "controls")
     return {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
             "per_doc": _require(paths.eval_dir(arm, seed) / "per_doc.json"),
             **{name: _require(attack_dir / f"{name}.json") for name in names}}
@@ -56,7 +56,7 @@ def load_runs(params) -> dict:
     runs = {arm: {} for arm in (*ARM_NAMES, *checkpoint_labels(params))}
     for seed in params.seeds:
         for label in checkpoint_labels(params):
-            runs[label][seed] = _arm_measurements(label, seed, controls=False)      # checkpoints: no controls
+            runs[label][seed] = _arm_measurements(label, seed)
         for arm in ARM_NAMES:
             run = _arm_measurements(arm, seed)
             if arm in TRAINED_ARMS:
@@ -67,8 +67,8 @@ def load_runs(params) -> dict:
             runs[arm][seed] = run
     transfer = {seed: _require(paths.transfer_dir(seed) / "transfer.json") for seed in params.seeds}
     for seed, matrix in transfer.items():
-        for arm in ARM_NAMES:
-            runs[arm][seed]["worst_case"] = {attack: matrix["worst_case"][attack][arm] for attack in ATTACKS}
+        for label in runs:
+            runs[label][seed]["worst_case"] = {attack: matrix["worst_case"][attack][label] for attack in ATTACKS}
     conversion = _require(paths.METRICS_DIR / "monotonic_init.json")
     benchmarks = {arm: {seed: _require(paths.benchmark_dir(paths.run_name(arm, seed) if ARMS[arm].trained
                                                            else arm) / "metrics.json")["tasks"]
@@ -94,6 +94,9 @@ TEST_NLL = Metric("per_doc", "nll")
 WORST = "worst"     # per example, the max over the attack's gradient, greedy, random and transferred runs (transfer)
 ARM_METRICS = (TEST_NLL, *(Metric(a, f) for a in ATTACKS for f in ATTACK_FIELDS),
                *(Metric(a, f, c) for a in ATTACKS for c in (*CONTROLS, WORST) for f in CONTROL_FIELDS))
+# what the matched-NLL comparisons compare: each gradient attack's NLL increase and, per example, the worst case
+# over every attack (the step-matched arm comparisons: the gradient attacks only, to keep the family small)
+INCREASES = (*(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "abs_increase", WORST) for a in ATTACKS))
 COMPARED_METRICS = (TEST_NLL, *(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "clean_nll") for a in ATTACKS))
 RATE_FIELDS = ("success_abs", "success_rel")     # proportions: intervals clipped to [0, 1]
 
@@ -229,22 +232,23 @@ def families(frontier) -> dict[str, list[str]]:
     return out
 
 
-def curve_point(design: Design, label: str, attack: str) -> CurvePoint:
-    return CurvePoint(label, design.values(Metric(attack, "clean_nll"), label)[0],
-                      design.values(Metric(attack, "abs_increase"), label)[0])
+def curve_point(design: Design, label: str, increase: Metric) -> CurvePoint:
+    return CurvePoint(label, design.values(Metric(increase.source, "clean_nll"), label)[0],
+                      design.values(increase, label)[0])
 
 
 def matched_comparisons(design: Design, agg, curve_labels: list[str],
                         targets: list[str]) -> list[tuple[PairedComparison, dict]]:
-    """Per recovered monotonic model (its recovery checkpoints and the final one) and attack: its NLL increase
-    less the unconstrained reference curve's at its clean NLL."""
+    """Per recovered monotonic model (its recovery checkpoints and the final one) and increase (INCREASES): its NLL
+    increase less the unconstrained reference curve's at its clean NLL."""
     out = []
     for label in targets:
-        for attack in ATTACKS:
-            target = curve_point(design, label, attack)
-            d, match = matched(target, [curve_point(design, c, attack) for c in curve_labels], agg.curve_min_gap_nats)
-            clusters = design.values(Metric(attack, "clean_nll"), label)[1]
-            comparison = paired_comparison(label, MATCHED_LABEL, f"{attack}.abs_increase", d, np.zeros_like(d),
+        for increase in INCREASES:
+            target = curve_point(design, label, increase)
+            d, match = matched(target, [curve_point(design, c, increase) for c in curve_labels],
+                               agg.curve_min_gap_nats)
+            clusters = design.values(Metric(increase.source, "clean_nll"), label)[1]
+            comparison = paired_comparison(label, MATCHED_LABEL, increase.name, d, np.zeros_like(d),
                                            clusters, agg.confidence, agg.equivalence_margin_nats, agg.power,
                                            design.rng)
             out.append((comparison, match.to_dict()))
@@ -269,12 +273,12 @@ def excess_comparisons(design: Design, agg, curve_labels: list[str],
     out = []
     for label in targets:
         control = damage_matched(label)
-        for attack in ATTACKS:
-            curve = [curve_point(design, c, attack) for c in curve_labels]
-            d_target, m_target = matched(curve_point(design, label, attack), curve, agg.curve_min_gap_nats)
-            d_control, m_control = matched(curve_point(design, control, attack), curve, agg.curve_min_gap_nats)
-            clusters = design.values(Metric(attack, "clean_nll"), label)[1]
-            comparison = paired_comparison(label, control, f"{attack}.abs_increase", d_target, d_control, clusters,
+        for increase in INCREASES:
+            curve = [curve_point(design, c, increase) for c in curve_labels]
+            d_target, m_target = matched(curve_point(design, label, increase), curve, agg.curve_min_gap_nats)
+            d_control, m_control = matched(curve_point(design, control, increase), curve, agg.curve_min_gap_nats)
+            clusters = design.values(Metric(increase.source, "clean_nll"), label)[1]
+            comparison = paired_comparison(label, control, increase.name, d_target, d_control, clusters,
                                            agg.confidence, agg.equivalence_margin_nats, agg.power, design.rng)
             out.append((comparison, {"target": m_target.to_dict(), "control": m_control.to_dict(),
                                      "target_excess": float(d_target.mean()),
@@ -282,18 +286,24 @@ def excess_comparisons(design: Design, agg, curve_labels: list[str],
     return out
 
 
+POINT_METRICS = ("clean_nll", "abs_increase", "success_abs")
+
+
 def frontier_points(design: Design, family_labels: dict[str, list[str]], confidence: float) -> list[dict]:
-    """Every model of both families on the attack examples: clean NLL, NLL increase and success per attack."""
+    """Every model of every family on the attack examples, per attack: clean NLL, NLL increase and success, and the
+    NLL increase of its greedy and random controls and of the worst case over every attack it faced."""
     out = []
     for family, labels in family_labels.items():
         for label in labels:
             point = {"label": label, "family": family}
             for attack in ATTACKS:
+                metrics = {field: Metric(attack, field) for field in POINT_METRICS}
+                metrics |= {f"{c}_abs_increase": Metric(attack, "abs_increase", c) for c in (*CONTROLS, WORST)}
                 point[attack] = {}
-                for field in ("clean_nll", "abs_increase", "success_abs"):
-                    values, clusters, _ = design.values(Metric(attack, field), label)
+                for key, metric in metrics.items():
+                    values, clusters, _ = design.values(metric, label)
                     est = crossed_estimate(values, clusters, confidence)
-                    point[attack][field] = (clip_rate(est) if field in RATE_FIELDS else est).to_dict()
+                    point[attack][key] = (clip_rate(est) if metric.field in RATE_FIELDS else est).to_dict()
             out.append(point)
     return out
 

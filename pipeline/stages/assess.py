@@ -2,8 +2,8 @@
 `evaluate` (test perplexity), then the attacks (`uat`, `hotflip`, `controls`; pipeline/assessment.py).
 `--frontier` adds the frontier's checkpoints: alone, pretraining's (frontier.steps, written under
 outputs/frontier/s<seed>/); with trained arms, their recovery checkpoints (frontier.recovery_steps, written
-under outputs/recovery/<arm>-s<seed>/). A checkpoint gets `evaluate`, `uat` and `hotflip`, what the matched-NLL
-comparison reads; the controls and their diagnostics are the arms' own.
+under outputs/recovery/<arm>-s<seed>/). A checkpoint gets what an arm gets (`evaluate`, `uat`, `hotflip`,
+`controls`): gradient vs gradient-free and the worst case are compared along the curves, not only at the arms.
 Each step writes exactly the files its own subcommand writes, with the same results (the attacks draw from
 their own seeded streams). Stopped by SIGUSR1/SIGTERM it exits REQUEUE_EXIT_CODE; a rerun skips
 every arm an earlier attempt finished (the record in its attack cache matches: same attack fingerprint,
@@ -21,17 +21,13 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..arms import checkpoints_of, get
+from ..arms import checkpoints_of
 from ..loading import load_arm_model
-from ..params import CHECKPOINT_STEPS, STEPS, ParamsError
+from ..params import STEPS, ParamsError
 from ..paths import DATA_DIR, attack_dir, eval_dir, frontier_dir, recovery_dir
 from .. import assessment
 
 RECORD = "assessed"     # an arm's record in its attack cache: evaluate's inputs and the outputs as written
-
-
-def checkpoint_of(arm: str) -> str | None:
-    return get(arm).checkpoint_of
 
 
 def outputs(arm: str, seed: int, steps) -> list[Path]:
@@ -68,16 +64,15 @@ def run(params, args) -> int:
         setup = assessment.load_setup(params, arm, args.seed, loaded=(model, meta))
         cache = assessment.cache_for(params, setup, arm, args.seed)
         caches.append(cache)
-        steps = CHECKPOINT_STEPS if checkpoint_of(arm) else STEPS
         done = cache.result(RECORD)
-        if done is not None and done == record(params, arm, args.seed, steps):
+        if done is not None and done == record(params, arm, args.seed, STEPS):
             print(f"assess {arm} s{args.seed}: finished by an earlier attempt, outputs unchanged; skipped")
             continue
         assessment.evaluate(params, arm, args.seed, model, meta)
-        code = assessment.run_stopping(params, setup, arm, args.seed, steps, cache)
+        code = assessment.run_stopping(params, setup, arm, args.seed, STEPS, cache)
         if code:
             return code
-        cache.put(RECORD, record(params, arm, args.seed, steps))
+        cache.put(RECORD, record(params, arm, args.seed, STEPS))
     for cache in caches:
         cache.clear()
     return 0

@@ -1,7 +1,9 @@
 """Stage `transfer`: the trigger learned on each arm and the flips found on each arm (per example), applied
 to every arm of one seed: source x target matrices (the diagonal re-applies an arm's own attack); and the
-worst case per example and arm over every attack that arm faced: its own gradient, greedy and random
-attacks and every other arm's transferred gradient attack ("worst_case", beside each method's mean)."""
+worst case per example over every attack a model faced: its own gradient, greedy and random attacks and every
+other arm's transferred gradient attack ("worst_case", beside each method's mean). The frontier's checkpoints
+are targets too (never sources), so the worst case is defined alike on the arms and along every curve they are
+compared with at matched clean NLL."""
 from __future__ import annotations
 
 import time
@@ -9,7 +11,7 @@ import time
 import torch
 
 from ..attacks import Scorer, apply_flips, summarize, trigger_offset, with_trigger
-from ..arms import ARM_NAMES
+from ..arms import ARM_NAMES, checkpoints_of
 from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, record_run
@@ -47,21 +49,27 @@ def _attacked(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([r["attacked_nll"] for r in rows], dtype=torch.float64)
 
 
-def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES):
-    """(the matrices, the last target's setup: its model and resolved precision, which every target shares)."""
+def frontier_checkpoints(frontier) -> list[str]:
+    return [label for arm in ARM_NAMES for label in checkpoints_of(arm, frontier)]
+
+
+def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES, checkpoints: tuple[str, ...] = ()):
+    """(the matrices over `arms`, and the worst case of every arm and checkpoint; the last target's setup: its
+    model and resolved precision, which every target shares)."""
     a = params.attack
     at = trigger_offset(a.uat.placement, a.prompt_tokens)
     out = {"arms": list(arms), "uat": {m: {} for m in METRICS}, "hotflip": {m: {} for m in METRICS},
            "clean_nll": {}, "own_result_deviation": {"uat": {}, "hotflip": {}}, "worst_case": {"uat": {}, "hotflip": {}}}
     sources = None
-    for target in arms:
+    for target in (*arms, *checkpoints):
         setup = load_setup(params, target, seed)
         if sources is None:
             sources = {arm: {name: _load_source(arm, seed, name, setup.eval.ids)
                              for name in (*ATTACKS, "controls")} for arm in arms}
         scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates, setup.precision)
         out["clean_nll"][target] = setup.clean_nll.mean().item()
-        own = sources[target]
+        own = sources[target] if target in arms else \
+            {name: _load_source(target, seed, name, setup.eval.ids) for name in (*ATTACKS, "controls")}
         faced = {kind: {"gradient": _attacked(own[kind]["examples"]),
                         **{m: _attacked(own["controls"][m][kind]["examples"]) for m in CONTROLS}} for kind in ATTACKS}
         for source in arms:
@@ -72,6 +80,9 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES):
                 "hotflip": scorer.nll(apply_flips(setup.eval.tokens, flips), count=False),
             }
             for name, nll in attacked.items():
+                if target not in arms:
+                    faced[name][f"transfer_from_{source}"] = nll
+                    continue
                 summary = summarize(setup.eval.ids, setup.clean_nll, nll, a.success_threshold_nats,
                                     a.success_threshold_relative, {"forward_passes": 0, "backward_passes": 0})["summary"]
                 for metric in METRICS:
@@ -88,7 +99,7 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES):
 
 def run(params, args) -> int:
     t0 = time.time()
-    result, setup = transfer_matrix(params, args.seed)
+    result, setup = transfer_matrix(params, args.seed, checkpoints=tuple(frontier_checkpoints(params.frontier)))
     prov = provenance(params, "transfer", seed=args.seed, precision=setup.precision)
     write_json(transfer_dir(args.seed) / "transfer.json", {**result, "provenance": prov})
     record_run(f"transfer-s{args.seed}", prov, setup.model, seconds=round(time.time() - t0, 1))
