@@ -60,6 +60,11 @@ def checkpoints_of(name: str, frontier) -> list[str]:
     return [at_step(name, step).name for step in (getattr(frontier, key.split(".")[1]) if key else [])]
 
 
+def frontier_checkpoints(frontier) -> list[str]:
+    """Every arm's checkpoints along training (checkpoints_of), arm by arm."""
+    return [label for arm in ARM_NAMES for label in checkpoints_of(arm, frontier)]
+
+
 def get(name: str) -> Arm:
     base, _, step = name.rpartition("-step")
     if base in ARMS and step.isdigit():

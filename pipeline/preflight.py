@@ -515,7 +515,7 @@ def transfer_stage(c: Context) -> StageEstimate:
     p, s, a = c.params, c.shape, c.params.attack
     seq = a.uat.trigger_length + a.prompt_tokens + a.continuation_tokens
     n = len(arms.ARM_NAMES)
-    targets = n + sum(len(arms.checkpoints_of(arm, p.frontier)) for arm in arms.ARM_NAMES)
+    targets = n + len(arms.frontier_checkpoints(p.frontier))
     flops = targets * (1 + 2 * n) * a.eval_examples * forward_flops(s, seq, a.continuation_tokens + 1)
     transient = inference_bytes(s, a.batch_size, seq, a.continuation_tokens + 1)
     peak = 4 * s.params + transient

@@ -151,7 +151,7 @@ def test_evaluation_attacks_and_transfer_are_timed_at_eval_precision(capsys, tmp
     device = preflight.DEVICES["a100-80gb"]
     load = preflight.load_hours(preflight.model_shape(P.load(fp32_path)))       # not a matter of precision
     params = P.load(fp32_path)
-    targets = sum(1 + len(arms.checkpoints_of(arm, params.frontier)) for arm in arms.ARM_NAMES)   # transfer's
+    targets = len(arms.ARM_NAMES) + len(arms.frontier_checkpoints(params.frontier))   # transfer's
     for stage, loads in (("assess-ref (pretrained)", 1), ("transfer", targets), ("monotonic_init", 0)):
         compute = bf16[stage].hours - loads * load
         assert fp32[stage].hours - loads * load == pytest.approx(compute * device.bf16_tflops / device.fp32_tflops)

@@ -16,7 +16,7 @@ from .. import paths, report
 from ..arms import ARM_NAMES, ARMS, TRAINED_ARMS, checkpoints_of, get
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
-from ..params import ATTACKS, CONTROLS
+from ..params import ATTACKS, CONTROLS, STEPS
 from ..provenance import provenance, record_run
 from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
@@ -44,10 +44,9 @@ def checkpoint_labels(params) -> list[str]:
 
 def _arm_measurements(arm: str, seed: int) -> dict:
     attack_dir = paths.attack_dir(arm, seed)
-    names = (*ATTACKS, "controls")
     return {"eval": _require(paths.eval_dir(arm, seed) / "metrics.json"),
             "per_doc": _require(paths.eval_dir(arm, seed) / "per_doc.json"),
-            **{name: _require(attack_dir / f"{name}.json") for name in names}}
+            **{name: _require(attack_dir / f"{name}.json") for name in STEPS}}
 
 
 def load_runs(params) -> dict:

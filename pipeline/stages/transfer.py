@@ -11,11 +11,11 @@ import time
 import torch
 
 from ..attacks import Scorer, apply_flips, summarize, trigger_offset, with_trigger
-from ..arms import ARM_NAMES, checkpoints_of
+from ..arms import ARM_NAMES, frontier_checkpoints
 from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, record_run
-from ..params import ATTACKS, CONTROLS
+from ..params import ATTACKS, CONTROLS, STEPS
 from ..assessment import load_setup
 
 METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel")
@@ -30,6 +30,11 @@ def _load_source(arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
         if [e["id"] for e in res["examples"]] != eval_ids:
             raise ValueError(f"{path}: its examples differ from the current attack-evaluation examples")
     return result
+
+
+def _own_results(label: str, seed: int, eval_ids: list[str]) -> dict:
+    """A model's own attack results, every step assess ran on it."""
+    return {name: _load_source(label, seed, name, eval_ids) for name in STEPS}
 
 
 def worst_case(params, setup, attacked: dict[str, torch.Tensor]) -> dict:
@@ -49,10 +54,6 @@ def _attacked(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([r["attacked_nll"] for r in rows], dtype=torch.float64)
 
 
-def frontier_checkpoints(frontier) -> list[str]:
-    return [label for arm in ARM_NAMES for label in checkpoints_of(arm, frontier)]
-
-
 def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES, checkpoints: tuple[str, ...] = ()):
     """(the matrices over `arms`, and the worst case of every arm and checkpoint; the last target's setup: its
     model and resolved precision, which every target shares)."""
@@ -64,12 +65,10 @@ def transfer_matrix(params, seed: int, arms: tuple[str, ...] = ARM_NAMES, checkp
     for target in (*arms, *checkpoints):
         setup = load_setup(params, target, seed)
         if sources is None:
-            sources = {arm: {name: _load_source(arm, seed, name, setup.eval.ids)
-                             for name in (*ATTACKS, "controls")} for arm in arms}
+            sources = {arm: _own_results(arm, seed, setup.eval.ids) for arm in arms}
         scorer = Scorer(setup.model, a.continuation_tokens, a.batch_size, setup.candidates, setup.precision)
         out["clean_nll"][target] = setup.clean_nll.mean().item()
-        own = sources[target] if target in arms else \
-            {name: _load_source(target, seed, name, setup.eval.ids) for name in (*ATTACKS, "controls")}
+        own = sources[target] if target in arms else _own_results(target, seed, setup.eval.ids)
         faced = {kind: {"gradient": _attacked(own[kind]["examples"]),
                         **{m: _attacked(own["controls"][m][kind]["examples"]) for m in CONTROLS}} for kind in ATTACKS}
         for source in arms:
