@@ -10,20 +10,28 @@ embedded workspace by default). Rates are medians over rounds that alternate the
               for each trigger placement and at budget multiples (--scales: topk and candidates scaled).
   curves      every method of both attacks on each --arm: seconds, forwards used / cap, final NLL increase,
               and the budget curves at 1/8, 1/4, 1/2 and 1 of the cap (gradient vs greedy vs random)
+  scoring     UAT candidates per second with the examples' prompt cached (Scorer.trigger_nll) and with whole
+              sequences (Scorer.nll), on --arm and on a Pythia-1.4B-sized layer stack (random weights, --layers)
+  allocator   HotFlip and UAT candidates per second in fresh processes with glibc's default allocator and with
+              pipeline.device.tune_host_allocator, alternating (each child runs `attack-rate`)
   token-nll   per-token NLL of a scoring batch (no workspace needed): pipeline.evaluation.token_nll (rows of the
               vocabulary contiguous) against cross_entropy over the transposed [N, V, S] view it replaced
 
     python bench/bench_attacks.py throughput [--arm pretrained] [--rounds 3]
     python bench/bench_attacks.py oracle [--arm baseline --seed 0] [--windows 6] [--scales 1 4]
     python bench/bench_attacks.py curves [--arm baseline pretrained] [--seed 0]
+    python bench/bench_attacks.py scoring [--arm pretrained] [--rounds 3] [--layers 2]
+    python bench/bench_attacks.py allocator [--arm pretrained] [--rounds 3]
     python bench/bench_attacks.py token-nll [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -152,6 +160,76 @@ def curves(params, args) -> None:
                   f"{g['greedy']:+.4f}; first-order rank correlation {d['first_order_rank_correlation']:+.3f}")
 
 
+def trigger_scoring_rates(model, tokens, candidates, a, triggers: int, rounds: int) -> dict:
+    """Candidates (trigger x example) per second, median over rounds alternating the two ways, and the largest
+    difference between their NLLs."""
+    at = A.trigger_offset(a.uat.placement, a.prompt_tokens)
+    picked = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(0))[:triggers * a.uat.trigger_length]]
+    batch = picked.view(triggers, a.uat.trigger_length)
+    ways = {"whole sequences": lambda s: s.nll(A._triggered_batch(batch, tokens, at)).view(triggers, len(tokens)),
+            "prompt cached": lambda s: s.trigger_nll(batch, tokens, at)}
+    rates, results = {name: [] for name in ways}, {}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            scorer = A.Scorer(model, a.continuation_tokens, a.uat.batch_size, candidates)
+            t0 = time.perf_counter()
+            results[name] = way(scorer)
+            rates[name].append(triggers * len(tokens) / (time.perf_counter() - t0))
+    diff = (results["whole sequences"] - results["prompt cached"]).abs().max().item()
+    return {**{name: statistics.median(r) for name, r in rates.items()}, "max |diff| (nats)": diff}
+
+
+def pythia_sized_stack(layers: int, vocab: int = 50304):
+    """Pythia-1.4B's layer shape (hidden 2048, 16 heads, MLP 8192, its vocabulary), `layers` deep, random."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=16,
+                           intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def scoring(params, setup, args) -> None:
+    a = params.attack
+    print(f"UAT placement {a.uat.placement}, trigger {a.uat.trigger_length} tokens, prompt {a.prompt_tokens}, "
+          f"continuation {a.continuation_tokens}, {len(setup.opt.ids)} optimisation examples")
+    stack = pythia_sized_stack(args.layers)
+    runs = {f"embedded arm {args.arm[0]}": (setup.model, 64),
+            f"Pythia-1.4B-sized, {args.layers} layers": (stack, 4)}
+    for name, (model, triggers) in runs.items():
+        rates = trigger_scoring_rates(model, setup.opt.tokens, setup.candidates, a, triggers, args.rounds)
+        print(f"{name}: {triggers} triggers x {len(setup.opt.ids)} examples; whole sequences "
+              f"{rates['whole sequences']:.1f} cand/s, prompt cached {rates['prompt cached']:.1f} cand/s, ratio "
+              f"{rates['prompt cached'] / rates['whole sequences']:.2f}x; max |diff| {rates['max |diff| (nats)']:.1e} nats")
+
+
+def attack_rates(params, setup, args) -> None:
+    """Child of `allocator`: tunes the allocator or not, then prints the gradient attacks' candidates/s as JSON."""
+    from pipeline.device import tune_host_allocator
+
+    tuned = args.allocator == "tuned" and tune_host_allocator()
+    out = {"tuned": tuned}
+    for name, run in (("hotflip", S.run_hotflip), ("uat", S.run_uat)):
+        out[name], _ = attack_rate(run, setup, params.attack)
+    print(json.dumps(out))
+
+
+def allocator(params, args) -> None:
+    rates = {mode: {"hotflip": [], "uat": []} for mode in ("default", "tuned")}
+    for _ in range(args.rounds):
+        for mode in rates:
+            child = subprocess.run([sys.executable, __file__, "attack-rate", "--allocator", mode, "--params",
+                                    args.params, "--arm", args.arm[0], "--seed", str(args.seed)],
+                                   check=True, capture_output=True, text=True)
+            measured = json.loads(child.stdout.strip().splitlines()[-1])
+            assert measured["tuned"] == (mode == "tuned")
+            for name in ("hotflip", "uat"):
+                rates[mode][name].append(measured[name])
+    for name in ("hotflip", "uat"):
+        default, tuned = (statistics.median(rates[mode][name]) for mode in ("default", "tuned"))
+        print(f"{name}: default allocator {default:.1f} cand/s, tuned {tuned:.1f} cand/s, ratio {tuned / default:.2f}x")
+
+
 def token_nll_rate(args, shape=(256, 32, 8192)) -> None:
     """Milliseconds per call, median over rounds alternating the two ways, on one random batch of logits."""
     logits = torch.randn(*shape)
@@ -174,7 +252,8 @@ def token_nll_rate(args, shape=(256, 32, 8192)) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("throughput", "oracle", "curves", "token-nll"))
+    ap.add_argument("mode", choices=("throughput", "oracle", "curves", "scoring", "allocator", "attack-rate",
+                                     "token-nll"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--arm", nargs="+", default=["pretrained"])
     ap.add_argument("--seed", type=int, default=0)
@@ -182,6 +261,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--layers", type=int, default=2, help="scoring: layers of the Pythia-1.4B-sized stack")
+    ap.add_argument("--allocator", choices=("default", "tuned"), default="default", help="attack-rate only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,12 +270,16 @@ def main() -> int:
         token_nll_rate(args)
         return 0
     params = params_mod.load(args.params)
-    print(f"device: {device_description()}; profile {params.profile}, arms {', '.join(args.arm)}, seed {args.seed}")
+    if args.mode != "attack-rate":
+        print(f"device: {device_description()}; profile {params.profile}, arms {', '.join(args.arm)}, seed {args.seed}")
     if args.mode == "curves":
         curves(params, args)
+    elif args.mode == "allocator":
+        allocator(params, args)
     else:
         setup = S.load_setup(params, args.arm[0], args.seed)
-        (throughput if args.mode == "throughput" else oracle)(params, setup, args)
+        modes = {"throughput": throughput, "oracle": oracle, "scoring": scoring, "attack-rate": attack_rates}
+        modes[args.mode](params, setup, args)
     return 0
 
 

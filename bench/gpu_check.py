@@ -9,7 +9,8 @@
 2. Train-step throughput (MFU) and peak memory of a Pythia-410M-shaped, randomly initialised GPT-NeoX with the
    real trainer (pipeline.training.train, bf16 autocast, fp32 master weights) against `preflight`'s estimate.
 3. Attack candidate scoring (pipeline.attacks.Scorer.nll) in bf16 autocast vs fp32: candidates/s and the
-   largest loss difference.
+   largest loss difference; UAT trigger scoring over the cached prompt (Scorer.trigger_nll) vs whole sequences
+   in bf16: the largest loss difference and the speed ratio.
 --cpu runs the same three checks on the CPU at toy size (CUDA hidden), so the script cannot rot where no GPU
 is lent. Prints one JSON document (and writes it to --out)."""
 from __future__ import annotations
@@ -168,7 +169,32 @@ def scoring_check(cpu: bool, rounds: int) -> dict:
         out[f"{precision}_candidates_per_s"] = round(rounds * len(batch) / (time.perf_counter() - t0), 1)
     out["bf16_over_fp32"] = round(out["bf16_candidates_per_s"] / out["fp32_candidates_per_s"], 2)
     out["max_abs_loss_difference"] = float((losses["bf16"] - losses["fp32"]).abs().max())
-    return out
+    return {**out, **cached_trigger_check(model, batch, a, vocab, cpu)}
+
+
+def cached_trigger_check(model, batch, a, vocab: int, cpu: bool) -> dict:
+    import torch
+
+    from pipeline import attacks as A
+
+    examples = batch[:16, a.uat.trigger_length:]
+    triggers = batch[16: 16 + a.batch_size // 16, : a.uat.trigger_length]
+    at = A.trigger_offset("before_continuation", a.prompt_tokens)
+    scorer = A.Scorer(model, a.continuation_tokens, a.batch_size, torch.arange(vocab), "bf16")
+    ways = {"whole": lambda: scorer.nll(A._triggered_batch(triggers, examples, at)).view(len(triggers), -1),
+            "cached": lambda: scorer.trigger_nll(triggers, examples, at)}
+    seconds, losses = {}, {}
+    for name, way in ways.items():
+        way()                                                               # warm-up
+        if not cpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses[name] = way()
+        if not cpu:
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - t0
+    return {"prompt_cached_over_whole": round(seconds["whole"] / seconds["cached"], 2),
+            "prompt_cached_max_abs_loss_difference": float((losses["cached"] - losses["whole"]).abs().max())}
 
 
 def main() -> int:

@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.stages.{STAGES[args.command][0]}")
+    importlib.import_module("pipeline.device").tune_host_allocator()
     try:
         if args.command not in MODEL_FREE_STAGES:
             importlib.import_module("pipeline.device").require_capability(params.device.min_compute_capability)

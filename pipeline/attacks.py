@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from .data import TokenSplit
 from .device import eval_autocast
@@ -129,9 +130,16 @@ class Scorer:
     def restore(self, counters: list[int]) -> None:
         self.forward_passes, self.backward_passes = (int(c) for c in counters)
 
-    def _continuation_nll(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def _continuation_nll(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                          cache: DynamicCache | None = None) -> torch.Tensor:
+        """With `cache` (keys and values of each row's first tokens) only the rest of each row is run."""
         c = self.continuation_tokens
-        kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids}
+        if inputs_embeds is not None:
+            kwargs = {"inputs_embeds": inputs_embeds}
+        elif cache is not None:
+            kwargs = {"input_ids": ids[:, cache.get_seq_length():], "cache": cache}
+        else:
+            kwargs = {"input_ids": ids}
         with eval_autocast(self.precision, self.device):
             logits = self.model(**kwargs, logits_to_keep=c + 1).logits
         logits = logits[:, :-1].float()   # predict the last c tokens
@@ -148,6 +156,27 @@ class Scorer:
         if count:
             self.forward_passes += len(ids)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    @torch.no_grad()
+    def trigger_nll(self, triggers: torch.Tensor, tokens: torch.Tensor, at: int) -> torch.Tensor:
+        """Mean continuation NLL of every trigger [K, L] inserted before token `at` of every example [N, S]:
+        [K, N], float64 on CPU. The examples' first `at` tokens precede every trigger, so their keys and values
+        are computed once per call and reused by all K triggers (the numbers of scoring whole sequences)."""
+        rows = _triggered_batch(triggers, tokens, at)               # trigger-major: row r is example r % N
+        if at == 0:
+            return self.nll(rows).view(len(triggers), len(tokens))
+        with eval_autocast(self.precision, self.device):
+            prompts = self.model(input_ids=tokens[:, :at].to(self.device), use_cache=True, logits_to_keep=1).cache
+        shared = [(keys, values) for keys, values, *_ in prompts]
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start: start + self.batch_size].to(self.device)
+            example = torch.arange(start, start + len(chunk), device=self.device) % len(tokens)
+            cache = DynamicCache([(keys[example], values[example]) for keys, values in shared],
+                                 config=self.model.config)
+            out.append(self._continuation_nll(chunk, cache=cache).double().cpu())
+        self.forward_passes += len(rows)
+        return torch.cat(out).view(len(triggers), len(tokens))
 
     def flip_scores(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """First-order loss change of every token at every editable position, per sequence:
@@ -297,7 +326,7 @@ def _uat_step(s: dict, scorer: Scorer, tokens, candidates, uat, at: int, positio
         tok = candidates[torch.randint(len(candidates), (uat.candidates_per_step,), generator=gen)]
     proposals = trigger.repeat(len(pos), 1)
     proposals[torch.arange(len(pos)), pos] = tok
-    losses = scorer.nll(_triggered_batch(proposals, tokens, at)).view(len(pos), len(tokens)).mean(dim=1)
+    losses = scorer.trigger_nll(proposals, tokens, at).mean(dim=1)
     if guided:
         s["correlations"].append(rank_correlation(predicted, losses - s["current"]))
     top_i = int(losses.argmax())
@@ -336,7 +365,7 @@ def uat_random_search(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch
     def advance(s):
         triggers = candidates[torch.randint(len(candidates), (min(chunk, draws - s["start"]), trigger_length),
                                             generator=gen)]
-        losses = scorer.nll(_triggered_batch(triggers, tokens, at)).view(len(triggers), len(tokens)).mean(dim=1)
+        losses = scorer.trigger_nll(triggers, tokens, at).mean(dim=1)
         top = int(losses.argmax())
         if s["best"] is None or losses[top].item() > s["best"][1]:
             s["best"] = [triggers[top], losses[top].item()]
@@ -409,7 +438,7 @@ def _hotflip_step(s: dict, scorer: Scorer, original, prompt_tokens: int, candida
     rows, cols = torch.nonzero(valid, as_tuple=True)
     seqs = cur[rows].clone()
     seqs[torch.arange(len(rows)), pos[rows, cols]] = tok[rows, cols]
-    _within_budget(seqs, original[active[rows]], changed[rows], pos[rows, cols], prompt_tokens, hotflip.flips, gen)
+    _within_budget(seqs, original[active[rows]], changed[rows], pos[rows, cols], hotflip.flips, gen)
     losses = torch.full(valid.shape, -torch.inf, dtype=torch.float64)
     losses[rows, cols] = scorer.nll(seqs)
     current = s["current"][active]
@@ -429,7 +458,7 @@ def _hotflip_step(s: dict, scorer: Scorer, original, prompt_tokens: int, candida
     s["step"] += 1
 
 
-def _within_budget(seqs, original, changed, positions, prompt_tokens: int, flips: int, gen) -> None:
+def _within_budget(seqs, original, changed, positions, flips: int, gen) -> None:
     """A candidate that changes a new position of an example already at its edit budget reverts one of the
     example's changed positions (drawn at random): the search can move an edit, not only refine it, and at most
     `flips` positions differ from the original. In place; draws nothing while no example is at the budget."""
@@ -525,7 +554,7 @@ def oracle_trigger(scorer: Scorer, tokens: torch.Tensor, *, candidates: torch.Te
     chunk = max(1, scorer.batch_size // len(tokens))
     for start in range(0, len(candidates), chunk):
         triggers = candidates[start: start + chunk].unsqueeze(1)
-        per_trigger.append(scorer.nll(_triggered_batch(triggers, tokens, at)).view(len(triggers), len(tokens)).mean(dim=1))
+        per_trigger.append(scorer.trigger_nll(triggers, tokens, at).mean(dim=1))
     losses = torch.cat(per_trigger)
     top = int(losses.argmax())
     return {"trigger": candidates[top: top + 1], "opt_nll": losses[top].item()}

@@ -93,7 +93,7 @@ SEED_LIMIT = 2 ** 32        # numpy's legacy seeding (np.random.seed, seed_every
 
 
 def seed_spec(default=dataclasses.MISSING):
-    return _spec(f"an integer in [0, 2**32) (numpy's seeding)", lambda v: 0 <= v < SEED_LIMIT, default)
+    return _spec("an integer in [0, 2**32) (numpy's seeding)", lambda v: 0 <= v < SEED_LIMIT, default)
 
 
 def anything(default=dataclasses.MISSING):

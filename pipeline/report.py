@@ -135,8 +135,8 @@ def matched_paragraph(summary: dict) -> list[str]:
             "The interval includes the uncertainty of the matching point (delta method over the crossed design: "
             "documents and seeds, every checkpoint attacked with every seed). The step-matched "
             "comparison (same recovery budget, different perplexity) follows below.", "",
-            *([f"Budget sweep: the same matched comparison for the monotonic model's recovery checkpoints (the "
-               f"recovery budget so far): " + "; ".join(sweep) + ".", ""] if sweep else [])]
+            *(["Budget sweep: the same matched comparison for the monotonic model's recovery checkpoints (the "
+               "recovery budget so far): " + "; ".join(sweep) + ".", ""] if sweep else [])]
 
 
 def excess_paragraph(summary: dict) -> list[str]:

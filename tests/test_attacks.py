@@ -170,6 +170,34 @@ def test_trigger_placement_before_the_continuation(smoke_setup, smoke_params):
     assert torch.allclose(scorer.nll(ids), per_token[:, -a.continuation_tokens:].mean(dim=1).double(), atol=1e-5)
 
 
+def tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("placement", ["before_continuation", "prefix"])
+def test_trigger_scoring_reuses_the_prompt_cache_with_the_numbers_of_whole_sequences(smoke_setup, smoke_params,
+                                                                                       architecture, placement):
+    """Triggers scored over the examples' cached prompt give every whole sequence's NLL (1e-5 nats, fp32),
+    chunk boundaries falling inside an example's rows, and count one forward per sequence."""
+    a = smoke_params.attack
+    model = smoke_setup.model if architecture == "gpt_neox" else tiny_llama(smoke_setup.model.config.vocab_size)
+    tokens = smoke_setup.eval.tokens[:5]
+    triggers = smoke_setup.candidates[torch.randperm(len(smoke_setup.candidates))[:21]].view(7, 3)
+    at = A.trigger_offset(placement, a.prompt_tokens)
+    cached = A.Scorer(model, a.continuation_tokens, 8, smoke_setup.candidates)
+    whole = A.Scorer(model, a.continuation_tokens, 8, smoke_setup.candidates)
+    expected = whole.nll(A._triggered_batch(triggers, tokens, at)).view(7, 5)
+    got = cached.trigger_nll(triggers, tokens, at)
+    assert got.shape == (7, 5) and cached.forward_passes == whole.forward_passes == 35
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
 # --- attacks against controls ---------------------------------------------------------------------------
 
 ACCEPTANCE = {"eval_examples": 24, "opt_examples": 8, "prompt_tokens": 4,
@@ -616,5 +644,5 @@ def test_a_move_at_the_edit_budget_reverts_one_changed_position():
     original = torch.tensor([[1, 2, 3, 4, 9], [1, 2, 3, 4, 9]])
     seqs = torch.tensor([[7, 2, 8, 4, 9], [7, 2, 3, 4, 9]])    # row 0: a move to 2 at budget; row 1: under it
     changed = torch.tensor([[True, False, False, False], [False, False, False, False]])
-    A._within_budget(seqs, original, changed, torch.tensor([2, 0]), 4, 1, torch.Generator().manual_seed(0))
+    A._within_budget(seqs, original, changed, torch.tensor([2, 0]), 1, torch.Generator().manual_seed(0))
     assert seqs.tolist() == [[1, 2, 8, 4, 9], [7, 2, 3, 4, 9]]

@@ -149,3 +149,31 @@ def test_every_scoring_stage_runs_with_bf16_weights(workspace_copy, monkeypatch)
     for argv in (["evaluate", "--arm", "monotonic_init"], ["assess", "--arm", "pretrained"]):
         assert run_stage(workspace_copy, *argv, "--seed", "0") == 0, argv
     assert len(loaded) == 2 and all(m.lm_head.weight.dtype == torch.bfloat16 for m in loaded)
+
+
+FAULTS_OF_REPEATED_ALLOCATION = """
+import resource, sys, torch
+from pipeline import device
+if sys.argv[1] == "tuned":
+    assert device.tune_host_allocator()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    block = torch.ones(16 << 20)        # 64 MiB written: the size of an attack forward's logits
+    del block
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the tuning is glibc's mallopt")
+def test_the_tuned_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
+    import subprocess
+    import sys
+
+    faults = {}
+    for mode in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_ALLOCATION, mode], check=True,
+                             capture_output=True, text=True)
+        faults[mode] = int(out.stdout)
+    pages_per_block = (64 << 20) // 4096
+    assert faults["default"] > 16 * pages_per_block      # every one of the 20 blocks mapped and faulted in afresh
+    assert faults["tuned"] < 8 * pages_per_block         # a few blocks' pages, then reused

@@ -30,3 +30,5 @@ def test_gpu_check_on_cpu_finds_every_model_step_on_the_cpu(tmp_path):
     assert {name.split("-")[0] for name in smoke["precisions"]} == MODEL_STAGES - {"train", "select_lr"}
     assert set(smoke["precisions"].values()) == {"fp32"} and smoke["precisions_as_expected"]
     assert smoke["trained_to_the_end"] and smoke["run_records_name_the_gpu"]
+    scoring = json.loads(out.read_text())["scoring"]
+    assert scoring["prompt_cached_max_abs_loss_difference"] < 1e-2   # bf16: the cached prompt scores as whole rows

@@ -33,6 +33,7 @@ from ..io import read_json, staged_dir, write_csv, write_json
 from ..loading import load_start_model
 from ..models import load_causal_lm, save_causal_lm
 from ..monotonic import MONOTONICITY_SCOPE, load_parametrized, nonnegative_share, save_parametrized, verify
+from ..params import TrainParams
 from ..paths import DATA_DIR, LR_SELECTION, checkpoint_dir, run_name, train_dir, train_log_dir
 from ..provenance import provenance, record_run
 from ..training import (REQUEUE_EXIT_CODE, accumulation_per_process, data_order_sha256, epochs, seed_everything,
@@ -138,13 +139,25 @@ def run(params, args) -> int:
         (out / "steps").mkdir()
         copy_step_exports(result.checkpoint_root, params.frontier.recovery_steps, out / "steps")
     shares = nonnegative_shares(params, reference, result.model, result.checkpoint_root / "steps")
-    trained = {"tp": tp, "passes": passes, "source": source, "selection": selection, "train_data": train_data,
-               "verify_report": verify_report, "shares": shares, "total_update": total_update}
+    trained = Trained(tp, passes, source, selection, train_data, verify_report, shares, total_update)
     write_logs(params, arm, seed, result, trained, prov)
     return 0
 
 
-def write_logs(params, arm: arms.Arm, seed: int, result, trained: dict, prov: dict) -> None:
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What a finished run's logs report beyond the trainer's result."""
+    tp: TrainParams             # the arm's, with its selected lr
+    passes: float               # epochs over the train split
+    source: Path                # the start model
+    selection: dict             # the arm's lr selection record
+    train_data: data.PackedSequences
+    verify_report: dict | None  # non-negativity of the exported model's constrained weights
+    shares: dict                # share of constrained-variant weights non-negative, per checkpoint
+    total_update: dict          # W-space distance from the start model, per parameter group
+
+
+def write_logs(params, arm: arms.Arm, seed: int, result, trained: Trained, prov: dict) -> None:
     """metrics.json, log.csv and val_log.csv into paths.train_log_dir; how it ran into the run record."""
     name, state, seq_len = arm.name, result.state, params.data.seq_len
     tokens_seen = state.step * result.global_batch * seq_len
@@ -158,19 +171,19 @@ def write_logs(params, arm: arms.Arm, seed: int, result, trained: dict, prov: di
             "validation_loss": final["val_loss"], "validation_perplexity": math.exp(final["val_loss"]),
             "validation_windows": result.val_windows, "validation_tokens": result.val_windows * seq_len,
             "best_validation_loss": state.best_val_loss, "best_step": state.best_step,
-            "steps": state.step, "tokens_seen": tokens_seen, "epochs": trained["passes"],
+            "steps": state.step, "tokens_seen": tokens_seen, "epochs": trained.passes,
             "sequences_seen": state.step * result.global_batch, "global_batch_sequences": result.global_batch,
-            "update_norm_total": trained["total_update"], "update_norm_path": state.update_norm_sum,
-            "nonnegative_share": trained["shares"],
+            "update_norm_total": trained.total_update, "update_norm_path": state.update_norm_sum,
+            "nonnegative_share": trained.shares,
             "param_groups": {g: len(names) for g, names in result.groups.items()},
             "overrides": dict(params.train.arm_overrides.get(name, {})),
             "budgets_equal": not params.train.arm_overrides,
-            "train": dataclasses.asdict(trained["tp"]), "lr_selection": trained["selection"],
+            "train": dataclasses.asdict(trained.tp), "lr_selection": trained.selection,
             "precision_autocast": result.precision,
-            "data_order_sha256": data_order_sha256(trained["train_data"], seed, state.step * result.global_batch),
-            "trained_from": str(trained["source"]), "fingerprint": result.fingerprint,
+            "data_order_sha256": data_order_sha256(trained.train_data, seed, state.step * result.global_batch),
+            "trained_from": str(trained.source), "fingerprint": result.fingerprint,
             "checkpoint_dir": str(result.checkpoint_root),
-            "monotonic_verify": trained["verify_report"],
+            "monotonic_verify": trained.verify_report,
             "monotonicity_scope": MONOTONICITY_SCOPE if arm.constrained else None,
             "files": {f: sha256(out / f) for f in ("log.csv", "val_log.csv")},
             "provenance": prov,
@@ -180,6 +193,6 @@ def write_logs(params, arm: arms.Arm, seed: int, result, trained: dict, prov: di
     record_run(f"train-{run_name(name, seed)}", prov, result.model, seconds=round(state.wall_seconds, 2),
                step_seconds=round(state.step_seconds, 2), tokens_per_s=tokens_per_s, runs=state.runs, timing=timing,
                processes=result.num_processes)     # how it ran, not what it made: outside the hashed metrics
-    moved = ", ".join(f"{g} {n:.3g}" for g, n in trained["total_update"].items())
+    moved = ", ".join(f"{g} {n:.3g}" for g, n in trained.total_update.items())
     print(f"train {name} s{seed}: validation perplexity {metrics['validation_perplexity']:.2f} after {state.step} "
           f"steps ({tokens_seen} tokens, {tokens_per_s:.0f} tokens/s); total update norm: {moved}")
