@@ -10,7 +10,7 @@
    real trainer (pipeline.training.train, bf16 autocast, fp32 master weights) against `preflight`'s estimate.
 3. Attack candidate scoring (pipeline.attacks.Scorer.nll) in bf16 autocast vs fp32: candidates/s and the
    largest loss difference; UAT trigger scoring over the cached prompt (Scorer.trigger_nll) vs whole sequences
-   in bf16: the largest loss difference and the speed ratio.
+   in bf16: the largest loss difference and the speed ratio; the targeted attack's greedy-match test runs there.
 --cpu runs the same three checks on the CPU at toy size (CUDA hidden), so the script cannot rot where no GPU
 is lent. Prints one JSON document (and writes it to --out)."""
 from __future__ import annotations
@@ -193,8 +193,10 @@ def cached_trigger_check(model, batch, a, vocab: int, cpu: bool) -> dict:
         if not cpu:
             torch.cuda.synchronize()
         seconds[name] = time.perf_counter() - t0
+    matched = scorer.greedy_match(batch[:8], 2)        # the targeted attack's success test, on the device
     return {"prompt_cached_over_whole": round(seconds["whole"] / seconds["cached"], 2),
-            "prompt_cached_max_abs_loss_difference": float((losses["cached"] - losses["whole"]).abs().max())}
+            "prompt_cached_max_abs_loss_difference": float((losses["cached"] - losses["whole"]).abs().max()),
+            "greedy_match_rows": len(matched)}
 
 
 def main() -> int:

@@ -23,7 +23,10 @@ STAGES = {
     "hotflip": ("attack", "iterative HotFlip on the prompt tokens of each attack-evaluation example", ARM_NAMES),
     "controls": ("attack", "greedy and random controls at the attacks' forward cap, gradient-masking diagnostics",
                  ARM_NAMES),
-    "assess": ("assess", "evaluate, uat, hotflip and controls of one seed's arm(s), each model loaded once (dvc.yaml)",
+    "targeted": ("attack", "GCG's targeted objective with HotFlip's search toward another example's continuation, "
+                 "and its random control", ARM_NAMES),
+    "assess": ("assess", "evaluate, uat, hotflip, controls and targeted of one seed's arm(s), each model loaded once "
+               "(dvc.yaml)",
                ARM_NAMES),
     "benchmarks": ("benchmarks", "zero-shot tasks through lm-evaluation-harness on the arm(s) of one seed", ARM_NAMES),
     "transfer": ("transfer", "triggers and flips found on each arm applied to every other arm (one seed)", None),

@@ -8,6 +8,8 @@ Attack steps, around the pure searches of pipeline/attacks.py:
             attack's hard forward cap; also writes diagnostics.json: gradient vs greedy at equal forward
             budget (from the budget curves), the first-order/true-loss rank correlation, and every
             method's budget curve sampled at fractions of the cap
+  targeted  GCG's objective with HotFlip's search on each attack-evaluation example's prompt, toward another
+            example's continuation, and its random control at the same forward cap (one file, both methods)
 
 Resumable: every method's result is cached as it completes under
 outputs/checkpoints/<arm>-s<seed>/assess/<fingerprint>/ (fingerprint: attack and eval params, the example
@@ -36,7 +38,7 @@ from .device import resolve_precision
 from .evaluation import document_nll, perplexity
 from .io import read_json, staged_dir, write_json
 from .loading import load_arm_model
-from .params import CONTROLS, STEPS
+from .params import CONTROLS, STEPS, TARGETED, TARGETED_METHODS
 from .paths import DATA_DIR, attack_dir, checkpoint_dir, eval_dir, run_name
 from .provenance import provenance, record_run
 from .stopping import REQUEUE_EXIT_CODE, StopRequests
@@ -148,7 +150,42 @@ def run_hotflip(setup: AttackSetup, a, seed: int, method: str, *, should_stop=at
     return result
 
 
-RUNNERS = {"uat": run_uat, "hotflip": run_hotflip}
+def run_targeted(setup: AttackSetup, a, seed: int, method: str, *, should_stop=attacks.never, store=None) -> dict:
+    """method: "gradient" (HotFlip's search toward each example's target) or "random" (best of N random
+    perturbations with `flips` flips, N the search's forward cap). Per example: the target's NLL before and after,
+    its decrease (the objective gained) and whether greedy decoding then emits the target's first match_tokens
+    tokens. The budget curve is of the mean decrease."""
+    t, h = a.targeted, a.hotflip
+    examples, sources = attacks.targeted_examples(setup.eval, t.target_tokens)
+    scorer = attacks.Scorer(setup.model, t.target_tokens, a.batch_size, setup.candidates, setup.precision, targeted=True)
+    tokens = examples.tokens
+    clean = scorer.nll(tokens, count=False)                         # minus the target's NLL
+    common = {"prompt_tokens": a.prompt_tokens, "candidates": setup.candidates, "should_stop": should_stop,
+              "store": store}
+    if method == "random":
+        found = attacks.hotflip_random_search(scorer, tokens, clean, flips=h.flips, draws=attacks.hotflip_forward_cap(h, 1),
+                                              gen=attacks.generator(seed, "random_targeted"), **common)
+    else:
+        found = attacks.hotflip_search(scorer, tokens, clean, hotflip=h, guided=True,
+                                       gen=attacks.generator(seed, "targeted"), **common)
+    attacked = scorer.nll(found["tokens"], count=False)
+    matched = scorer.greedy_match(found["tokens"], t.match_tokens)
+    matched_clean = scorer.greedy_match(tokens, t.match_tokens)
+    rows = [{"id": ex, "target_from": src, "clean_target_nll": -clean[i].item(),
+             "attacked_target_nll": -attacked[i].item(), "nll_decrease": (attacked[i] - clean[i]).item(),
+             "exact_match": bool(matched[i]), "clean_exact_match": bool(matched_clean[i]), "flips": found["flips"][i]}
+            for i, (ex, src) in enumerate(zip(examples.ids, sources))]
+    used = {"forward_passes": scorer.forward_passes, "backward_passes": scorer.backward_passes}
+    limit = {"forward_passes": attacks.hotflip_forward_cap(h, len(tokens)),
+             "backward_passes": h.steps * len(tokens) if method == "gradient" else 0}
+    summary = {"clean_target_nll": -clean.mean().item(), "attacked_target_nll": -attacked.mean().item(),
+               "nll_decrease": (attacked - clean).mean().item(), "exact_match": matched.double().mean().item(),
+               "clean_exact_match": matched_clean.double().mean().item(), "examples": len(rows),
+               "target_tokens": t.target_tokens, "match_tokens": t.match_tokens, "budget": used, "budget_limit": limit}
+    return {"summary": summary, "examples": rows, "evaluation_forward_passes": 4 * len(rows), **_extras(found)}
+
+
+RUNNERS = {"uat": run_uat, "hotflip": run_hotflip}     # the untargeted attacks, each with greedy and random controls
 
 
 def diagnostics(results: dict) -> dict:
@@ -263,7 +300,8 @@ def method_result(params, setup: AttackSetup, seed: int, kind: str, method: str,
     if result is None:
         if should_stop():
             raise attacks.SearchStopped
-        result = RUNNERS[kind](setup, params.attack, seed, method, should_stop=should_stop, store=cache.store(name))
+        runner = run_targeted if kind == TARGETED else RUNNERS[kind]
+        result = runner(setup, params.attack, seed, method, should_stop=should_stop, store=cache.store(name))
         cache.put(name, result)
     return result
 
@@ -277,6 +315,7 @@ def attack(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, should_
     wanted = [("uat", "gradient"), ("hotflip", "gradient")] if "controls" in steps else []
     wanted += [(kind, "gradient") for kind in RUNNERS if kind in steps]
     wanted += [(kind, m) for m in CONTROLS for kind in RUNNERS if "controls" in steps]
+    wanted += [(TARGETED, m) for m in TARGETED_METHODS if TARGETED in steps]
     results, seconds = {}, {}
     for key in dict.fromkeys(wanted):
         t0 = time.time()
@@ -287,6 +326,9 @@ def attack(params, setup: AttackSetup, arm: str, seed: int, steps=STEPS, should_
             payload = {m: {kind: results[kind, m] for kind in RUNNERS} for m in CONTROLS}
             parts = [("random", "uat"), ("random", "hotflip"), ("greedy", "uat"), ("greedy", "hotflip")]
             _write(params, "diagnostics", arm, seed, setup, diagnostics(results), 0.0)
+        elif step == TARGETED:
+            payload = {m: results[TARGETED, m] for m in TARGETED_METHODS}
+            parts = [(m, TARGETED) for m in TARGETED_METHODS]
         else:
             payload, parts = results[step, "gradient"], [("gradient", step)]
         _write(params, step, arm, seed, setup, payload, sum(seconds.get((k, m), 0.0) for m, k in parts))
@@ -308,9 +350,16 @@ def _print(step: str, arm: str, seed: int, payload: dict) -> None:
         s = r["summary"]
         return (f"+{s['abs_increase']:.3f} nats/token (success {s['success_rate_abs']:.0%}, "
                 f"{s['budget']['forward_passes']}/{s['budget_limit']['forward_passes']} forwards)")
+    def targeted(r):
+        s = r["summary"]
+        return (f"target NLL {s['clean_target_nll']:.3f} -> {s['attacked_target_nll']:.3f}, exact match "
+                f"{s['exact_match']:.0%} (clean {s['clean_exact_match']:.0%}), "
+                f"{s['budget']['forward_passes']}/{s['budget_limit']['forward_passes']} forwards")
     if step == "controls":
         print(f"controls {arm} s{seed}: " + "; ".join(f"{m} {k} {line(payload[m][k])}"
                                                      for m in CONTROLS for k in RUNNERS))
+    elif step == TARGETED:
+        print(f"targeted {arm} s{seed}: " + "; ".join(f"{m} {targeted(payload[m])}" for m in TARGETED_METHODS))
     else:
         extra = f" trigger {payload['trigger_text']!r}" if step == "uat" else ""
         print(f"{step} {arm} s{seed}:{extra} {line(payload)}")

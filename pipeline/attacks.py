@@ -21,6 +21,11 @@ edit moves).
 Every gradient step also records the rank correlation between the first-order scores of the candidates
 it scored and their true loss changes (a gradient-masking diagnostic).
 
+Targeted (GCG's objective, Zou et al. 2023, on a base LM): HotFlip's search, pool and edit budget on the
+prompt, maximising the log-likelihood of a target (another example's continuation, targeted_examples) in place
+of the continuation's NLL; success is exact: greedy decoding of the attacked prompt emits the target's first
+tokens (Scorer.greedy_match). Its control is HotFlip's random one on the same objective.
+
 Controls: greedy is the same search with candidates drawn uniformly from the candidate set (no gradients);
 random is the best of N random perturbations of the attack's size (L random trigger tokens; `flips` random
 tokens at distinct random prompt positions), N giving the gradient attack's hard forward cap.
@@ -53,7 +58,8 @@ from .io import atomic_torch_save
 
 EXAMPLE_SELECTION_SEED = 20190801   # fixed: the same examples for every arm and seed
 # independent random streams per method, derived from the run seed
-STREAMS = {"uat": 1, "hotflip": 2, "random_uat": 3, "random_hotflip": 4, "greedy_uat": 5, "greedy_hotflip": 6}
+STREAMS = {"uat": 1, "hotflip": 2, "random_uat": 3, "random_hotflip": 4, "greedy_uat": 5, "greedy_hotflip": 6,
+           "targeted": 7, "random_targeted": 8}
 CURVE_POINTS = 16                   # points of a random control's budget curve
 
 
@@ -89,6 +95,17 @@ def attack_examples(data_dir: str | Path, split: str, count: int, prompt_tokens:
     return Examples(ids, torch.from_numpy(np.stack(rows)), prompt_tokens, continuation_tokens)
 
 
+def targeted_examples(examples: Examples, target_tokens: int) -> tuple[Examples, list[str]]:
+    """Example i's prompt followed by its target, the first `target_tokens` tokens of example i + 1's continuation
+    (the last example's: the first's), and the ids the targets come from. A target is text that follows some
+    other prompt of the split: fluent, and not what this prompt predicts."""
+    following = torch.roll(examples.tokens, -1, dims=0)
+    p = examples.prompt_tokens
+    tokens = torch.cat([examples.tokens[:, :p], following[:, p: p + target_tokens]], dim=1)
+    sources = examples.ids[1:] + examples.ids[:1]
+    return Examples(examples.ids, tokens, p, target_tokens), sources
+
+
 def candidate_ids(tokenizer, embedding_rows: int) -> torch.Tensor:
     """Token ids an attack may insert: real tokenizer ids (< len(tokenizer) and < the embedding rows),
     not special. Embedding rows beyond the tokenizer (Pythia pads 50277 -> 50304) are never candidates."""
@@ -108,11 +125,13 @@ def generator(seed: int, stream: str) -> torch.Generator:
 # --- the token-gradient core ----------------------------------------------------------------------------
 
 class Scorer:
-    """True-loss scoring and one-hot gradients of the continuation NLL, batched, with pass counters.
-    Sequences are [N, S]; the last `continuation_tokens` tokens are the only loss targets."""
+    """True-loss scoring and one-hot gradients of the objective, batched, with pass counters. Sequences are
+    [N, S]; the last `continuation_tokens` tokens are the only loss targets. The objective, which the searches
+    maximise, is the continuation's mean NLL; `targeted`: its negative, so a search makes the model produce
+    the continuation (GCG's objective)."""
 
     def __init__(self, model, continuation_tokens: int, batch_size: int, candidates: torch.Tensor,
-                 precision: str = "auto"):
+                 precision: str = "auto", targeted: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
         self.precision = precision    # eval.precision: forward passes in bf16 autocast on CUDA, losses in fp32
@@ -121,6 +140,7 @@ class Scorer:
         self.batch_size = batch_size
         self.candidate_mask = torch.zeros(self.embedding.shape[0], dtype=torch.bool)
         self.candidate_mask[candidates] = True
+        self.sign = -1.0 if targeted else 1.0
         self.forward_passes = 0
         self.backward_passes = 0
 
@@ -144,11 +164,12 @@ class Scorer:
             logits = self.model(**kwargs, logits_to_keep=c + 1).logits
         logits = logits[:, :-1].float()   # predict the last c tokens
         targets = ids[:, -c:]
-        return token_nll(logits, targets).mean(dim=1)
+        return self.sign * token_nll(logits, targets).mean(dim=1)
 
     @torch.no_grad()
     def nll(self, ids: torch.Tensor, count: bool = True) -> torch.Tensor:
-        """Mean continuation NLL per sequence, float64 on CPU. count=False for evaluation scoring."""
+        """The objective per sequence (mean continuation NLL; targeted: its negative), float64 on CPU.
+        count=False for evaluation scoring."""
         out = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start: start + self.batch_size].to(self.device)
@@ -177,6 +198,21 @@ class Scorer:
             out.append(self._continuation_nll(chunk, cache=cache).double().cpu())
         self.forward_passes += len(rows)
         return torch.cat(out).view(len(triggers), len(tokens))
+
+    @torch.no_grad()
+    def greedy_match(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Per sequence, whether greedy decoding from everything before the continuation emits its first `tokens`
+        tokens: teacher-forced, each is the argmax given those before it, which by induction is what greedy
+        decoding emits (one forward instead of `tokens`). Uncounted: a measurement, not a search's."""
+        c = self.continuation_tokens
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start: start + self.batch_size].to(self.device)
+            with eval_autocast(self.precision, self.device):
+                logits = self.model(input_ids=chunk, logits_to_keep=c + 1).logits
+            emitted = logits[:, :tokens].argmax(dim=-1)
+            out.append((emitted == chunk[:, -c:][:, :tokens]).all(dim=1).cpu())
+        return torch.cat(out)
 
     def flip_scores(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """First-order loss change of every token at every editable position, per sequence:

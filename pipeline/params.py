@@ -226,9 +226,18 @@ class HotFlipParams:
     candidates_per_flip: int = at_least(1)   # candidates scored per example and step
 
 
-ATTACKS = ("uat", "hotflip")            # the gradient attacks (attack.uat, attack.hotflip)
+@dataclass(frozen=True)
+class TargetedParams:
+    target: str = choice("next_example")  # example i's target: the continuation of evaluation example i + 1
+    target_tokens: int = at_least(1)      # the target's length; the objective is its mean NLL
+    match_tokens: int = at_least(1)       # success: greedy decoding reproduces the target's first match_tokens
+
+
+ATTACKS = ("uat", "hotflip")            # the untargeted gradient attacks (attack.uat, attack.hotflip)
 CONTROLS = ("random", "greedy")         # their controls at the same forward budget
-STEPS = (*ATTACKS, "controls")         # what assess runs on every model: arms and the frontier's checkpoints
+TARGETED = "targeted"                   # GCG's objective with HotFlip's search, and its random control
+TARGETED_METHODS = ("gradient", "random")
+STEPS = (*ATTACKS, "controls", TARGETED)   # what assess runs on every model: arms and the frontier's checkpoints
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ class AttackParams:
     batch_size: int = at_least(1)
     uat: UATParams = anything()
     hotflip: HotFlipParams = anything()
+    targeted: TargetedParams = anything()
 
 
 @dataclass(frozen=True)
@@ -465,6 +475,15 @@ def _check_attack(p: Params) -> None:
     if a.hotflip.candidates_per_flip > pool:
         raise ParamsError("attack.hotflip.candidates_per_flip", a.hotflip.candidates_per_flip,
                           f"at most prompt_tokens x topk ({pool})")
+    t = a.targeted
+    if t.target_tokens > a.continuation_tokens:
+        raise ParamsError("attack.targeted.target_tokens", t.target_tokens,
+                          f"at most attack.continuation_tokens ({a.continuation_tokens}): a target is cut from one")
+    if t.match_tokens > t.target_tokens:
+        raise ParamsError("attack.targeted.match_tokens", t.match_tokens,
+                          f"at most attack.targeted.target_tokens ({t.target_tokens})")
+    if a.eval_examples < 2:
+        raise ParamsError("attack.eval_examples", a.eval_examples, "at least 2: a target is another example's")
     for section in ATTACKS:
         s = getattr(a, section)
         cap = s.iterations if section == "uat" else s.steps

@@ -423,11 +423,11 @@ def load_hours(s: Shape) -> float:
 
 def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
     """FLOPs of what `assess` does to one model with these attack steps (pipeline/assessment.py: STEPS for an
-    arm or frontier checkpoint): test NLL, gradient UAT and HotFlip, and with "controls"
-    their greedy and random controls, every method at the hard forward cap that pipeline/attacks.py gives it
+    arm or frontier checkpoint): test NLL, gradient UAT and HotFlip, with "controls"
+    their greedy and random controls, with "targeted" the targeted search and its random control, every method at the hard forward cap that pipeline/attacks.py gives it
     (backward passes for the gradient searches); and their peak transient device bytes."""
     from .attacks import hotflip_forward_cap, uat_forward_cap
-    from .params import CONTROLS
+    from .params import CONTROLS, TARGETED
 
     p, s, a = c.params, c.shape, c.params.attack
     u, h = a.uat, a.hotflip
@@ -442,6 +442,11 @@ def attack_work(c: Context, steps: tuple[str, ...]) -> tuple[float, int]:
     flops = (fwd_u * f_u + bwd_u * (2 * f_u + 2 * u.trigger_length * s.head)
              + fwd_h * f_h + bwd_h * (2 * f_h + 2 * a.prompt_tokens * s.head)
              + eval_flops(s, p, "test", p.eval.max_documents))
+    if TARGETED in steps:   # HotFlip's search and its random control on prompt + target, then 4 scorings per example
+        t = a.targeted.target_tokens
+        f_t = forward_flops(s, a.prompt_tokens + t, t + 1)
+        flops += ((2 * hotflip_forward_cap(h, a.eval_examples) + 4 * a.eval_examples) * f_t
+                  + bwd_h * (2 * f_t + 2 * a.prompt_tokens * s.head))
     transient = max(eval_memory(s, p), inference_bytes(s, u.batch_size, seq_u, scored),
                     inference_bytes(s, a.batch_size, seq_h, scored),
                     input_grad_bytes(s, u.batch_size, seq_u, scored, u.trigger_length),

@@ -218,7 +218,7 @@ def answer(summary: dict) -> list[str]:
             f"({100 * shares['baseline']:.1f}% of the baseline's)" + (
                 ": line 3 contrasts a constrained model with a mostly non-negative unconstrained one." if
                 shares["flipped"] > 0.75 else ".") + plateau_clause(summary),
-            "5. Compact table (step-matched, every arm; the full one and every test follow)."
+            "5. Compact table (step-matched, every arm; the full one, the targeted attack and every test follow)."
             + lr_clause(summary) + saturation_clause(summary), "",
             compact_table(summary), ""]
 
@@ -252,23 +252,49 @@ def plateau_clause(summary: dict) -> str:
 
 def compact_table(summary: dict) -> str:
     """Per arm: perplexity, each gradient attack's NLL increase and, per example, the worst case over it, its
-    gradient-free controls and every other arm's transferred attack."""
+    gradient-free controls and every other arm's transferred attack; the targeted attack's decrease of the
+    target's NLL and its exact-match rate, each beside its random control's mean."""
     attacks = summary["attacks"]
     rows = ["| arm | perplexity | " + " | ".join(f"{_name(a)} +NLL | worst case ({_name(a)}) +NLL" for a in attacks)
-            + " |", "|---" * (2 * len(attacks) + 2) + "|"]
+            + " | targeted -NLL (random) | targeted exact match (random) |", "|---" * (2 * len(attacks) + 4) + "|"]
     for arm in ARM_NAMES:
         e = summary["arms"][arm]
         rows.append(f"| {arm} | {_ci(e['perplexity'], '{:.2f}')} | "
                     + " | ".join(f"{_ci(e[a]['abs_increase'])} | {_ci(e[a + '_worst']['abs_increase'])}"
-                                 for a in attacks) + " |")
+                                 for a in attacks)
+                    + f" | {_ci(e['targeted']['nll_decrease'])} ({e['targeted_random']['nll_decrease']['mean']:.3f}) | "
+                    f"{_pct(e['targeted']['exact_match'])} ({100 * e['targeted_random']['exact_match']['mean']:.1f}%) |")
     return "\n".join(rows)
+
+
+def targeted_table(summary: dict) -> list[str]:
+    """Per arm: the target's NLL before and after the targeted attack and its random control, and how often
+    greedy decoding then emits the target."""
+    seed0 = summary["seeds"][0]
+    first = summary["arms"][ARM_NAMES[0]]["targeted"]["per_seed"][seed0]["gradient"]
+    rows = ["| arm | target NLL, clean | decrease: gradient | decrease: random | exact match: gradient | "
+            "exact match: random | exact match: clean |", "|---" * 7 + "|"]
+    for arm in ARM_NAMES:
+        e = summary["arms"][arm]
+        clean = np.mean([by["gradient"]["clean_target_nll"] for by in e["targeted"]["per_seed"].values()])
+        clean_match = np.mean([by["gradient"]["clean_exact_match"] for by in e["targeted"]["per_seed"].values()])
+        rows.append(f"| {arm} | {clean:.3f} | {_ci(e['targeted']['nll_decrease'])} | "
+                    f"{_ci(e['targeted_random']['nll_decrease'])} | {_pct(e['targeted']['exact_match'])} | "
+                    f"{_pct(e['targeted_random']['exact_match'])} | {100 * clean_match:.1f}% |")
+    return [f"GCG's objective (Zou et al. 2023) on a base LM: HotFlip's search, candidate pool and edit budget change "
+            f"the prompt so that the model continues it with a target, the first {first['target_tokens']} tokens of "
+            "the next evaluation example's continuation; the search minimises the target's NLL, the random control "
+            "draws as many random perturbations of the same size. Exact match: greedy decoding of the attacked prompt "
+            f"emits the target's first {first['match_tokens']} tokens. Decreases in nats/token.", "",
+            *rows, ""]
 
 
 def metric_rows(summary: dict) -> dict[str, dict]:
     """What `dvc metrics show` prints, one file a row (outputs/report/metrics/<row>.json), numbers and a verdict
     word only: per arm its perplexity, each attack's mean NLL increase and worst case and its benchmark
-    accuracies; per headline comparison (headline_comparisons) and attack: delta (monotonic less the other),
-    its interval delta_lo..delta_up, the Holm p and the verdict. Rows share their keys: one column per key."""
+    accuracies (the targeted attack stays in the report: one more column would not fit 200); per headline
+    comparison (headline_comparisons) and attack: delta (monotonic less the other), its interval
+    delta_lo..delta_up, the Holm p and the verdict. Rows share their keys: one column per key."""
     alpha = 1 - summary["confidence"]
     rows = {}
     for arm in ARM_NAMES:
@@ -526,6 +552,7 @@ def markdown(summary: dict, params, prov: dict, plot_files: list[str]) -> str:
               "frontier's checkpoints face the same attacks, so the worst case is compared like each attack: between "
               "arms, at matched clean NLL and against the damage-matched control, each its own row in the family.",
               "", *gradient_free_table(summary),
+              "## Targeted attack", "", *targeted_table(summary),
               *saturation_table(summary),
               *lr_table(summary),
               "## Power", "", *power_table(summary),

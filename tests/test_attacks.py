@@ -198,6 +198,82 @@ def test_trigger_scoring_reuses_the_prompt_cache_with_the_numbers_of_whole_seque
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
+def test_a_target_is_the_next_examples_continuation(smoke_setup):
+    examples, sources = A.targeted_examples(smoke_setup.eval, 3)
+    p = smoke_setup.eval.prompt_tokens
+    n = len(smoke_setup.eval.ids)
+    assert examples.continuation_tokens == 3 and examples.tokens.shape == (n, p + 3)
+    assert torch.equal(examples.tokens[:, :p], smoke_setup.eval.tokens[:, :p])
+    for i in (0, n - 1):
+        assert torch.equal(examples.tokens[i, p:], smoke_setup.eval.tokens[(i + 1) % n, p: p + 3])
+        assert sources[i] == smoke_setup.eval.ids[(i + 1) % n]
+
+
+def test_greedy_match_is_what_greedy_decoding_emits(smoke_setup, smoke_params):
+    """Scorer.greedy_match (one teacher-forced forward) agrees with model.generate's greedy decoding, row by row,
+    on continuations that are and are not what the model would emit."""
+    model, p, k = smoke_setup.model, smoke_params.attack.prompt_tokens, 3
+    prompts = smoke_setup.eval.tokens[:6, :p]
+    emitted = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=k,
+                             min_new_tokens=k, do_sample=False, pad_token_id=0)[:, p:]
+    continuations = emitted.clone()
+    continuations[1::2, k - 1] = (continuations[1::2, k - 1] + 1) % model.config.vocab_size   # odd rows: last token off
+    ids = torch.cat([prompts, continuations, smoke_setup.eval.tokens[:6, p: p + 2]], dim=1)
+    scorer = A.Scorer(model, k + 2, 4, smoke_setup.candidates)
+    assert scorer.greedy_match(ids, k).tolist() == [True, False] * 3
+    assert scorer.greedy_match(ids, k - 1).all()
+
+
+PLANTED = {"trigger": 7, "target": [11, 12, 13, 14], "vocab": 32, "prompt": 8}
+
+
+def planted_model():
+    """A tiny GPT-NeoX trained on random prompts whose continuation is the planted target exactly when the
+    prompt ends in the planted trigger token (else random tokens, never the trigger's or the target's)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=PLANTED["vocab"], hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=32)
+    model = GPTNeoXForCausalLM(config)
+    plain = torch.tensor([t for t in range(PLANTED["vocab"]) if t != PLANTED["trigger"] and t not in PLANTED["target"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        batch = plain[torch.randint(len(plain), (64, PLANTED["prompt"] + 4))]
+        planted = torch.rand(64) < 0.5
+        batch[planted, PLANTED["prompt"] - 1] = PLANTED["trigger"]
+        batch[planted, PLANTED["prompt"]:] = torch.tensor(PLANTED["target"])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), plain
+
+
+def test_the_targeted_attack_finds_a_planted_trigger(smoke_params):
+    """On prompts without the trigger, the targeted search (one flip, every change of its gradient pool scored)
+    puts the trigger last and greedy decoding then emits the target on every example; the clean prompts never
+    do. The pool (the top 24 of 32 tokens per position by the first-order estimate) must hold the trigger."""
+    model, plain = planted_model()
+    n, p = 12, PLANTED["prompt"]
+    prompts = plain[torch.randint(len(plain), (n, p), generator=torch.Generator().manual_seed(1))]
+    tokens = torch.cat([prompts, torch.tensor(PLANTED["target"]).expand(n, -1)], dim=1)
+    params = attack_params(smoke_params, prompt_tokens=p, continuation_tokens=4,
+                           hotflip={"flips": 1, "steps": 2, "patience": 1, "topk": 24, "candidates_per_flip": 8 * 24})
+    a = dataclasses.replace(params.attack, targeted=dataclasses.replace(params.attack.targeted, target_tokens=4,
+                                                                        match_tokens=4))
+    candidates = torch.arange(PLANTED["vocab"])
+    examples = A.Examples([f"planted:{i}:0" for i in range(n)], tokens, p, 4)
+    setup = S.AttackSetup(model, {}, None, candidates, examples, examples, torch.zeros(n), "fp32")
+    result = S.run_targeted(setup, a, 0, "gradient")
+    summary = result["summary"]
+    assert summary["clean_exact_match"] == 0.0 and summary["exact_match"] == 1.0, summary
+    assert summary["attacked_target_nll"] < summary["clean_target_nll"] - 1.0
+    assert all(row["flips"] == [[p - 1, int(prompts[i, -1]), PLANTED["trigger"]]]
+               for i, row in enumerate(result["examples"]))
+    assert summary["budget"]["forward_passes"] <= summary["budget_limit"]["forward_passes"] == 2 * 8 * 24 * n
+
+
 # --- attacks against controls ---------------------------------------------------------------------------
 
 ACCEPTANCE = {"eval_examples": 24, "opt_examples": 8, "prompt_tokens": 4,
@@ -454,7 +530,8 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
     ws = workspace_copy
     assert run_stage(ws, "assess", "--arm", *ARMS_HERE, "--seed", "0") == 0     # two arms in one process
     outputs = {"evaluate": "eval/{run}/metrics.json", **{name: f"attacks/{{run}}/{name}.json"
-                                                         for name in ("uat", "hotflip", "controls", "diagnostics")}}
+                                                         for name in ("uat", "hotflip", "controls", "diagnostics",
+                                                                      "targeted")}}
 
     def read(arm):
         return {name: json.loads((ws / "outputs" / path.format(run=f"{arm}-s0")).read_text())
@@ -462,7 +539,7 @@ def test_attack_stages_write_the_contract_and_transfer(workspace_copy, smoke_par
 
     results = {arm: read(arm) for arm in ARMS_HERE}
     # `assess` (the dvc.yaml stage) writes exactly what its steps write when each runs as its own subcommand
-    for step in ("evaluate", "uat", "hotflip", "controls"):
+    for step in ("evaluate", "uat", "hotflip", "controls", "targeted"):
         assert run_stage(ws, step, "--arm", ARMS_HERE[-1], "--seed", "0") == 0, step
     one_by_one = read(ARMS_HERE[-1])
     for step in outputs:

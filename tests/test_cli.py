@@ -35,7 +35,7 @@ def test_help_lists_every_stage_on_one_line():
 
 def test_stage_order_and_arguments():
     assert list(STAGES) == ["data", "pretrain", "monotonic_init", "select_lr", "train", "evaluate", "uat", "hotflip",
-                            "controls", "assess", "benchmarks", "transfer", "aggregate"]
+                            "controls", "targeted", "assess", "benchmarks", "transfer", "aggregate"]
     parser = build_parser()
     args = parser.parse_args(["train", "--arm", "monotonic", "--seed", "3"])
     assert (args.command, args.arm, args.seed, args.params) == ("train", "monotonic", 3, "params.yaml")

@@ -21,7 +21,7 @@ MODEL_STAGES = [
     pytest.param(["select_lr"], POLICY_MISMATCH, id="select_lr"),
     pytest.param(["evaluate", "--arm", "monotonic_init", *SEED], None, id="evaluate"),
     *[pytest.param([step, "--arm", "pretrained", *SEED], None, id=step)
-      for step in ("uat", "hotflip", "controls", "assess", "benchmarks")],
+      for step in ("uat", "hotflip", "controls", "targeted", "assess", "benchmarks")],
     pytest.param(["assess", "--frontier", *SEED], None, id="assess-frontier"),   # pretraining's checkpoints
     pytest.param(["transfer", *SEED], None, id="transfer"),
     pytest.param(["monotonic_init"], None, id="monotonic_init")]

@@ -13,7 +13,7 @@ from conftest import REPO, pipeline_env
 # the steps whose run records name their model's device (assess records evaluate, uat, hotflip, controls and
 # diagnostics; with --frontier, for each checkpoint too)
 MODEL_STAGES = {"pretrain", "monotonic_init", "select_lr", "train", "evaluate", "uat", "hotflip", "controls", "diagnostics",
-                "transfer", "benchmarks"}
+                "targeted", "transfer", "benchmarks"}
 
 
 @pytest.mark.slow

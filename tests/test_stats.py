@@ -212,6 +212,14 @@ def _loaded(seeds, rng, steps=(15, 30)):
         return {"examples": rows, "summary": {"success_rate_abs": 0.0}, "budget_curve": curve,
                 "provenance": {"params_hash": "h"}}
 
+    def targeted(rate):
+        """The targeted attack: every example's target NLL falls by 1.0; greedy decoding emits the target on the
+        first `rate` share of the examples (none before the attack)."""
+        rows = [{"id": i, "clean_target_nll": 4.0, "nll_decrease": 1.0, "exact_match": k < rate * len(ids),
+                 "clean_exact_match": False} for k, i in enumerate(ids)]
+        return {"examples": rows, "budget_curve": [[50, 1.0], [100, 1.0]],
+                "summary": {"target_tokens": 8, "match_tokens": 4, "clean_target_nll": 4.0, "clean_exact_match": 0.0}}
+
     # clean NLL on the attack examples above pretrained's: the frontier's checkpoints lie on either side of monotonic
     clean_shift = {"pretrained": 0.0, "baseline": -0.02, "monotonic_init": 2.0, "monotonic": 0.5,
                    **{f"pretrained-step{step}": 1.0 - 0.02 * step for step in steps},
@@ -226,7 +234,8 @@ def _loaded(seeds, rng, steps=(15, 30)):
                 "uat": attack(0.01 * k, clean_shift[arm]),
                 "hotflip": attack(0.05 * k, clean_shift[arm], starved=arm == "monotonic"),   # only it unsaturated
                 "controls": {c: {a: attack(0.0) for a in ("uat", "hotflip")} for c in ("random", "greedy")}
-                | {"provenance": {"params_hash": "h"}}}
+                | {"provenance": {"params_hash": "h"}},
+                "targeted": {"gradient": targeted(0.25 if arm == "monotonic" else 0.5), "random": targeted(0.0)}}
             if arm in TRAINED_ARMS:
                 losses = (3.9, 3.87, 3.85) if arm == "monotonic" else (3.905, 3.9, 3.899)   # only baseline plateaus
                 runs[arm][s]["val_log"] = [{"step": 5.0 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]
@@ -349,6 +358,13 @@ def test_aggregate_summary_and_report_on_a_crossed_design():
     assert sat["monotonic"]["hotflip"]["last_doubling_share"] == pytest.approx(0.5)
     assert [(m, a) for m, by in sat.items() for a, v in by.items() if v["flagged"]] == [("monotonic", "hotflip")]
     assert "**1 of " in answer[4] and "had not saturated" in answer[4] and "## Saturation" in text
+    # the targeted attack: per arm its exact-match rate (a proportion) and the target's NLL decrease, beside its control
+    targeted = summary["arms"]["monotonic"]["targeted"]
+    assert targeted["exact_match"]["mean"] == pytest.approx(0.25) and targeted["nll_decrease"]["mean"] == pytest.approx(1.0)
+    assert summary["arms"]["baseline"]["targeted"]["exact_match"]["mean"] == pytest.approx(0.5)
+    assert summary["arms"]["baseline"]["targeted_random"]["exact_match"]["mean"] == 0.0
+    table = text.split("## Targeted attack")[1].split("##")[0]
+    assert "| monotonic | 4.000 | 1.000 [" in table and "| 25.0% [" in table
 
 
 @pytest.mark.parametrize("curve, share", [

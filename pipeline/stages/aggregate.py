@@ -16,12 +16,13 @@ from .. import paths, report
 from ..arms import ARM_NAMES, ARMS, TRAINED_ARMS, checkpoints_of, get
 from ..io import atomic_write_text, read_json, staged_dir, write_json
 from ..frontier import CurvePoint, matched
-from ..params import ATTACKS, CONTROLS, STEPS
+from ..params import ATTACKS, CONTROLS, STEPS, TARGETED, TARGETED_METHODS
 from ..provenance import provenance, record_run
 from ..stats import Clusters, Estimate, PairedComparison, crossed_estimate, document_of, holm, paired_comparison
 
 ATTACK_FIELDS = ("clean_nll", "abs_increase", "rel_increase", "success_abs", "success_rel")
 CONTROL_FIELDS = ("abs_increase", "success_abs")
+TARGETED_FIELDS = ("nll_decrease", "exact_match")     # per example: the target's NLL decrease, greedy decoding emits it
 COMPARISONS = (("monotonic", "flipped"), ("monotonic", "baseline"), ("flipped", "baseline"),
                ("monotonic_init", "pretrained"), ("baseline", "pretrained"), ("monotonic", "pretrained"))
 
@@ -50,7 +51,7 @@ def _arm_measurements(arm: str, seed: int) -> dict:
 
 
 def load_runs(params) -> dict:
-    """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "train"?}; transfer[seed]. The
+    """runs[arm][seed] = {"eval", "per_doc", "uat", "hotflip", "controls", "targeted", "train"?}; transfer[seed]. The
     frontier's checkpoints (<arm>-step<N>) are runs too."""
     runs = {arm: {} for arm in (*ARM_NAMES, *checkpoint_labels(params))}
     for seed in params.seeds:
@@ -92,12 +93,13 @@ class Metric:
 TEST_NLL = Metric("per_doc", "nll")
 WORST = "worst"     # per example, the max over the attack's gradient, greedy, random and transferred runs (transfer)
 ARM_METRICS = (TEST_NLL, *(Metric(a, f) for a in ATTACKS for f in ATTACK_FIELDS),
-               *(Metric(a, f, c) for a in ATTACKS for c in (*CONTROLS, WORST) for f in CONTROL_FIELDS))
+               *(Metric(a, f, c) for a in ATTACKS for c in (*CONTROLS, WORST) for f in CONTROL_FIELDS),
+               *(Metric(TARGETED, f, c) for c in (None, "random") for f in TARGETED_FIELDS))
 # what the matched-NLL comparisons compare: each gradient attack's NLL increase and, per example, the worst case
 # over every attack (the step-matched arm comparisons: the gradient attacks only, to keep the family small)
 INCREASES = (*(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "abs_increase", WORST) for a in ATTACKS))
 COMPARED_METRICS = (TEST_NLL, *(Metric(a, "abs_increase") for a in ATTACKS), *(Metric(a, "clean_nll") for a in ATTACKS))
-RATE_FIELDS = ("success_abs", "success_rel")     # proportions: intervals clipped to [0, 1]
+RATE_FIELDS = ("success_abs", "success_rel", "exact_match")     # proportions: intervals clipped to [0, 1]
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,11 @@ class Design:
             pd = run["per_doc"]
             tokens = np.asarray(pd["tokens"], dtype=np.float64)
             return pd["doc_ids"], list(np.asarray(pd["nll"], dtype=np.float64) / tokens), tokens
-        result = (run[metric.source] if metric.control is None else run["worst_case"][metric.source]
-                  if metric.control == WORST else run["controls"][metric.control][metric.source])
+        if metric.source == TARGETED:
+            result = run[TARGETED][metric.control or "gradient"]
+        else:
+            result = (run[metric.source] if metric.control is None else run["worst_case"][metric.source]
+                      if metric.control == WORST else run["controls"][metric.control][metric.source])
         return [r["id"] for r in result["examples"]], [float(r[metric.field]) for r in result["examples"]], None
 
     def values(self, metric: Metric, arm: str) -> tuple[np.ndarray, Clusters, np.ndarray | None]:
@@ -329,6 +334,9 @@ def saturation(runs: dict, seeds, tolerance: float) -> dict:
                 for control in (CONTROLS if "controls" in run else ()):
                     curves.setdefault(f"{attack}_{control}", []).append(
                         run["controls"][control][attack]["budget_curve"])
+            for method in (TARGETED_METHODS if TARGETED in run else ()):
+                curves.setdefault(TARGETED if method == "gradient" else f"{TARGETED}_{method}", []).append(
+                    run[TARGETED][method]["budget_curve"])
         for name, per_seed in curves.items():
             shares = [last_doubling_share(c) for c in per_seed]
             out.setdefault(label, {})[name] = {"last_doubling_share": float(np.nanmean(shares)), "per_seed": shares,
@@ -392,6 +400,7 @@ def _arm_entry(arm: str, estimates: list[ArmEstimate], runs: dict, seeds) -> dic
             entry.setdefault(group, {})[field] = e.to_dict()
     for attack in ATTACKS:
         entry[attack]["per_seed"] = {s: runs[arm][s][attack]["summary"] for s in seeds}
+    entry[TARGETED]["per_seed"] = {s: {m: runs[arm][s][TARGETED][m]["summary"] for m in TARGETED_METHODS} for s in seeds}
     if ARMS[arm].trained:
         entry["train"] = {s: {k: v for k, v in runs[arm][s]["train"].items() if k != "provenance"} for s in seeds}
     return entry

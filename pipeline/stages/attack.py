@@ -1,5 +1,5 @@
-"""Stage `attack`, as subcommands `uat`, `hotflip` and `controls` (one step each; `assess` runs all three after
-`evaluate`). The steps, their outputs and their resumable cache: pipeline/assessment.py."""
+"""Stage `attack`, as subcommands `uat`, `hotflip`, `controls` and `targeted` (one step each; `assess` runs all
+four after `evaluate`). The steps, their outputs and their resumable cache: pipeline/assessment.py."""
 from __future__ import annotations
 
 from ..assessment import load_setup, run_stopping

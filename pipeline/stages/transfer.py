@@ -15,7 +15,7 @@ from ..arms import ARM_NAMES, frontier_checkpoints
 from ..io import read_json, write_json
 from ..paths import attack_dir, transfer_dir
 from ..provenance import provenance, record_run
-from ..params import ATTACKS, CONTROLS, STEPS
+from ..params import ATTACKS, CONTROLS
 from ..assessment import load_setup
 
 METRICS = ("abs_increase", "rel_increase", "success_rate_abs", "success_rate_rel")
@@ -33,8 +33,8 @@ def _load_source(arm: str, seed: int, name: str, eval_ids: list[str]) -> dict:
 
 
 def _own_results(label: str, seed: int, eval_ids: list[str]) -> dict:
-    """A model's own attack results, every step assess ran on it."""
-    return {name: _load_source(label, seed, name, eval_ids) for name in STEPS}
+    """A model's own untargeted attack results: the gradient attacks and their controls."""
+    return {name: _load_source(label, seed, name, eval_ids) for name in (*ATTACKS, "controls")}
 
 
 def worst_case(params, setup, attacked: dict[str, torch.Tensor]) -> dict:
