@@ -8,6 +8,11 @@ embedded workspace by default). Rates are medians over rounds that alternate the
               flip over every prompt position x every candidate (first --windows evaluation windows), and
               one-token UAT vs the best one-token trigger over every candidate (optimisation examples),
               for each trigger placement and at budget multiples (--scales: topk and candidates scaled).
+  strength    the oracle ratios per --arm at the default budget (issue 20, item 2), on the last --windows
+              evaluation windows (no test reads the embedded data): single-flip HotFlip vs the exhaustive single
+              flip, HotFlip at the edit budget vs greedy exhaustive ascent (the best single flip, applied
+              edit-budget times; --ascent-windows of them), one-token UAT vs the best one-token trigger; every
+              search with search seeds --search-seeds (mean and worst)
   curves      every method of both attacks on each --arm: seconds, forwards used / cap, final NLL increase,
               and the budget curves at 1/8, 1/4, 1/2 and 1 of the cap (gradient vs greedy vs random)
   scoring     UAT candidates per second with the examples' prompt cached (Scorer.trigger_nll) and with whole
@@ -19,6 +24,7 @@ embedded workspace by default). Rates are medians over rounds that alternate the
 
     python bench/bench_attacks.py throughput [--arm pretrained] [--rounds 3]
     python bench/bench_attacks.py oracle [--arm baseline --seed 0] [--windows 6] [--scales 1 4]
+    python bench/bench_attacks.py strength [--arm baseline monotonic flipped] [--windows 6] [--ascent-windows 2]
     python bench/bench_attacks.py curves [--arm baseline pretrained] [--seed 0]
     python bench/bench_attacks.py scoring [--arm pretrained] [--rounds 3] [--layers 2]
     python bench/bench_attacks.py allocator [--arm pretrained] [--rounds 3]
@@ -133,6 +139,54 @@ def oracle(params, setup, args) -> None:
             print(f"  gradient uat, 1 token, budget x{scale}: {r['opt_nll'] - clean:+.4f} = "
                   f"{(r['opt_nll'] - clean) / inc:.2f} of the oracle ({r['summary']['budget']['forward_passes']}/"
                   f"{r['summary']['budget_limit']['forward_passes']} forwards)")
+
+
+def last_windows(setup, a, count: int) -> None:
+    """Keep the last `count` evaluation windows (with their clean NLL) in setup."""
+    setup.eval = A.Examples(setup.eval.ids[-count:], setup.eval.tokens[-count:], a.prompt_tokens, a.continuation_tokens)
+    setup.clean_nll = setup.clean_nll[-count:]
+
+
+def greedy_ascent(scorer, tokens, a, candidates, steps: int) -> torch.Tensor:
+    """Per example, the NLL after `steps` rounds of the best exhaustive single flip (each round on the last's)."""
+    current = tokens.clone()
+    for _ in range(steps):
+        best = A.oracle_single_flip(scorer, current, prompt_tokens=a.prompt_tokens, candidates=candidates)
+        current = A.apply_flips(current, best["flips"])
+    return best["nll"]
+
+
+def ratios(values: list[float], reference: float) -> str:
+    r = [v / reference for v in values]
+    return f"{statistics.mean(r):.2f} (worst {min(r):.2f})"
+
+
+def strength(params, args) -> None:
+    a = params.attack
+    one_flip = dataclasses.replace(a, hotflip=dataclasses.replace(a.hotflip, flips=1))
+    one_token = dataclasses.replace(a, uat=dataclasses.replace(a.uat, trigger_length=1))
+    at = A.trigger_offset(a.uat.placement, a.prompt_tokens)
+    print(f"| arm | single flip: oracle | HotFlip 1 flip | {a.hotflip.flips} flips: greedy ascent | HotFlip "
+          f"{a.hotflip.flips} flips | one-token trigger: oracle | UAT 1 token |\n|---|---|---|---|---|---|---|")
+    for arm in args.arm:
+        setup = S.load_setup(params, arm, args.seed)
+        last_windows(setup, a, args.windows)
+        scorer = A.Scorer(setup.model, a.continuation_tokens, 256, setup.candidates, setup.precision)
+        single = (A.oracle_single_flip(scorer, setup.eval.tokens, prompt_tokens=a.prompt_tokens,
+                                       candidates=setup.candidates)["nll"] - setup.clean_nll).mean().item()
+        k = args.ascent_windows
+        ascent = (greedy_ascent(scorer, setup.eval.tokens[:k], a, setup.candidates, a.hotflip.flips)
+                  - setup.clean_nll[:k]).mean().item()
+        clean_opt = scorer.nll(setup.opt.tokens, count=False).mean().item()
+        trigger = A.oracle_trigger(scorer, setup.opt.tokens, candidates=setup.candidates, at=at)["opt_nll"] - clean_opt
+        hot1, hotk, uat1 = [], [], []
+        for seed in args.search_seeds:
+            hot1.append(S.run_hotflip(setup, one_flip, seed, "gradient")["summary"]["abs_increase"])
+            found = S.run_hotflip(setup, a, seed, "gradient")
+            hotk.append(statistics.mean(e["abs_increase"] for e in found["examples"][:k]))
+            uat1.append(S.run_uat(setup, one_token, seed, "gradient")["opt_nll"] - clean_opt)
+        print(f"| {arm} | {single:+.3f} | {ratios(hot1, single)} | {ascent:+.3f} | {ratios(hotk, ascent)} | "
+              f"{trigger:+.3f} | {ratios(uat1, trigger)} |", flush=True)
 
 
 def curves(params, args) -> None:
@@ -252,8 +306,8 @@ def token_nll_rate(args, shape=(256, 32, 8192)) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("throughput", "oracle", "curves", "scoring", "allocator", "attack-rate",
-                                     "token-nll"))
+    ap.add_argument("mode", choices=("throughput", "oracle", "strength", "curves", "scoring", "allocator",
+                                     "attack-rate", "token-nll"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--arm", nargs="+", default=["pretrained"])
     ap.add_argument("--seed", type=int, default=0)
@@ -262,6 +316,8 @@ def main() -> int:
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--layers", type=int, default=2, help="scoring: layers of the Pythia-1.4B-sized stack")
+    ap.add_argument("--ascent-windows", type=int, default=2, help="strength: windows of the greedy-ascent reference")
+    ap.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2], help="strength: search seeds")
     ap.add_argument("--allocator", choices=("default", "tuned"), default="default", help="attack-rate only")
     args = ap.parse_args()
     if args.threads:
@@ -276,6 +332,8 @@ def main() -> int:
         curves(params, args)
     elif args.mode == "allocator":
         allocator(params, args)
+    elif args.mode == "strength":
+        strength(params, args)
     else:
         setup = S.load_setup(params, args.arm[0], args.seed)
         modes = {"throughput": throughput, "oracle": oracle, "scoring": scoring, "attack-rate": attack_rates}

@@ -503,7 +503,7 @@ def assess_stages(c: Context) -> list[StageEstimate]:
     """dvc.yaml's assess jobs: each trained arm with its recovery checkpoints (`assess --arm A --frontier`), each
     reference arm alone (`assess-ref`), and pretraining's checkpoints (`assess-frontier`, `assess --frontier`)."""
     f = c.params.frontier
-    arm_work = "test NLL, UAT, HotFlip, controls"
+    arm_work = "test NLL, UAT, HotFlip, controls, targeted"
     rows = []
     for arm in arms.TRAINED_ARMS:
         steps = arms.checkpoints_of(arm, f)
