@@ -244,6 +244,10 @@ def pythia_sized_stack(layers: int, vocab: int = 50304):
 
 
 def scoring(params, setup, args) -> None:
+    """Under the pipeline's allocator (pipeline.device.tune_host_allocator), as the stages run."""
+    from pipeline.device import tune_host_allocator
+
+    tune_host_allocator()
     a = params.attack
     print(f"UAT placement {a.uat.placement}, trigger {a.uat.trigger_length} tokens, prompt {a.prompt_tokens}, "
           f"continuation {a.continuation_tokens}, {len(setup.opt.ids)} optimisation examples")
