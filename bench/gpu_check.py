@@ -141,6 +141,21 @@ def gpu_key(torch) -> str:
     return "a100-80gb" if memory > 45 else "a100-40gb"
 
 
+def timed(way, rounds: int, cpu: bool) -> tuple[float, object]:
+    """Seconds for `rounds` calls of way() after one warm-up call (the GPU synchronized), and the last result."""
+    import torch
+
+    way()
+    if not cpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        result = way()
+    if not cpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, result
+
+
 def scoring_check(cpu: bool, rounds: int) -> dict:
     """Candidates/s of Scorer.nll in fp32 and bf16 autocast on the same batch, and the largest difference."""
     import torch
@@ -158,15 +173,8 @@ def scoring_check(cpu: bool, rounds: int) -> dict:
     out, losses = {}, {}
     for precision in ("fp32", "bf16"):
         scorer = A.Scorer(model, a.continuation_tokens, a.batch_size, torch.arange(vocab), precision)
-        scorer.nll(batch[: a.batch_size], count=False)                     # warm-up
-        if not cpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            losses[precision] = scorer.nll(batch, count=False)
-        if not cpu:
-            torch.cuda.synchronize()
-        out[f"{precision}_candidates_per_s"] = round(rounds * len(batch) / (time.perf_counter() - t0), 1)
+        seconds, losses[precision] = timed(lambda: scorer.nll(batch, count=False), rounds, cpu)
+        out[f"{precision}_candidates_per_s"] = round(rounds * len(batch) / seconds, 1)
     out["bf16_over_fp32"] = round(out["bf16_candidates_per_s"] / out["fp32_candidates_per_s"], 2)
     out["max_abs_loss_difference"] = float((losses["bf16"] - losses["fp32"]).abs().max())
     return {**out, **cached_trigger_check(model, batch, a, vocab, cpu)}
@@ -185,14 +193,7 @@ def cached_trigger_check(model, batch, a, vocab: int, cpu: bool) -> dict:
             "cached": lambda: scorer.trigger_nll(triggers, examples, at)}
     seconds, losses = {}, {}
     for name, way in ways.items():
-        way()                                                               # warm-up
-        if not cpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        losses[name] = way()
-        if not cpu:
-            torch.cuda.synchronize()
-        seconds[name] = time.perf_counter() - t0
+        seconds[name], losses[name] = timed(way, 1, cpu)
     matched = scorer.greedy_match(batch[:8], 2)        # the targeted attack's success test, on the device
     return {"prompt_cached_over_whole": round(seconds["whole"] / seconds["cached"], 2),
             "prompt_cached_max_abs_loss_difference": float((losses["cached"] - losses["whole"]).abs().max()),
